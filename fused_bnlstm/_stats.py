@@ -1,0 +1,162 @@
+"""Population statistics: slots per time step, the BatchNorm1d-exact update, and exact re-estimation.
+
+Every (layer, direction) of a frame-wise BNLSTM holds, per normalized quantity q in (ih, hh, c),
+``running_mean_q`` / ``running_var_q`` of shape [max_length, F] and one ``num_batches_tracked`` [max_length]
+(the three quantities are always updated together). Step t of a call with ``time_offset`` reads and updates
+slot ``min(t + time_offset, max_length - 1)``. Each slot behaves as its own ``torch.nn.BatchNorm1d``:
+
+    running_mean = (1 - momentum) * running_mean + momentum * batch_mean
+    running_var  = (1 - momentum) * running_var  + momentum * batch_var * n / (n - 1)     # unbiased
+    momentum=None: a cumulative average, factor 1 / num_batches_tracked
+
+Steps are applied in time order; only the last slot can be hit more than once in a call (every step past
+``max_length - 1``), and its repeated updates are applied in closed form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fused_bnlstm.ops import BatchStatistics
+
+QUANTITIES = ("ih", "hh", "c")
+
+
+def slot_indices(T: int, time_offset: int, num_slots: int) -> Tensor:
+    """[T] int64 (CPU): the statistics slot each step reads, ``min(t + time_offset, num_slots - 1)``."""
+    return (torch.arange(T) + time_offset).clamp_(max=num_slots - 1)
+
+
+class RunningStats:
+    """A view of one (layer, direction)'s running buffers: ``mean[q]``, ``var[q]`` and ``count``."""
+
+    def __init__(self, mean: dict[str, Tensor], var: dict[str, Tensor], count: Tensor):
+        self.mean, self.var, self.count = mean, var, count
+
+
+@torch.no_grad()
+def apply_batch_statistics(running: RunningStats, slots: Tensor, batch: BatchStatistics, momentum):
+    """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would."""
+    counts = batch.counts
+    used = counts >= 2  # steps with fewer rows normalized with population statistics: no update
+    if not bool(used.any()):
+        return
+    steps = used.nonzero().squeeze(1)  # [S], CPU
+    step_slots = slots[steps]
+    n = counts[steps].to(torch.float64)
+    last = running.count.shape[0] - 1
+    # Slots strictly increase with t until they clamp at the last one: only the last can repeat.
+    unique = step_slots < last
+    repeated = ~unique
+    device = running.count.device
+
+    for q in QUANTITIES:
+        if q not in running.mean:
+            continue
+        batch_mean = getattr(batch, f"mean_{q}")[steps.to(batch.mean_ih.device)].to(torch.float64)
+        batch_var = getattr(batch, f"var_{q}")[steps.to(batch.mean_ih.device)].to(torch.float64)
+        batch_var = batch_var * (n / (n - 1)).to(batch_var.device).unsqueeze(1)  # unbiased
+        mean, var = running.mean[q], running.var[q]
+
+        if bool(unique.any()):
+            idx = step_slots[unique].to(device)
+            factor = _factors(momentum, running.count[idx] + 1, mean.dtype).unsqueeze(1)
+            new_mean = mean[idx] + factor * (batch_mean[unique.to(batch_mean.device)].to(mean) - mean[idx])
+            new_var = var[idx] + factor * (batch_var[unique.to(batch_var.device)].to(var) - var[idx])
+            mean[idx] = new_mean
+            var[idx] = new_var
+
+        k = int(repeated.sum())
+        if k:
+            sel = repeated.to(batch_mean.device)
+            mean[last] = _fold_repeated(mean[last], batch_mean[sel], momentum, int(running.count[last]))
+            var[last] = _fold_repeated(var[last], batch_var[sel], momentum, int(running.count[last]))
+
+    if bool(unique.any()):
+        running.count[step_slots[unique].to(device)] += 1
+    running.count[last] += int(repeated.sum())
+
+
+def _factors(momentum, counts_after: Tensor, dtype) -> Tensor:
+    if momentum is None:
+        return 1.0 / counts_after.to(dtype)
+    return torch.full(counts_after.shape, float(momentum), dtype=dtype, device=counts_after.device)
+
+
+def _fold_repeated(value: Tensor, batches: Tensor, momentum, count_before: int) -> Tensor:
+    """k sequential BatchNorm updates of one slot with ``batches`` [k, F], in closed form (float64)."""
+    k = batches.shape[0]
+    start = value.to(torch.float64)
+    if momentum is None:
+        # cumulative average: (n0 * r0 + sum(b)) / (n0 + k)
+        folded = (count_before * start + batches.sum(0)) / (count_before + k)
+    else:
+        m = float(momentum)
+        # r_k = (1 - m)^k r_0 + sum_j m (1 - m)^(k - 1 - j) b_j
+        powers = (1.0 - m) ** torch.arange(k - 1, -1, -1, dtype=torch.float64, device=batches.device)
+        folded = (1.0 - m) ** k * start + (m * powers.unsqueeze(1) * batches).sum(0)
+    return folded.to(value.dtype)
+
+
+class ExactAccumulator:
+    """Pools batch statistics per slot over a pass of data, for the exact population statistics.
+
+    For each slot it keeps the number of rows N, the sum of values and the sum of squares (float64), so
+    the result is the mean and the unbiased variance over every frame that reached that slot, as if the
+    whole pass had been one batch.
+    """
+
+    def __init__(self):
+        self.sums: dict[int, dict] = {}
+
+    @torch.no_grad()
+    def add(self, key: int, running: RunningStats, slots: Tensor, batch: BatchStatistics):
+        counts = batch.counts
+        used = counts >= 2
+        if not bool(used.any()):
+            return
+        steps = used.nonzero().squeeze(1)
+        num_slots = running.count.shape[0]
+        device = running.count.device
+        entry = self.sums.setdefault(
+            key, {"rows": torch.zeros(num_slots, dtype=torch.float64, device=device), "batches": {}, "q": {}}
+        )
+        idx = slots[steps].to(device)
+        n = counts[steps].to(torch.float64).to(device)
+        entry["rows"].index_add_(0, idx, n)
+        seen = entry["batches"]
+        for s in torch.unique(idx).tolist():
+            seen[s] = seen.get(s, 0) + 1
+        for q in QUANTITIES:
+            if q not in running.mean:
+                continue
+            mean = getattr(batch, f"mean_{q}")[steps.to(batch.mean_ih.device)].to(device, torch.float64)
+            var = getattr(batch, f"var_{q}")[steps.to(batch.mean_ih.device)].to(device, torch.float64)
+            width = mean.shape[1]
+            s1, s2 = entry["q"].setdefault(
+                q,
+                (
+                    torch.zeros(num_slots, width, dtype=torch.float64, device=device),
+                    torch.zeros(num_slots, width, dtype=torch.float64, device=device),
+                ),
+            )
+            s1.index_add_(0, idx, n.unsqueeze(1) * mean)
+            s2.index_add_(0, idx, n.unsqueeze(1) * (var + mean * mean))
+
+    @torch.no_grad()
+    def write(self, key: int, running: RunningStats):
+        """Overwrite the slots this pass reached with the pooled statistics; others keep their values."""
+        entry = self.sums.get(key)
+        if entry is None:
+            return
+        rows = entry["rows"]
+        reached = (rows >= 2).nonzero().squeeze(1)
+        for q, (s1, s2) in entry["q"].items():
+            N = rows[reached].unsqueeze(1)
+            mean = s1[reached] / N
+            var = (s2[reached] / N - mean * mean).clamp_(min=0) * N / (N - 1)
+            running.mean[q][reached] = mean.to(running.mean[q].dtype)
+            running.var[q][reached] = var.to(running.var[q].dtype)
+        for s, batches in entry["batches"].items():
+            running.count[s] = batches

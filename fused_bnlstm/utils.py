@@ -1,0 +1,64 @@
+"""Re-estimating population statistics in one pass over data, as Cooijmans et al. did for their numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fused_bnlstm import _stats
+from fused_bnlstm.modules import BNLSTM, BNLSTMCell
+
+
+@torch.no_grad()
+def update_population_statistics(loader: Iterable, model: nn.Module, device: torch.device | None = None,
+                                 forward=None) -> None:
+    """Recompute every BNLSTM / BNLSTMCell population statistic in ``model`` exactly, in one pass.
+
+    Like ``torch.optim.swa_utils.update_bn``, but exact: for every statistics slot the result is the mean
+    and the unbiased variance over *all* frames of *all* batches that reached that slot, pooled (not an
+    average of per-batch estimates), computed in float64. The model runs in training mode (batch
+    statistics, dropout as in training) under ``no_grad``; its mode is restored afterwards. Slots that no
+    batch reached keep their values; ``num_batches_tracked`` becomes the number of batches per slot.
+
+    Args:
+        loader: an iterable of batches. A batch that is a tuple or list passes its first element to the
+            model (``(inputs, targets)`` pairs), anything else is passed whole.
+        model: any module containing BNLSTM or BNLSTMCell modules.
+        device: if given, tensors of each batch are moved there first.
+        forward: optional ``forward(model, batch)`` callable for models whose call is not ``model(x)``
+            (a model driving a BNLSTMCell step by step, say).
+    """
+    layers = [m for m in model.modules() if isinstance(m, (BNLSTM, BNLSTMCell))
+              and m.normalization is not None and m.track_running_stats]
+    if not layers:
+        return
+    was_training = model.training
+    accumulator = _stats.ExactAccumulator()
+    for layer in layers:
+        layer._stats_accumulator = accumulator
+    try:
+        model.train()
+        for batch in loader:
+            if forward is not None:
+                forward(model, _to(batch, device))
+                continue
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(_to(inputs, device))
+        for layer in layers:
+            for suffix in layer._stats_suffixes:
+                running = layer._running(suffix)
+                accumulator.write(id(running.count), running)
+    finally:
+        for layer in layers:
+            layer._stats_accumulator = None
+        model.train(was_training)
+
+
+def _to(batch, device):
+    if device is None:
+        return batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(item, device) for item in batch)
+    return batch.to(device) if hasattr(batch, "to") else batch
