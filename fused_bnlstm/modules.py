@@ -58,8 +58,7 @@ class _PopulationStatsMixin:
     """Per-time-step running statistics buffers, shared by BNLSTM and BNLSTMCell.
 
     ``max_length=None`` (the default) makes the buffers grow in training to the longest step seen
-    (``T + time_offset``); new slots start as copies of the last one, which is what eval already read for
-    those steps. A fixed ``max_length`` keeps them at that size and steps past it share the last slot (the
+    (``T + time_offset``); new slots start fresh, as a new BatchNorm1d would. A fixed ``max_length`` keeps them at that size and steps past it share the last slot (the
     paper's choice for sequences longer than those seen in training).
     """
 
@@ -105,7 +104,8 @@ class _PopulationStatsMixin:
 
     @torch.no_grad()
     def _grow_stats(self, num_slots: int) -> None:
-        """Grow every buffer to ``num_slots`` slots, new ones copying the last (growable buffers only)."""
+        """Grow every buffer to ``num_slots`` slots; new slots start fresh (mean 0, variance 1, count 0),
+        as a new BatchNorm1d would, so a chunked run fills them exactly as one full run does."""
         current = self._num_slots()
         if num_slots <= current:
             return
@@ -114,7 +114,8 @@ class _PopulationStatsMixin:
                 f"num_batches_tracked{suffix}"
             ]:
                 old = getattr(self, name)
-                tail = old[-1:].expand(num_slots - current, *old.shape[1:])
+                fill = 1 if name.startswith("running_var") else 0
+                tail = old.new_full((num_slots - current, *old.shape[1:]), fill)
                 setattr(self, name, torch.cat([old, tail]))
 
     def _population(self, suffix: str, slots: Tensor, like: Tensor) -> Population | None:
