@@ -38,50 +38,44 @@ class RunningStats:
 @torch.no_grad()
 def apply_batch_statistics(running: RunningStats, slots: Tensor, batch: BatchStatistics, momentum):
     """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would."""
-    counts = batch.counts
-    used = counts >= 2  # steps with fewer rows normalized with population statistics: no update
-    if not bool(used.any()):
+    # Steps with fewer than two rows normalized with population statistics: they update nothing.
+    steps = (batch.counts >= 2).nonzero().squeeze(1)  # [S], CPU
+    if steps.numel() == 0:
         return
-    steps = used.nonzero().squeeze(1)  # [S], CPU
-    step_slots = slots[steps]
-    n = counts[steps].to(torch.float64)
+    device = running.count.device
+    step_slots = slots[steps].to(device)
+    n = batch.counts[steps].to(device, torch.float64).unsqueeze(1)  # [S, 1]
     last = running.count.shape[0] - 1
     # Slots strictly increase with t until they clamp at the last one: only the last can repeat.
-    unique = step_slots < last
-    repeated = ~unique
-    device = running.count.device
+    once = step_slots < last
+    repeats = int((~once).sum())
+    once_slots = step_slots[once]
+    count_last = int(running.count[last])
 
-    for q in QUANTITIES:
-        if q not in running.mean:
-            continue
-        batch_mean = getattr(batch, f"mean_{q}")[steps.to(batch.mean_ih.device)].to(torch.float64)
-        batch_var = getattr(batch, f"var_{q}")[steps.to(batch.mean_ih.device)].to(torch.float64)
-        batch_var = batch_var * (n / (n - 1)).to(batch_var.device).unsqueeze(1)  # unbiased
+    for q in running.mean:
         mean, var = running.mean[q], running.var[q]
+        batch_mean = getattr(batch, f"mean_{q}")[steps.to(getattr(batch, f"mean_{q}").device)]
+        batch_var = getattr(batch, f"var_{q}")[steps.to(getattr(batch, f"var_{q}").device)]
+        batch_mean = batch_mean.to(device, torch.float64)
+        batch_var = batch_var.to(device, torch.float64) * n / (n - 1)  # unbiased, as BatchNorm1d keeps
+        if once_slots.numel():
+            factor = _factors(momentum, running.count[once_slots] + 1).unsqueeze(1)  # [S', 1]
+            for buffer, value in ((mean, batch_mean[once]), (var, batch_var[once])):
+                old = buffer[once_slots].to(torch.float64)
+                buffer[once_slots] = (old + factor * (value - old)).to(buffer.dtype)
+        if repeats:
+            mean[last] = _fold_repeated(mean[last], batch_mean[~once], momentum, count_last)
+            var[last] = _fold_repeated(var[last], batch_var[~once], momentum, count_last)
 
-        if bool(unique.any()):
-            idx = step_slots[unique].to(device)
-            factor = _factors(momentum, running.count[idx] + 1, mean.dtype).unsqueeze(1)
-            new_mean = mean[idx] + factor * (batch_mean[unique.to(batch_mean.device)].to(mean) - mean[idx])
-            new_var = var[idx] + factor * (batch_var[unique.to(batch_var.device)].to(var) - var[idx])
-            mean[idx] = new_mean
-            var[idx] = new_var
-
-        k = int(repeated.sum())
-        if k:
-            sel = repeated.to(batch_mean.device)
-            mean[last] = _fold_repeated(mean[last], batch_mean[sel], momentum, int(running.count[last]))
-            var[last] = _fold_repeated(var[last], batch_var[sel], momentum, int(running.count[last]))
-
-    if bool(unique.any()):
-        running.count[step_slots[unique].to(device)] += 1
-    running.count[last] += int(repeated.sum())
+    running.count[once_slots] += 1
+    running.count[last] += repeats
 
 
-def _factors(momentum, counts_after: Tensor, dtype) -> Tensor:
+def _factors(momentum, counts_after: Tensor) -> Tensor:
+    """BatchNorm1d's update factor per slot: the momentum, or 1 / num_batches_tracked when it is None."""
     if momentum is None:
-        return 1.0 / counts_after.to(dtype)
-    return torch.full(counts_after.shape, float(momentum), dtype=dtype, device=counts_after.device)
+        return 1.0 / counts_after.to(torch.float64)
+    return torch.full(counts_after.shape, float(momentum), dtype=torch.float64, device=counts_after.device)
 
 
 def _fold_repeated(value: Tensor, batches: Tensor, momentum, count_before: int) -> Tensor:

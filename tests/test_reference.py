@@ -1,5 +1,7 @@
 """The reference op is trusted first: held to an independent composition and to gradcheck in float64."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +191,17 @@ def test_reference_returns_biased_batch_statistics_per_step():
         a_ih = inputs["x"][t, rows] @ inputs["weight_ih"].t()
         torch.testing.assert_close(stats.mean_ih[t], a_ih.mean(0))
         torch.testing.assert_close(stats.var_ih[t], a_ih.var(0, unbiased=False))
+
+
+@pytest.mark.parametrize(
+    "lengths, message",
+    [
+        pytest.param([4, 0, 2], "every length must be in [1, T=4], got min 0", id="zero-length"),
+        pytest.param([4, 5, 2], "every length must be in [1, T=4], got min 2 and max 5", id="too-long"),
+        pytest.param([4, 2], "lengths must be a CPU int64 tensor of shape [3]", id="wrong-batch"),
+    ],
+)
+def test_layer_op_refuses_bad_lengths(lengths, message):
+    inputs = {k: v.detach() for k, v in _op_inputs(4, 3, 2, 3).items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bnlstm_layer(**inputs, lengths=torch.tensor(lengths), population=_population(4, 3))

@@ -110,6 +110,7 @@ def bnlstm_layer(
         output [T, B, H] (zeros where t >= length), h_n and c_n [B, H] (each row's state at its last valid
         step), and the ``BatchStatistics`` used (None when no batch statistics were used).
     """
+    _check_layer_inputs(x, h0, c0, weight_ih, weight_hh, lengths, population, normalization)
     if backend == "reference":
         layer = bnlstm_layer_naive
     else:
@@ -119,3 +120,29 @@ def bnlstm_layer(
         x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
         lengths, population, use_batch_stats, eps, normalization,
     )
+
+
+def _check_layer_inputs(x, h0, c0, weight_ih, weight_hh, lengths, population, normalization):
+    if x.dim() != 3:
+        raise ValueError(f"bnlstm_layer: expected x of shape [T, B, I], got {tuple(x.shape)}")
+    T, B, I = x.shape
+    H = weight_hh.shape[1]
+    if weight_ih.shape != (4 * H, I) or weight_hh.shape != (4 * H, H):
+        raise ValueError(
+            f"bnlstm_layer: expected weight_ih [{4 * H}, {I}] and weight_hh [{4 * H}, {H}], got "
+            f"{list(weight_ih.shape)} and {list(weight_hh.shape)}"
+        )
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state.shape != (B, H):
+            raise ValueError(f"bnlstm_layer: expected {name} of shape [{B}, {H}], got {list(state.shape)}")
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64 or lengths.is_cuda:
+            raise ValueError(f"bnlstm_layer: lengths must be a CPU int64 tensor of shape [{B}], got "
+                             f"{lengths.dtype} {list(lengths.shape)} on {lengths.device}")
+        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"bnlstm_layer: every length must be in [1, T={T}], got min {int(lengths.min())} "
+                             f"and max {int(lengths.max())}")
+    if normalization not in ("frame", "sequence", None):
+        raise ValueError(f"bnlstm_layer: normalization must be 'frame', 'sequence' or None, got {normalization!r}")
+    if normalization is not None and population is None:
+        raise ValueError("bnlstm_layer: population statistics are required unless normalization is None")
