@@ -1,0 +1,320 @@
+"""The compiled C++ backend (``fused_bnlstm._C``, backend="cpp") held to the reference.
+
+Every output, every gradient by name (random cotangents on output, h_n and c_n) and the returned batch
+statistics, over tiny odd shapes in every mode; gradcheck in float64; the module end to end. The whole file
+skips, saying why, where the extension was not built (``FUSED_BNLSTM_BUILD_EXTENSION=0``).
+"""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fused_bnlstm import BNLSTM
+from fused_bnlstm.ops import Population, backend_available, bnlstm_layer
+
+CPU = torch.device("cpu")
+_built, _why = backend_available("cpp", CPU)
+pytestmark = pytest.mark.skipif(not _built, reason=f"fused_bnlstm._C is not built here: {_why}")
+
+# gradient names as the issue spells them -> the op's argument
+GRADIENTS = {
+    "dx": "x", "dh0": "h0", "dc0": "c0", "dW_ih": "weight_ih", "dW_hh": "weight_hh", "dbias": "bias",
+    "dgamma_ih": "gamma_ih", "dgamma_hh": "gamma_hh", "dgamma_c": "gamma_c", "dbeta_c": "beta_c",
+}
+USED = {
+    "frame": tuple(GRADIENTS.values()),
+    "sequence": ("x", "h0", "c0", "weight_ih", "weight_hh", "bias", "gamma_ih"),
+    None: ("x", "h0", "c0", "weight_ih", "weight_hh", "bias"),
+}
+# float32: BN over two or three rows amplifies rounding, so atol scales with each tensor's magnitude
+TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-8)}
+
+
+def assert_close_by_name(actual, expected, name, atol, rtol):
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def op_inputs(T, B, I, H, lengths, dtype, bias=True, seed=0):
+    """Random op inputs (x zero past each row's length), each a leaf that requires grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64) + shift).to(dtype).requires_grad_()
+
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    if lengths is not None:
+        x = x * (torch.arange(T).unsqueeze(1) < torch.tensor(lengths)).unsqueeze(2)
+    return dict(
+        x=x.to(dtype).requires_grad_(), h0=rand(B, H), c0=rand(B, H),
+        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, H, scale=0.5),
+        bias=rand(4 * H, scale=0.3) if bias else None,
+        gamma_ih=rand(4 * H, scale=0.2, shift=0.4), gamma_hh=rand(4 * H, scale=0.2, shift=0.4),
+        gamma_c=rand(H, scale=0.2, shift=0.4), beta_c=rand(H, scale=0.2),
+    )
+
+
+def population(T, H, normalization, dtype, seed=1):
+    """Population statistics as the module passes them (one row per step, or one row sequence-wise)."""
+    if normalization is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    rows = T if normalization == "frame" else 1
+
+    def mean(width):
+        return torch.randn(rows, width, generator=g, dtype=torch.float64).to(dtype)
+
+    def var(width):
+        return (torch.rand(rows, width, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+
+    if normalization == "sequence":
+        return Population(mean(4 * H), var(4 * H))
+    return Population(mean(4 * H), var(4 * H), mean(4 * H), var(4 * H), mean(H), var(H))
+
+
+def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cotangent_seed=2):
+    """Outputs, every gradient by name and the batch statistics of one op call."""
+    lengths_t = None if lengths is None else torch.tensor(lengths)
+    out, h_n, c_n, stats = bnlstm_layer(
+        **inputs, lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats,
+        normalization=normalization, backend=backend,
+    )
+    g = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
+    names = [n for n, arg in GRADIENTS.items() if arg in USED[normalization] and inputs[arg] is not None]
+    grads = torch.autograd.grad([out, h_n, c_n], [inputs[GRADIENTS[n]] for n in names], cotangents)
+    results = {"output": out, "h_n": h_n, "c_n": c_n}
+    results.update(dict(zip(names, grads)))
+    return results, stats
+
+
+def assert_same_statistics(expected, actual, **tolerance):
+    if expected is None:
+        assert actual is None
+        return
+    assert actual is not None
+    assert actual.counts.dtype == torch.int64 and actual.counts.device == CPU
+    assert torch.equal(expected.counts, actual.counts), (expected.counts, actual.counts)
+    for name in expected._fields[1:]:
+        want, got = getattr(expected, name), getattr(actual, name)
+        if want is None:
+            assert got is None, name
+            continue
+        assert not got.requires_grad, name
+        # steps that fell back on population statistics carry NaN in both
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"stats.{name}: {m}", **tolerance)
+
+
+SHAPES = [
+    pytest.param(1, 2, 1, 3, None, id="T1-B2-I1-H3"),
+    pytest.param(4, 3, 5, 8, None, id="T4-B3-I5-H8"),
+    pytest.param(7, 5, 5, 24, None, id="T7-B5-I5-H24"),
+    pytest.param(7, 3, 1, 8, [7, 4, 2], id="T7-B3-I1-H8-varlen-tail-of-one"),
+    pytest.param(4, 5, 5, 3, [4, 1, 3, 2, 4], id="T4-B5-I5-H3-varlen"),
+    pytest.param(4, 2, 1, 24, [2, 4], id="T4-B2-I1-H24-varlen-one-row"),
+    pytest.param(1, 3, 5, 8, [1, 1, 1], id="T1-B3-I5-H8-lengths-all-T"),
+]
+MODES = [
+    pytest.param("frame", True, id="frame-train"),
+    pytest.param("frame", False, id="frame-eval"),
+    pytest.param("sequence", True, id="sequence-train"),
+    pytest.param("sequence", False, id="sequence-eval"),
+    pytest.param(None, True, id="none"),
+]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalization, use_batch_stats", MODES)
+@pytest.mark.parametrize("T, B, I, H, lengths", SHAPES)
+def test_bnlstm_layer_cpp_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats, dtype):
+    tolerance = TOLERANCES[dtype]
+    pop = population(T, H, normalization, dtype)
+    inputs = op_inputs(T, B, I, H, lengths, dtype)
+    ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
+    cpp, cpp_stats = run_layer("cpp", inputs, lengths, pop, use_batch_stats, normalization)
+    assert ref.keys() == cpp.keys()
+    for name in ref:
+        assert cpp[name].dtype == dtype and cpp[name].shape == ref[name].shape, name
+        assert_close_by_name(cpp[name], ref[name], name, **tolerance)
+    assert_same_statistics(ref_stats, cpp_stats, **tolerance)
+
+
+@pytest.mark.parametrize("normalization, use_batch_stats", MODES)
+@pytest.mark.parametrize("T, B, I, H, lengths", [
+    pytest.param(4, 3, 5, 8, None, id="T4-B3-I5-H8"),
+    pytest.param(7, 3, 1, 8, [7, 4, 2], id="T7-B3-I1-H8-varlen-tail-of-one"),
+])
+def test_bnlstm_layer_cpp_without_bias_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats):
+    dtype = torch.float64
+    pop = population(T, H, normalization, dtype)
+    inputs = op_inputs(T, B, I, H, lengths, dtype, bias=False)
+    ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
+    cpp, cpp_stats = run_layer("cpp", inputs, lengths, pop, use_batch_stats, normalization)
+    assert ref.keys() == cpp.keys() and "dbias" not in cpp
+    for name in ref:
+        assert_close_by_name(cpp[name], ref[name], name, **TOLERANCES[dtype])
+    assert_same_statistics(ref_stats, cpp_stats, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalization, use_batch_stats", MODES)
+@pytest.mark.parametrize("T, B, I, H, lengths", [
+    pytest.param(5, 3, 2, 8, None, id="T5-B3-I2-H8"),
+    pytest.param(7, 3, 1, 8, [7, 4, 2], id="T7-B3-I1-H8-varlen-tail-of-one"),
+])
+def test_bnlstm_layer_cpp_inference_path_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats,
+                                                           dtype):
+    # Nothing requires grad: the extension keeps only two states instead of the [T, ...] histories.
+    pop = population(T, H, normalization, dtype)
+    inputs = {k: (v.detach() if v is not None else None) for k, v in op_inputs(T, B, I, H, lengths, dtype).items()}
+    lengths_t = None if lengths is None else torch.tensor(lengths)
+    kwargs = dict(lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
+    ref = bnlstm_layer(**inputs, **kwargs, backend="reference")
+    with torch.no_grad():
+        cpp = bnlstm_layer(**inputs, **kwargs, backend="cpp")
+    for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
+        assert not got.requires_grad
+        assert_close_by_name(got, want, name, **TOLERANCES[dtype])
+    assert_same_statistics(ref[3], cpp[3], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
+    pytest.param("frame", True, [3, 3, 3], id="frame-train"),
+    pytest.param("frame", True, [3, 1, 2], id="frame-train-varlen-fallback"),
+    pytest.param("frame", False, [3, 2, 3], id="frame-eval-varlen"),
+    pytest.param("sequence", True, [3, 1, 2], id="sequence-train-varlen"),
+    pytest.param(None, True, [3, 2, 1], id="none-varlen"),
+])
+def test_bnlstm_layer_cpp_gradcheck(normalization, use_batch_stats, lengths):
+    T, B, I, H = 3, 3, 2, 2
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    names = [n for n in USED[normalization] if inputs[n] is not None]
+    pop = population(T, H, normalization, torch.float64)
+    lengths_t = torch.tensor(lengths)
+
+    def layer(*args):
+        values = dict(inputs, **dict(zip(names, args)))
+        out, h_n, c_n, _ = bnlstm_layer(**values, lengths=lengths_t, population=pop,
+                                        use_batch_stats=use_batch_stats, normalization=normalization, backend="cpp")
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_bnlstm_layer_cpp_low_precision_runs_in_float32():
+    T, B, I, H = 4, 3, 5, 8
+    inputs = op_inputs(T, B, I, H, None, torch.float32)
+    pop = population(T, H, "frame", torch.float32)
+    low = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in inputs.items()}
+    out, h_n, c_n, stats = bnlstm_layer(**low, population=pop, use_batch_stats=True, backend="cpp")
+    assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    assert stats.mean_ih.dtype == torch.bfloat16
+    up = {k: v.detach().to(torch.float32) for k, v in low.items()}
+    ref = bnlstm_layer(**up, population=pop, use_batch_stats=True, backend="reference")
+    torch.testing.assert_close(out.float(), ref[0], atol=2e-2, rtol=2e-2)
+    out.sum().backward()
+    assert low["weight_hh"].grad.dtype == torch.bfloat16
+
+
+def test_bnlstm_layer_cpp_none_matches_nn_lstm():
+    torch.manual_seed(0)
+    T, B, I, H = 6, 3, 5, 8
+    lstm = torch.nn.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0, c0 = torch.randn(1, B, H, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
+    want, (h_want, c_want) = lstm(x, (h0, c0))
+    out, h_n, c_n, stats = bnlstm_layer(x, h0[0], c0[0], lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                        lstm.bias_ih_l0 + lstm.bias_hh_l0, normalization=None, backend="cpp")
+    assert stats is None
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(h_n, h_want[0])
+    torch.testing.assert_close(c_n, c_want[0])
+
+
+def test_cpp_backend_reports_devices_it_cannot_run_on():
+    from fused_bnlstm.ops import fused_cpp
+
+    ok, reason = fused_cpp.available(torch.device("meta"))
+    assert not ok and "CPU" in reason
+
+
+# --- the module end to end --------------------------------------------------------------------------------
+
+
+def twin_modules(*args, **kwargs):
+    """A reference BNLSTM and a cpp BNLSTM with the same (perturbed) parameters, float64."""
+    torch.manual_seed(0)
+    ref = BNLSTM(*args, backend="reference", dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    cpp = BNLSTM(*args, backend="cpp", dtype=torch.float64, **kwargs)
+    cpp.load_state_dict(ref.state_dict())
+    return ref, cpp
+
+
+def assert_modules_agree(ref, cpp, run, **tolerance):
+    """Run ``run(module)`` -> tensors on both; compare the outputs, every parameter gradient and buffer."""
+    tolerance = tolerance or TOLERANCES[torch.float64]
+    out_ref, out_cpp = run(ref), run(cpp)
+    for k, (a, b) in enumerate(zip(out_ref, out_cpp)):
+        assert_close_by_name(b, a, f"output[{k}]", **tolerance)
+    g = torch.Generator().manual_seed(3)
+    cotangents = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a in out_ref]
+    if any(a.requires_grad for a in out_ref):
+        torch.autograd.backward([a for a in out_ref], cotangents)
+        torch.autograd.backward([b for b in out_cpp], cotangents)
+        for (name, p_ref), (_, p_cpp) in zip(ref.named_parameters(), cpp.named_parameters()):
+            assert_close_by_name(p_cpp.grad, p_ref.grad, f"d{name}", **tolerance)
+    for (name, b_ref), (_, b_cpp) in zip(ref.named_buffers(), cpp.named_buffers()):
+        if b_ref.is_floating_point():
+            assert_close_by_name(b_cpp, b_ref, name, **tolerance)
+        else:
+            assert torch.equal(b_cpp, b_ref), name
+
+
+@pytest.mark.parametrize("normalization", ["frame", "sequence", None])
+def test_bnlstm_cpp_bidirectional_two_layers_packed(normalization):
+    ref, cpp = twin_modules(5, 6, num_layers=2, bidirectional=True, normalization=normalization)
+    lengths = [5, 2, 4, 3]
+    x = torch.randn(5, 4, 5, dtype=torch.float64)
+    h0 = torch.randn(4, 4, 6, dtype=torch.float64)
+
+    def run(module):
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        out, (h_n, c_n) = module(packed, (h0, torch.zeros_like(h0)))
+        return pad_packed_sequence(out)[0], h_n, c_n
+
+    assert_modules_agree(ref, cpp, run)
+    ref.eval()
+    cpp.eval()
+    assert_modules_agree(ref, cpp, run)
+
+
+def test_bnlstm_cpp_running_statistics_after_training_steps():
+    ref, cpp = twin_modules(3, 8, num_layers=2, max_length=5, momentum=None)
+    torch.manual_seed(1)
+    batches = [torch.randn(7, 4, 3, dtype=torch.float64) for _ in range(2)]
+    for k, x in enumerate(batches):
+        assert_modules_agree(ref, cpp, lambda m, x=x, k=k: m(x, time_offset=k)[0:1])
+    ref.eval()
+    cpp.eval()
+    with torch.no_grad():
+        assert_modules_agree(ref, cpp, lambda m: (m(batches[0])[0],))
+
+
+def test_bnlstm_cpp_batch_first_unbatched_and_time_offset():
+    ref, cpp = twin_modules(4, 5, batch_first=True, normalization="frame")
+    x = torch.randn(3, 6, 4, dtype=torch.float64).requires_grad_()
+    assert_modules_agree(ref, cpp, lambda m: (m(x, time_offset=2)[0],))
+    ref.eval()
+    cpp.eval()
+    xu = torch.randn(6, 4, dtype=torch.float64)
+    assert_modules_agree(ref, cpp, lambda m: (m(xu)[0], *m(xu)[1]))
+
+
+def test_bnlstm_auto_picks_cpp_on_cpu():
+    from fused_bnlstm.ops import resolve_backend
+
+    assert resolve_backend("auto", CPU) == "cpp"
