@@ -171,8 +171,9 @@ def _backward(dout, dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, ga
     H = G // 4
     dtype, device = x_gates.dtype, x_gates.device
     acc = _acc_dtype(dtype)
-    dh = dh_n.to(acc).contiguous()
-    dc = dc_n.to(acc).contiguous()
+    # [B, H] state gradients the kernels update in place: copies, never the incoming cotangents
+    dh = dh_n.to(acc, memory_format=torch.contiguous_format, copy=True)
+    dc = dc_n.to(acc, memory_format=torch.contiguous_format, copy=True)
     da_hh = torch.empty(T, B, G, dtype=dtype, device=device)
     da_ih = torch.empty(T, B, G, dtype=dtype, device=device)
     dgamma_ih = torch.zeros(G, dtype=acc, device=device)

@@ -1,0 +1,367 @@
+"""The Triton backend held to the reference: every output, gradient and batch statistic, by name.
+
+Tiers: on a machine without CUDA the kernels run on CPU tensors under the Triton interpreter (conftest sets
+``TRITON_INTERPRET=1``; float32 / float64, tiny odd shapes); the CUDA tier skips without a GPU and runs the
+same comparisons on the device in float32 (TF32 off), plus bf16 / fp16 against a float64 reference.
+"""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fused_bnlstm import BNLSTM
+from fused_bnlstm.ops import Population, backend_available, bnlstm_layer
+
+CPU = torch.device("cpu")
+_cpu_ok, _cpu_reason = backend_available("triton", CPU)
+requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
+# the interpreter's numpy sigmoid overflows exp() on large negative inputs, harmlessly (1 / inf = 0)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not backend_available("triton", torch.device("cuda"))[0],
+    reason="needs a CUDA GPU with the Triton backend",
+)
+
+PARAMETERS = ("weight_ih", "weight_hh", "bias", "gamma_ih", "gamma_hh", "gamma_c", "beta_c")
+INPUTS = ("x", "h0", "c0") + PARAMETERS
+USED = {
+    "frame": INPUTS,
+    "sequence": ("x", "h0", "c0", "weight_ih", "weight_hh", "bias", "gamma_ih"),
+    None: ("x", "h0", "c0", "weight_ih", "weight_hh", "bias"),
+}
+# float32: BN over two or three rows amplifies rounding, so atol scales with each tensor's magnitude
+TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-8)}
+
+
+def assert_close_by_name(actual, expected, name, atol, rtol):
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def op_inputs(T, B, I, H, lengths, dtype, device=CPU, bias=True, seed=0):
+    """Random op inputs (x zero past each row's length), each a leaf that requires grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        value = scale * torch.randn(*shape, generator=g, dtype=torch.float64) + shift
+        return value.to(device, dtype).requires_grad_()
+
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    if lengths is not None:
+        x = x * (torch.arange(T).unsqueeze(1) < torch.tensor(lengths)).unsqueeze(2)
+    inputs = dict(
+        x=x.to(device, dtype).requires_grad_(), h0=rand(B, H), c0=rand(B, H),
+        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, H, scale=0.5),
+        bias=rand(4 * H, scale=0.3) if bias else None,
+        gamma_ih=rand(4 * H, scale=0.2, shift=0.4), gamma_hh=rand(4 * H, scale=0.2, shift=0.4),
+        gamma_c=rand(H, scale=0.2, shift=0.4), beta_c=rand(H, scale=0.2),
+    )
+    return inputs
+
+
+def population(T, H, normalization, dtype, device=CPU, seed=1):
+    """Population statistics as the module passes them (one row per step, or one row sequence-wise)."""
+    if normalization is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    rows = T if normalization == "frame" else 1
+
+    def mean(width):
+        return torch.randn(rows, width, generator=g, dtype=torch.float64).to(device, dtype)
+
+    def var(width):
+        return (torch.rand(rows, width, generator=g, dtype=torch.float64) + 0.5).to(device, dtype)
+
+    if normalization == "sequence":
+        return Population(mean(4 * H), var(4 * H))
+    return Population(mean(4 * H), var(4 * H), mean(4 * H), var(4 * H), mean(H), var(H))
+
+
+def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cotangent_seed=2):
+    """Outputs, every gradient by name (random cotangents on output, h_n and c_n) and the batch statistics."""
+    lengths_t = None if lengths is None else torch.tensor(lengths)
+    out, h_n, c_n, stats = bnlstm_layer(
+        **inputs, lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats,
+        normalization=normalization, backend=backend,
+    )
+    g = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
+    names = [n for n in USED[normalization] if inputs[n] is not None]
+    grads = torch.autograd.grad([out, h_n, c_n], [inputs[n] for n in names], cotangents)
+    results = {"output": out, "h_n": h_n, "c_n": c_n}
+    results.update({f"d{n}": grad for n, grad in zip(names, grads)})
+    return results, stats
+
+
+def assert_same_statistics(ref, tri, **tolerance):
+    if ref is None:
+        assert tri is None
+        return
+    assert tri is not None
+    assert torch.equal(ref.counts, tri.counts), (ref.counts, tri.counts)
+    for name in ref._fields[1:]:
+        expected, actual = getattr(ref, name), getattr(tri, name)
+        if expected is None:
+            assert actual is None, name
+            continue
+        # steps that fell back on population statistics carry NaN in both
+        torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"stats.{name}: {m}",
+                                   **tolerance)
+
+
+def compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, dtype, device=CPU, bias=True,
+                     tolerance=None):
+    tolerance = tolerance or TOLERANCES[dtype]
+    pop = population(T, H, normalization, dtype, device)
+    inputs = op_inputs(T, B, I, H, lengths, dtype, device, bias)
+    ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
+    tri, tri_stats = run_layer("triton", inputs, lengths, pop, use_batch_stats, normalization)
+    assert ref.keys() == tri.keys()
+    for name in ref:
+        assert_close_by_name(tri[name], ref[name], name, **tolerance)
+    assert_same_statistics(ref_stats, tri_stats, **tolerance)
+
+
+LAYER_CASES = [
+    # frame-wise training; lengths with steps where fewer than two rows still run
+    pytest.param(7, 3, 5, 24, [7, 1, 4], "frame", True, id="B3-T7-I5-H24-frame-train-varlen-tail1"),
+    pytest.param(4, 5, 1, 8, None, "frame", True, id="B5-T4-I1-H8-frame-train"),
+    pytest.param(1, 2, 5, 3, None, "frame", True, id="B2-T1-I5-H3-frame-train"),
+    pytest.param(7, 5, 1, 3, [7, 2, 7, 5, 1], "frame", True, id="B5-T7-I1-H3-frame-train-varlen"),
+    pytest.param(4, 3, 5, 40, [4, 3, 2], "frame", True, id="B3-T4-I5-H40-frame-train-two-k-chunks"),
+    # frame-wise eval: population statistics at every step
+    pytest.param(4, 3, 5, 8, [4, 2, 3], "frame", False, id="B3-T4-I5-H8-frame-eval-varlen"),
+    pytest.param(7, 2, 1, 24, None, "frame", False, id="B2-T7-I1-H24-frame-eval"),
+    # sequence-wise
+    pytest.param(4, 3, 5, 24, [4, 1, 2], "sequence", True, id="B3-T4-I5-H24-sequence-train-varlen"),
+    pytest.param(7, 2, 1, 3, None, "sequence", True, id="B2-T7-I1-H3-sequence-train"),
+    pytest.param(4, 5, 1, 8, [4, 4, 1, 2, 3], "sequence", False, id="B5-T4-I1-H8-sequence-eval-varlen"),
+    # plain LSTM through the same kernels
+    pytest.param(7, 3, 5, 8, [7, 3, 5], None, True, id="B3-T7-I5-H8-plain-varlen"),
+    pytest.param(1, 2, 1, 3, None, None, True, id="B2-T1-I1-H3-plain"),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LAYER_CASES)
+def test_bnlstm_layer_triton_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats, dtype):
+    compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, dtype)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization", ["frame", "sequence", None], ids=["frame", "sequence", "plain"])
+def test_bnlstm_layer_triton_without_bias(normalization):
+    compare_backends(4, 3, 5, 8, [4, 3, 1], normalization, True, torch.float32, bias=False)
+
+
+@requires_interpreter
+@pytest.mark.parametrize(
+    "normalization, use_batch_stats, lengths",
+    [
+        pytest.param("frame", True, [3, 1, 2], id="frame-train-varlen-tail1"),
+        pytest.param("frame", False, None, id="frame-eval"),
+        pytest.param("sequence", True, [3, 3, 1], id="sequence-train"),
+        pytest.param(None, True, [3, 2, 3], id="plain"),
+    ],
+)
+def test_bnlstm_layer_triton_gradcheck_float64(normalization, use_batch_stats, lengths):
+    T, B, I, H = 3, 3, 2, 3
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    pop = population(T, H, normalization, torch.float64)
+    lengths_t = None if lengths is None else torch.tensor(lengths)
+    names = list(USED[normalization])
+    fixed = {n: v.detach() for n, v in inputs.items() if n not in names}
+
+    def run(*tensors):
+        out, h_n, c_n, _ = bnlstm_layer(
+            **dict(zip(names, tensors)), **fixed, lengths=lengths_t, population=pop,
+            use_batch_stats=use_batch_stats, normalization=normalization, backend="triton",
+        )
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(run, [inputs[n] for n in names], fast_mode=True, atol=1e-6)
+
+
+class _CountingKernel:
+    """Stands in for a Triton kernel object and counts its launches."""
+
+    def __init__(self, kernel, counter, name):
+        self.kernel, self.counter, self.name = kernel, counter, name
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.counter[self.name] = self.counter.get(self.name, 0) + 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+
+def _count_launches(monkeypatch, T, normalization):
+    from fused_bnlstm.ops import triton_kernels
+
+    counter = {}
+    for name in ("bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel", "sequence_bn_fwd_kernel",
+                 "sequence_bn_bwd_kernel"):
+        monkeypatch.setattr(triton_kernels, name, _CountingKernel(getattr(triton_kernels, name), counter, name))
+    B, I, H = 3, 2, 3
+    inputs = op_inputs(T, B, I, H, None, torch.float32)
+    out, h_n, c_n, _ = bnlstm_layer(**inputs, population=population(T, H, normalization, torch.float32),
+                                    normalization=normalization, backend="triton")
+    forward = sum(counter.values())
+    (out.sum() + h_n.sum() + c_n.sum()).backward()
+    return forward, sum(counter.values()) - forward
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization", ["frame", "sequence", None], ids=["frame", "sequence", "plain"])
+def test_bnlstm_layer_triton_one_launch_per_step(monkeypatch, normalization):
+    short_forward, short_backward = _count_launches(monkeypatch, 1, normalization)
+    long_forward, long_backward = _count_launches(monkeypatch, 7, normalization)
+    # one Triton launch per step in each direction, plus a constant that does not grow with T
+    assert long_forward - short_forward == 6
+    assert long_backward - short_backward == 6
+    assert short_forward - 1 <= 1 and short_backward - 1 <= 1
+
+
+@requires_interpreter
+def test_triton_backend_unavailable_without_interpreter(monkeypatch):
+    from fused_bnlstm.ops import fused_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, reason = fused_triton.available(CPU)
+    assert not ok and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        BNLSTM(2, 3, backend="triton")(torch.randn(4, 2, 2))
+
+
+def _module_pair(normalization="frame", **kwargs):
+    torch.manual_seed(0)
+    reference = BNLSTM(normalization=normalization, backend="reference", **kwargs)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    triton_model = BNLSTM(normalization=normalization, backend="triton", **kwargs)
+    triton_model.load_state_dict(reference.state_dict())
+    return reference, triton_model
+
+
+def _module_step(model, x, cotangent_seed=3, hx=None, time_offset=0):
+    out, (h_n, c_n) = model(x, hx, time_offset=time_offset)
+    data = out.data if hasattr(out, "batch_sizes") else out
+    g = torch.Generator().manual_seed(cotangent_seed)
+    loss = sum((torch.randn(v.shape, generator=g).to(v) * v).sum() for v in (data, h_n, c_n))
+    names = [n for n, p in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    results = {"output": data, "h_n": h_n, "c_n": c_n}
+    results.update({f"d{n}": grad for n, grad in zip(names, grads)})
+    return results
+
+
+def _assert_modules_agree(reference, triton_model, x, **kwargs):
+    ref = _module_step(reference, x, **kwargs)
+    tri = _module_step(triton_model, x, **kwargs)
+    for name in ref:
+        assert_close_by_name(tri[name], ref[name], name, **TOLERANCES[torch.float32])
+    buffers = dict(triton_model.named_buffers())
+    for name, buffer in reference.named_buffers():
+        assert_close_by_name(buffers[name], buffer, name, **TOLERANCES[torch.float32])
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_bidirectional_two_layers_packed():
+    reference, triton_model = _module_pair(input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+    lengths = torch.tensor([4, 6, 2])
+    x = torch.randn(6, 3, 3) * (torch.arange(6).unsqueeze(1) < lengths).unsqueeze(2)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    # a training step (running statistics updated from the kernels' batch statistics), then eval
+    _assert_modules_agree(reference, triton_model, packed)
+    reference.eval()
+    triton_model.eval()
+    _assert_modules_agree(reference, triton_model, packed)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization", ["sequence", None], ids=["sequence", "plain"])
+def test_bnlstm_module_triton_batch_first_other_normalizations(normalization):
+    reference, triton_model = _module_pair(normalization, input_size=2, hidden_size=3, batch_first=True)
+    x = torch.randn(3, 5, 2)
+    _assert_modules_agree(reference, triton_model, x)
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_time_offset_chunks():
+    reference, triton_model = _module_pair(input_size=2, hidden_size=3, max_length=5)
+    x = torch.randn(3, 2, 2)
+    hx = (torch.randn(1, 2, 3), torch.randn(1, 2, 3))
+    _assert_modules_agree(reference, triton_model, x, hx=hx, time_offset=3)
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_matches_padded_output():
+    reference, triton_model = _module_pair(input_size=2, hidden_size=3, num_layers=1)
+    lengths = torch.tensor([2, 5, 5])
+    x = torch.randn(5, 3, 2) * (torch.arange(5).unsqueeze(1) < lengths).unsqueeze(2)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out = pad_packed_sequence(triton_model(packed)[0], total_length=5)[0]
+    expected = pad_packed_sequence(reference(packed)[0], total_length=5)[0]
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-4)
+
+
+CUDA = torch.device("cuda")
+CUDA_CASES = [
+    pytest.param(16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8], "frame", True, id="B8-T16-H64-frame-train-varlen"),
+    pytest.param(16, 8, 32, 100, None, "frame", False, id="B8-T16-H100-frame-eval"),
+    pytest.param(16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8], "sequence", True, id="B8-T16-H64-sequence-train"),
+    pytest.param(16, 8, 32, 48, None, None, True, id="B8-T16-H48-plain"),
+    pytest.param(12, 64, 50, 256, None, "frame", True, id="B64-T12-H256-frame-train"),
+]
+
+
+@pytest.fixture
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@requires_cuda
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES)
+def test_bnlstm_layer_triton_cuda_float32(no_tf32, T, B, I, H, lengths, normalization, use_batch_stats):
+    compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, device=CUDA)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES)
+def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, lengths, normalization,
+                                                use_batch_stats):
+    """The kernel's error against a float64 reference is at most about 2x PyTorch's own at that dtype."""
+    exact_pop = population(T, H, normalization, torch.float64, CUDA)
+    exact_inputs = op_inputs(T, B, I, H, lengths, torch.float64, CUDA)
+    exact, _ = run_layer("reference", exact_inputs, lengths, exact_pop, use_batch_stats, normalization)
+    low_pop = None if exact_pop is None else Population(*[p if p is None else p.to(dtype) for p in exact_pop])
+    low_inputs = {n: None if v is None else v.detach().to(dtype).requires_grad_() for n, v in exact_inputs.items()}
+    torch_low, _ = run_layer("reference", low_inputs, lengths, low_pop, use_batch_stats, normalization)
+    ours, _ = run_layer("triton", low_inputs, lengths, low_pop, use_batch_stats, normalization)
+    for name, expected in exact.items():
+        torch_error = (torch_low[name].double() - expected).abs().max().item()
+        our_error = (ours[name].double() - expected).abs().max().item()
+        scale = expected.abs().max().item()
+        assert our_error <= 2.0 * torch_error + 1e-3 * scale, (name, our_error, torch_error)
+
+
+@requires_cuda
+def test_bnlstm_module_triton_cuda_bidirectional(no_tf32):
+    reference, triton_model = _module_pair(input_size=16, hidden_size=40, num_layers=2, bidirectional=True)
+    reference.to(CUDA)
+    triton_model.to(CUDA)
+    lengths = torch.tensor([9, 3, 12, 12, 7])
+    x = torch.randn(12, 5, 16) * (torch.arange(12).unsqueeze(1) < lengths).unsqueeze(2)
+    _assert_modules_agree(reference, triton_model, pack_padded_sequence(x.to(CUDA), lengths, enforce_sorted=False))
+
