@@ -125,7 +125,7 @@ def _gate_bwd(b_dgate, p_a_hh, p_x_gates, o_g, m_bh, m_run2, n, use_batch, k, t,
     tl.store(p_da_ih + o_g + k * H, b_da_ih.to(p_da_ih.dtype.element_ty), mask=m_bh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "n", "use_batch", "B"])
 def bnlstm_fwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_gamma_ih, p_gamma_hh, p_gamma_c, p_beta_c,
     p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh, p_pop_mean_c, p_pop_var_c,
@@ -229,7 +229,7 @@ def bnlstm_fwd_step_kernel(
     tl.store(p_out + o_s, tl.where(m_run2, b_h, 0.0).to(p_out.dtype.element_ty), mask=m_bh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "T", "n", "use_batch", "B"])
 def bnlstm_bwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_gamma_ih, p_gamma_hh, p_gamma_c, p_beta_c,
     p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_mean_c, p_var_c,
@@ -326,7 +326,7 @@ def bnlstm_bwd_step_kernel(
               p_dbias, FRAME, HAS_BIAS, ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "use_batch", "T", "B"])
 def sequence_bn_fwd_kernel(
     p_a, p_u, p_gamma, p_pop_mean, p_pop_var, p_lengths, p_mean, p_var,
     n, use_batch, eps, T, B, F,
@@ -373,7 +373,7 @@ def sequence_bn_fwd_kernel(
         tl.store(p_u + o_r[:, None] * F + o_f[None, :], b_u.to(p_u.dtype.element_ty), mask=m_rf)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "use_batch", "T", "B"])
 def sequence_bn_bwd_kernel(
     p_a, p_du, p_da, p_gamma, p_mean, p_var, p_lengths, p_dgamma,
     n, use_batch, eps, T, B, F,
