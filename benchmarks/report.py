@@ -1,0 +1,176 @@
+"""Summaries, the printed table, the JSON and CSV records and the PNG chart of ratios."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from benchmarks.shapes import MODES, Shape
+
+MIB = 2**20
+
+# One CSV row per (mode, implementation); the machine columns repeat so that CSVs from many runs and
+# machines can be concatenated and still be read.
+CSV_FIELDS = [
+    "date", "commit", "device_type", "device_name", "torch_threads", "torch", "triton", "tf32",
+    "preset", "T", "B", "I", "H", "dtype", "mode", "implementation", "key", "backend", "normalization",
+    "status", "repeats", "warmup", "median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "max_ms", "mean_ms",
+    "per_step_us", "sequences_per_s", "tokens_per_s", "peak_mem_mib", "mem_method", "ratio_vs_lstm",
+    "ratio_vs_reference", "first_call_s", "error",
+]
+
+
+def summarize(times_s: list[float], shape: Shape) -> dict:
+    """Median, quartiles, extremes (ms), time per step, throughput, from per-call times in seconds."""
+    ms = np.asarray(times_s) * 1e3
+    median = float(np.median(ms))
+    p25, p75 = (float(v) for v in np.percentile(ms, [25, 75]))
+    return {
+        "times_ms": [round(float(v), 4) for v in ms],
+        "median_ms": median,
+        "p25_ms": p25,
+        "p75_ms": p75,
+        "iqr_ms": p75 - p25,
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "mean_ms": float(ms.mean()),
+        "per_step_us": median * 1e3 / shape.T,
+        "sequences_per_s": shape.B / (median / 1e3),
+        "tokens_per_s": shape.T * shape.B / (median / 1e3),
+    }
+
+
+def add_ratios(results: list[dict]) -> None:
+    """ratio_vs_lstm: median / nn.LSTM's median in the same mode (the TF32 state the row ran with on GPU).
+    ratio_vs_reference: median / the reference BNLSTM's median in the same mode with the same
+    normalization (nn.LSTM against the reference with normalization=None). Above 1 is slower."""
+    ok = [r for r in results if r["status"] == "ok"]
+    for row in results:
+        row["ratio_vs_lstm"] = None
+        row["ratio_vs_reference"] = None
+        if row["status"] != "ok":
+            continue
+        lstm = [r for r in ok if r["mode"] == row["mode"] and r["kind"] == "lstm"
+                and (r["tf32"] == row["tf32"] or row["tf32"] is None or r["tf32"] is None)]
+        if row["kind"] == "lstm":
+            lstm = [row]
+        if lstm:
+            row["ratio_vs_lstm"] = row["median_ms"] / lstm[0]["median_ms"]
+        reference = [r for r in ok if r["mode"] == row["mode"] and r["kind"] == "bnlstm"
+                     and r["backend"] == "reference" and r["normalization"] == row["normalization"]]
+        if reference:
+            row["ratio_vs_reference"] = row["median_ms"] / reference[0]["median_ms"]
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(record: dict) -> str:
+    """A Markdown table per mode (readable in a terminal, pasteable into a README)."""
+    lines = []
+    header = ("| implementation | norm | median ms | IQR ms | min ms | us/step | tokens/s | peak MiB "
+              "| x nn.LSTM | x reference |")
+    rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for mode in MODES:
+        rows = [r for r in record["results"] if r["mode"] == mode]
+        if not rows:
+            continue
+        lines += ["", f"{mode}:", "", header, rule]
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"| {r['implementation']} | {r['normalization_label']} | failed: "
+                             f"{r['error']} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['implementation']} | {r['normalization_label']} | {r['median_ms']:.2f} | "
+                f"{r['iqr_ms']:.2f} | {r['min_ms']:.2f} | {r['per_step_us']:.1f} | "
+                f"{r['tokens_per_s']:,.0f} | {_fmt(r['peak_mem_mib'], '.1f')} | "
+                f"{_fmt(r['ratio_vs_lstm'], '.2f')} | {_fmt(r['ratio_vs_reference'], '.2f')} |"
+            )
+    if record["skipped"]:
+        lines += ["", "not measured:"]
+        lines += [f"- {s['implementation']}: {s['reason']}" for s in record["skipped"]]
+    return "\n".join(lines)
+
+
+def header_line(record: dict) -> str:
+    m, c = record["machine"], record["config"]
+    tf32 = "" if m["device_type"] != "cuda" else f", TF32 for BNLSTM rows {'on' if c['tf32'] else 'off'}"
+    return (f"{c['preset'] or 'custom'}: {Shape(**c['shape'])} {c['dtype']} on {m['device_name']} "
+            f"({m['device_type']}, {m['torch_threads']} threads{tf32}), torch {m['torch']}, "
+            f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}")
+
+
+def write_json(record: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+
+
+def write_csv(record: dict, path: str) -> None:
+    m, c = record["machine"], record["config"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in record["results"]:
+            row = {k: m.get(k) for k in ("date", "commit", "device_type", "device_name", "torch_threads",
+                                         "torch", "triton")}
+            row.update(c["shape"], preset=c["preset"], dtype=c["dtype"], warmup=c["warmup"])
+            row.update({k: v for k, v in r.items() if k in CSV_FIELDS})
+            row["implementation"] = r["implementation"]
+            row["normalization"] = r["normalization_label"]
+            writer.writerow(row)
+
+
+def write_chart(record: dict, path: str) -> None:
+    """Horizontal bars of each implementation's time over nn.LSTM's, one panel per mode, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [mode for mode in MODES if any(r["mode"] == mode for r in record["results"])]
+    labels = []
+    for r in record["results"]:
+        label = f"{r['implementation']} [{r['normalization_label']}]"
+        if label not in labels:
+            labels.append(label)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 0.45 * len(labels) + 1.8),
+                             sharey=True, squeeze=False)
+    colors = {"frame": "tab:blue", "none": "tab:orange", "-": "tab:gray"}
+    for ax, mode in zip(axes[0], modes):
+        by_label = {f"{r['implementation']} [{r['normalization_label']}]": r
+                    for r in record["results"] if r["mode"] == mode}
+        y = np.arange(len(labels))
+        values = [by_label[l]["ratio_vs_lstm"] if l in by_label and by_label[l]["ratio_vs_lstm"] else np.nan
+                  for l in labels]
+        bar_colors = [colors.get(by_label[l]["normalization_label"], "tab:gray") if l in by_label else "white"
+                      for l in labels]
+        ax.barh(y, values, color=bar_colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_title(mode)
+        ax.set_xlabel("time / nn.LSTM time (log)")
+        for yi, value in zip(y, values):
+            if np.isfinite(value):
+                ax.text(value, yi, f" {value:.2f}x", va="center", fontsize=8)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+    fig.suptitle(header_line(record), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_records(record: dict, out_dir: str, stem: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "csv", "png")}
+    write_json(record, paths["json"])
+    write_csv(record, paths["csv"])
+    write_chart(record, paths["png"])
+    return paths
