@@ -5,6 +5,11 @@ Tiers: on a machine without CUDA the kernels run on CPU tensors under the Triton
 same comparisons on the device in float32 (TF32 off), plus bf16 / fp16 against a float64 reference.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -365,3 +370,60 @@ def test_bnlstm_module_triton_cuda_bidirectional(no_tf32):
     x = torch.randn(12, 5, 16) * (torch.arange(12).unsqueeze(1) < lengths).unsqueeze(2)
     _assert_modules_agree(reference, triton_model, pack_padded_sequence(x.to(CUDA), lengths, enforce_sorted=False))
 
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fused_bnlstm.ops import triton_kernels as K
+
+    def signature(fn, dtype, acc, constexprs):
+        state = ("p_c", "p_a_hh", "p_dh", "p_dc", "p_dgamma", "p_dgamma_ih", "p_dgamma_hh", "p_dbias",
+                 "p_dgamma_c", "p_dbeta_c", "p_mean", "p_var") + tuple(
+            f"p_{s}_{q}" for s in ("mean", "var") for q in ("ih", "hh", "c"))
+        types = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                types[name] = "constexpr"
+            elif name == "p_lengths":
+                types[name] = "*i64"
+            elif name.startswith("p_"):
+                types[name] = f"*{acc}" if name in state else f"*{dtype}"
+            else:
+                types[name] = "fp32" if name == "eps" else "i32"
+        return types
+
+    target = GPUTarget("cuda", 90, 32)
+    for dtype, acc, precision in (("fp32", "fp32", "ieee"), ("bf16", "fp32", None)):
+        tl_acc = tl.float32
+        for frame in (True, False):
+            constexprs = dict(H=100, FRAME=frame, HAS_BIAS=True, ACC=tl_acc, PRECISION=precision, BB=64, BH=16,
+                              BK=32)
+            for fn in (K.bnlstm_fwd_step_kernel, K.bnlstm_bwd_step_kernel):
+                triton.compile(ASTSource(fn, signature(fn, dtype, acc, constexprs), constexprs), target=target)
+        constexprs = dict(ACC=tl_acc, BR=64, BF=32)
+        for fn in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
+            triton.compile(ASTSource(fn, signature(fn, dtype, acc, constexprs), constexprs), target=target)
+    print("compiled")
+""")
+
+
+def _has_nvidia_toolchain():
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tier runs the compiled kernels themselves")
+@pytest.mark.skipif(not _cpu_ok or not _has_nvidia_toolchain(), reason="needs triton with its bundled ptxas")
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter accepts Python the compiler does not: compile every kernel for an H100 (no GPU needed)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
