@@ -317,13 +317,15 @@ def test_bnlstm_module_triton_matches_padded_output():
 
 
 CUDA = torch.device("cuda")
+# few distinct (H, B-block) pairs: the step kernels compile once per hidden size and row block
 CUDA_CASES = [
     pytest.param(16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8], "frame", True, id="B8-T16-H64-frame-train-varlen"),
-    pytest.param(16, 8, 32, 100, None, "frame", False, id="B8-T16-H100-frame-eval"),
+    pytest.param(16, 8, 32, 64, None, "frame", False, id="B8-T16-H64-frame-eval"),
     pytest.param(16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8], "sequence", True, id="B8-T16-H64-sequence-train"),
-    pytest.param(16, 8, 32, 48, None, None, True, id="B8-T16-H48-plain"),
-    pytest.param(12, 64, 50, 256, None, "frame", True, id="B64-T12-H256-frame-train"),
+    pytest.param(16, 8, 32, 64, [16, 2, 5, 16, 9, 3, 16, 8], None, True, id="B8-T16-H64-plain-varlen"),
+    pytest.param(12, 64, 50, 100, None, "frame", True, id="B64-T12-H100-frame-train"),
 ]
+LOW_PRECISION_CASES = CUDA_CASES[:1] + CUDA_CASES[2:4]
 
 
 @pytest.fixture
@@ -343,7 +345,7 @@ def test_bnlstm_layer_triton_cuda_float32(no_tf32, T, B, I, H, lengths, normaliz
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES)
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LOW_PRECISION_CASES)
 def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, lengths, normalization,
                                                 use_batch_stats):
     """The kernel's error against a float64 reference is at most about 2x PyTorch's own at that dtype."""
@@ -363,7 +365,7 @@ def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, leng
 
 @requires_cuda
 def test_bnlstm_module_triton_cuda_bidirectional(no_tf32):
-    reference, triton_model = _module_pair(input_size=16, hidden_size=40, num_layers=2, bidirectional=True)
+    reference, triton_model = _module_pair(input_size=16, hidden_size=64, num_layers=2, bidirectional=True)
     reference.to(CUDA)
     triton_model.to(CUDA)
     lengths = torch.tensor([9, 3, 12, 12, 7])
