@@ -1,0 +1,75 @@
+"""The experiments in examples/ run end to end in their smoke setting and write a finite record and a plot."""
+
+import json
+import math
+
+import pytest
+
+from examples import char_lm, gamma_gradient_flow, sequential_digits
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+def _run(module, tmp_path, *extra):
+    module.main(["--smoke", "--out", str(tmp_path), "--seed", "0", "--no-progress", *extra])
+    record = json.loads((tmp_path / f"{module.NAME}.json").read_text())
+    png = tmp_path / f"{module.NAME}.png"
+    assert png.exists() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert record["experiment"] == module.NAME
+    assert record["setting"] == "smoke"
+    assert record["finite"] is True and _finite(record)
+    assert record["environment"]["backend_resolved"] in ("reference", "triton", "cpp")
+    return record
+
+
+def test_gamma_gradient_flow(tmp_path):
+    record = _run(gamma_gradient_flow, tmp_path)
+    T = record["config"]["seq_len"]
+    assert set(record["bn_tanh_rnn"]) == {str(g) for g in gamma_gradient_flow.RNN_GAMMAS}
+    assert set(record["bnlstm"]) == {str(g) for g in gamma_gradient_flow.LSTM_GAMMAS}
+    for curves in (record["bn_tanh_rnn"], record["bnlstm"]):
+        for v in curves.values():
+            assert len(v["grad_norm"]) == T and all(g > 0 for g in v["grad_norm"])
+    derivative = record["tanh_derivative"]
+    assert derivative["mean"][0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(derivative["mean"], derivative["mean"][1:]))
+    assert all(lo <= m <= hi for lo, m, hi in zip(derivative["q25"], derivative["mean"], derivative["q75"]))
+    # The paper's Figure 1(a) at a fixed seed: large gamma vanishes the gradient reaching the first step.
+    first = record["summary"]["rnn_first_step_grad_norm"]
+    assert first["0.1"] > 10 * first["1.0"]
+
+
+def test_sequential_digits(tmp_path):
+    record = _run(sequential_digits, tmp_path)
+    assert set(record["runs"]) == set(sequential_digits.TASKS)
+    for by_model in record["runs"].values():
+        assert set(by_model) == set(sequential_digits.MODELS)
+        for result in by_model.values():
+            history = result["history"]
+            assert history["step"] == [3, 6]
+            assert len(history["valid_accuracy"]) == len(history["step"])
+            assert all(0.0 <= a <= 100.0 for a in history["valid_accuracy"])
+            assert 0.0 <= result["test_accuracy"] <= 100.0
+    assert "test_accuracy_running_stats" in record["runs"]["sequential"]["bnlstm"]
+    assert record["config"]["seq_len"] == 64
+
+
+def test_char_lm(tmp_path):
+    record = _run(char_lm, tmp_path)
+    assert set(record["runs"]) == set(char_lm.MODELS)
+    T = record["config"]["seq_len"]
+    for result in record["runs"].values():
+        assert result["history"]["step"] == [2, 4]
+        assert all(0.0 < b < 10.0 for b in result["history"]["valid_bpc"])
+        assert list(result["test_bpc_by_length"]) == [str(T * m) for m in record["config"]["length_multiples"]]
+        assert 0.0 < result["test_bpc"] < 10.0
+    assert record["text"]["vocab_size"] > 50
