@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import sys
 
 import torch
@@ -33,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to time")
     parser.add_argument("--repeats", type=int, help="timed calls per implementation and mode "
                         "(default: the preset's, per device)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2; "
-                        "torch.compile always gets at least 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="at least this many untimed calls first, "
+                        "then more until the time per call settles (default 2; torch.compile at least 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:index] (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -67,6 +68,8 @@ def _progress(total: int, enabled: bool):
         tqdm = None
     if tqdm is None or not enabled:
         class _Silent:
+            total = 0
+
             def update(self, n=1):
                 pass
 
@@ -100,6 +103,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
 
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    settle_s = timing.settle_cpu() if device.type == "cpu" else 0.0
     candidates, skipped = discover(device, shape, compile_mode=args.compile_mode, backends=args.backends,
                                    include_none=not args.no_none, tf32_default=tf32)
     warmups = {c.key: max(args.warmup, 2) if c.kind == "compile" else args.warmup for c in candidates}
@@ -111,13 +116,20 @@ def run(args: argparse.Namespace) -> dict:
         runners, first_call = [], {}
         for candidate in candidates:
             progress.set_description_str(f"{mode}: {candidate.label} [{candidate.norm_label}] warm-up")
+            planned = warmups[candidate.key]
+
+            def tick(index, planned=planned):
+                # warm-up runs past the planned count until it settles: grow the bar's total to match
+                if index >= planned:
+                    progress.total += 1
+                progress.update(1)
+
             try:
                 runner = Runner(candidate, shape, mode, device, dtype)
-                first_call[candidate.key] = timing.warm_up(runner.before, runner, device, warmups[candidate.key])
+                first_call[candidate.key] = timing.warm_up(runner.before, runner, device, planned, tick=tick)
                 runners.append(runner)
             except Exception as error:  # noqa: BLE001 (a failure is a result: reported, not fatal)
                 results.append(_row(candidate, mode, repeats, tf32, error=_error_text(error)))
-            progress.update(warmups[candidate.key])
         progress.set_description_str(f"{mode}: timing {len(runners)} side by side")
         times = timing.interleaved_times(runners, repeats, device, tick=lambda: progress.update(1))
         for runner, measured in zip(runners, times):
@@ -127,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
                 progress.update(0 if args.no_memory else 1)
                 continue
             row = _row(candidate, mode, repeats, tf32)
-            row.update(report.summarize(measured, shape), first_call_s=first_call[candidate.key])
+            row.update(report.summarize(measured, shape), first_call_s=first_call[candidate.key][0],
+                       warmup_calls=first_call[candidate.key][1])
             if not args.no_memory:
                 progress.set_description_str(f"{mode}: {candidate.label} [{candidate.norm_label}] memory")
                 peak = timing.peak_memory_bytes(runner.before, runner, device)
@@ -144,6 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     results.sort(key=lambda r: (MODES.index(r["mode"]), order[r["key"]]))
     report.add_ratios(results)
     machine = machine_record(device)
+    machine["load_average_1min_start"] = load_start
+    machine["cpu_settle_s"] = settle_s
     return {
         "schema": 1,
         "machine": machine,
@@ -164,6 +179,10 @@ def run(args: argparse.Namespace) -> dict:
         "method": {
             "clock": "CUDA events, device synchronized before and after" if device.type == "cuda"
             else "time.perf_counter around one call",
+            "warm_up": "at least --warmup untimed calls, then until two consecutive calls agree within 1.25x "
+            "(at most 30 calls or 10 s after the first); warmup_calls holds the count",
+            "settle": "CPU: a small parallel matmul runs until its time per call is steady before anything "
+            "is timed (cpu_settle_s), since a new process's threads first wait whole scheduler slices",
             "repeats": "interleaved across implementations, rotating order, after warm-up",
             "spread": "IQR (p75 - p25) and min/max over the timed calls",
             "memory": "torch.cuda.max_memory_allocated over one call minus allocated before"
@@ -193,6 +212,7 @@ def _row(candidate, mode: str, repeats: int, tf32: bool, error: str | None = Non
         "peak_mem_mib": None,
         "mem_method": None,
         "first_call_s": None,
+        "warmup_calls": None,
     }
 
 
@@ -204,6 +224,10 @@ def main(argv=None) -> int:
     paths = report.write_records(record, args.out, stem)
     print(report.header_line(record))
     print(report.format_table(record))
+    warning = report.load_warning(record)
+    if warning:
+        print()
+        print(warning)
     print()
     print("ratios: time / nn.LSTM's time and / the reference's (same normalization; nn.LSTM against the "
           "reference without normalization); above 1 is slower")

@@ -19,7 +19,7 @@ CSV_FIELDS = [
     "preset", "T", "B", "I", "H", "dtype", "mode", "implementation", "key", "backend", "normalization",
     "status", "repeats", "warmup", "median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "max_ms", "mean_ms",
     "per_step_us", "sequences_per_s", "tokens_per_s", "peak_mem_mib", "mem_method", "ratio_vs_lstm",
-    "ratio_vs_reference", "first_call_s", "error",
+    "ratio_vs_reference", "first_call_s", "warmup_calls", "error",
 ]
 
 
@@ -100,9 +100,23 @@ def format_table(record: dict) -> str:
 def header_line(record: dict) -> str:
     m, c = record["machine"], record["config"]
     tf32 = "" if m["device_type"] != "cuda" else f", TF32 for BNLSTM rows {'on' if c['tf32'] else 'off'}"
-    return (f"{c['preset'] or 'custom'}: {Shape(**c['shape'])} {c['dtype']} on {m['device_name']} "
-            f"({m['device_type']}, {m['torch_threads']} threads{tf32}), torch {m['torch']}, "
+    load = m.get("load_average_1min_start")
+    load = "" if load is None else f", load {load:.1f}/{m['load_average_1min']:.1f} (start/end)"
+    return (f"{c['preset']}: {Shape(**c['shape'])} {c['dtype']} on {m['device_name']} "
+            f"({m['device_type']}, {m['torch_threads']} threads{load}), torch {m['torch']}{tf32}, "
             f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}")
+
+
+def load_warning(record: dict) -> str | None:
+    """A sentence when other processes competed for the cores while this ran (CPU runs only)."""
+    m = record["machine"]
+    if m["device_type"] != "cpu" or m.get("load_average_1min") is None:
+        return None
+    load = max(m["load_average_1min"], m.get("load_average_1min_start") or 0.0)
+    if load <= m["cpu_affinity"] + 0.5:
+        return None
+    return (f"warning: 1-minute load average reached {load:.1f} on {m['cpu_affinity']} cores: other processes "
+            "competed for the CPU, so times are inflated and noisy; compare ratios within this run only")
 
 
 def write_json(record: dict, path: str) -> None:
@@ -132,6 +146,7 @@ def write_chart(record: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     modes = [mode for mode in MODES if any(r["mode"] == mode for r in record["results"])]
     labels = []
@@ -139,9 +154,12 @@ def write_chart(record: dict, path: str) -> None:
         label = f"{r['implementation']} [{r['normalization_label']}]"
         if label not in labels:
             labels.append(label)
+    finite = [r["ratio_vs_lstm"] for r in record["results"] if r.get("ratio_vs_lstm")]
+    low = min(finite + [1.0]) / 1.6
+    high = max(finite + [1.0]) * 1.6
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 0.45 * len(labels) + 1.8),
                              sharey=True, squeeze=False)
-    colors = {"frame": "tab:blue", "none": "tab:orange", "-": "tab:gray"}
+    colors = {"frame": "tab:blue", "none": "tab:orange"}
     for ax, mode in zip(axes[0], modes):
         by_label = {f"{r['implementation']} [{r['normalization_label']}]": r
                     for r in record["results"] if r["mode"] == mode}
@@ -150,14 +168,21 @@ def write_chart(record: dict, path: str) -> None:
                   for l in labels]
         bar_colors = [colors.get(by_label[l]["normalization_label"], "tab:gray") if l in by_label else "white"
                       for l in labels]
-        ax.barh(y, values, color=bar_colors)
+        # Bars grow from 1 (as fast as nn.LSTM): right is slower, left is faster.
+        ax.barh(y, [v - 1.0 for v in values], left=1.0, color=bar_colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(low, high)
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(mode)
-        ax.set_xlabel("time / nn.LSTM time (log)")
+        ax.set_xlabel("time / nn.LSTM time (log scale)")
         for yi, value in zip(y, values):
             if np.isfinite(value):
-                ax.text(value, yi, f" {value:.2f}x", va="center", fontsize=8)
+                ax.text(value if value >= 1 else 1.0, yi, f" {value:.2f}x", va="center", fontsize=8)
+            elif labels[yi] in by_label:
+                ax.text(1.0, yi, " failed", va="center", fontsize=8, color="tab:red")
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()
