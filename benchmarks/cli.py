@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-none", action="store_true", help="leave out the normalization=None rows")
     parser.add_argument("--tf32", choices=("off", "on"), default="off",
                         help="TF32 for the BNLSTM rows on GPU (nn.LSTM is timed with both)")
+    parser.add_argument("--settle-seconds", type=float, default=15.0,
+                        help="CPU: at most this long waiting for the time per call to steady before timing "
+                        "(default 15; 0 skips, for smoke tests)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     parser.add_argument("--out", default=f"{REPO_ROOT}/benchmarks/results", help="folder for the records")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.allow_tf32 = tf32
 
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    settle_s = timing.settle_cpu() if device.type == "cpu" else 0.0
+    settle_s = timing.settle_cpu(args.settle_seconds) if device.type == "cpu" and args.settle_seconds > 0 else 0.0
     candidates, skipped = discover(device, shape, compile_mode=args.compile_mode, backends=args.backends,
                                    include_none=not args.no_none, tf32_default=tf32)
     warmups = {c.key: max(args.warmup, 2) if c.kind == "compile" else args.warmup for c in candidates}
