@@ -148,10 +148,23 @@ LAYER_CASES = [
 ]
 
 
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """torch.empty / empty_like hand out NaN-filled float tensors, so an element no kernel wrote shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
+
+
 @requires_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LAYER_CASES)
-def test_bnlstm_layer_triton_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats, dtype):
+def test_bnlstm_layer_triton_matches_reference(nan_poisoned_empty, T, B, I, H, lengths, normalization,
+                                               use_batch_stats, dtype):
     compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, dtype)
 
 
@@ -294,6 +307,29 @@ def test_bnlstm_module_triton_bidirectional_two_layers_packed():
 def test_bnlstm_module_triton_batch_first_other_normalizations(normalization):
     reference, triton_model = _module_pair(normalization, input_size=2, hidden_size=3, batch_first=True)
     x = torch.randn(3, 5, 2)
+    _assert_modules_agree(reference, triton_model, x)
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_without_running_stats():
+    # track_running_stats=False: batch statistics in eval too, identity fallback where one row runs
+    reference, triton_model = _module_pair(input_size=2, hidden_size=3, track_running_stats=False)
+    lengths = torch.tensor([5, 2, 3])
+    x = torch.randn(5, 3, 2) * (torch.arange(5).unsqueeze(1) < lengths).unsqueeze(2)
+    reference.eval()
+    triton_model.eval()
+    _assert_modules_agree(reference, triton_model, pack_padded_sequence(x, lengths, enforce_sorted=False))
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_unbatched_eval():
+    reference, triton_model = _module_pair(input_size=2, hidden_size=3)
+    x = torch.randn(4, 2)
+    batch = torch.randn(4, 3, 2)
+    _module_step(reference, batch)
+    _module_step(triton_model, batch)
+    reference.eval()
+    triton_model.eval()
     _assert_modules_agree(reference, triton_model, x)
 
 

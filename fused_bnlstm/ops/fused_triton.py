@@ -81,8 +81,10 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _precision(dtype: torch.dtype):
-    # fp32 GEMMs in full precision (no TF32), as the reference computes them; bf16 / fp16 as they are
+def _precision(dtype: torch.dtype, device: torch.device):
+    # fp32 recurrent GEMMs follow torch's matmul TF32 switch, as the reference's matmuls do; bf16 / fp16 as is
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
     return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
@@ -156,7 +158,7 @@ def _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta
             p_mean_ih=moments[0], p_var_ih=moments[1], p_mean_hh=moments[2], p_var_hh=moments[3],
             p_mean_c=moments[4], p_var_c=moments[5],
             t=t, n=counts[t], use_batch=int(use_batch), eps=eps, B=B, H=H,
-            FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype),
+            FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
             BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K,
         )
     return out, h, c, a_hh, moments
@@ -194,10 +196,70 @@ def _backward(dout, dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, ga
             p_lengths=lengths, p_c=c, p_a_hh=a_hh, p_dout=dout, p_dh=dh, p_dc=dc, p_da_hh=da_hh, p_da_ih=da_ih,
             p_dgamma_ih=dgamma_ih, p_dgamma_hh=dgamma_hh, p_dbias=dbias, p_dgamma_c=dgamma_c, p_dbeta_c=dbeta_c,
             t=t, T=T, n=counts[t], use_batch=int(use_batch), eps=eps, B=B, H=H,
-            FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype),
+            FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
             BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K,
         )
     return da_hh, da_ih, dh, dc, (dgamma_ih, dgamma_hh, dbias, dgamma_c, dbeta_c)
+
+
+def _layer_forward(x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, counts, pop,
+                   use_batch_stats, eps, normalization):
+    """The whole forward of one layer-direction: the hoisted input GEMM, the input branch's normalization
+    (sequence-wise), then the recurrence. Returns out, h_n, c_n, the moments to return and what backward needs.
+    """
+    T = x.shape[0]
+    # [T, B, 4H] the hoisted input branch: one GEMM over every step
+    a_ih = torch.matmul(x, weight_ih.t())
+    seq_moments = None
+    if normalization == "sequence":
+        n_frames = sum(counts)
+        seq_batch = use_batch_stats and n_frames >= 2
+        x_gates, seq_mean, seq_var = _sequence_bn_forward(a_ih, gamma_ih, pop[0], pop[1], lengths, n_frames,
+                                                          seq_batch, eps)
+        seq_moments = (seq_mean, seq_var, seq_batch)
+    else:
+        x_gates = a_ih
+    out, h, c, a_hh, moments = _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
+                                        pop, lengths, counts, use_batch_stats, eps, normalization == "frame")
+    returned = moments if seq_moments is None else [seq_moments[0][None], seq_moments[1][None]]
+    saved = (a_ih, x_gates, h, c, a_hh, *moments)
+    return out, h[T].clone(), c[T].to(x.dtype, copy=True), returned, saved, seq_moments
+
+
+def _layer_backward(dout, dh_n, dc_n, needs, x, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
+                    lengths, a_ih, x_gates, h, c, a_hh, moments, counts, use_batch_stats, eps, normalization,
+                    seq_moments):
+    """The whole backward: reverse-time launches, then the weight, input and h0 gradients as GEMMs over all
+    steps. Returns the gradients of (x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
+    beta_c), None where ``needs`` is false or the mode does not use the tensor.
+    """
+    T, B, _ = x.shape
+    frame = normalization == "frame"
+    da_hh, da_ih, dh, dc, sums = _backward(
+        dout.contiguous(), dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, c, a_hh,
+        moments, lengths, counts, use_batch_stats, eps, frame,
+    )
+    dgamma_ih, dgamma_hh, dbias, dgamma_c, dbeta_c = sums
+    if normalization == "sequence":
+        seq_mean, seq_var, seq_batch = seq_moments
+        da_ih, dgamma_ih = _sequence_bn_backward(a_ih, da_ih, gamma_ih, seq_mean, seq_var, lengths, sum(counts),
+                                                 seq_batch, eps)
+    G = da_hh.shape[2]
+    dx = torch.matmul(da_ih, weight_ih) if needs[0] else None
+    # the h state before step 0 gets da_hh_0 W_hh on every row that runs at step 0 (all of them: lengths >= 1)
+    dh0 = torch.where(lengths[:, None] > 0, torch.matmul(da_hh[0], weight_hh).to(dh.dtype), dh) if needs[1] else None
+    # [4H, I] and [4H, H]: sums over all T*B frames of da^T x and da^T h_{t-1}
+    dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), x.reshape(T * B, -1)) if needs[3] else None
+    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), h[:T].reshape(T * B, -1)) if needs[4] else None
+
+    def cast(grad, like, need, used=True):
+        return grad.to(like.dtype) if need and used and like is not None else None
+
+    # parameters a mode does not use get no gradient, as with the reference
+    return (dx, cast(dh0, x, needs[1]), cast(dc, x, needs[2]), dW_ih, dW_hh, cast(dbias, bias, needs[5]),
+            cast(dgamma_ih, gamma_ih, needs[6], normalization is not None),
+            cast(dgamma_hh, gamma_hh, needs[7], frame), cast(dgamma_c, gamma_c, needs[8], frame),
+            cast(dbeta_c, beta_c, needs[9], frame))
 
 
 class BNLSTMLayerFunction(torch.autograd.Function):
@@ -206,28 +268,12 @@ class BNLSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, counts,
                 pop, use_batch_stats, eps, normalization):
-        T, B, _ = x.shape
-        frame = normalization == "frame"
-        # [T, B, 4H] the hoisted input branch: one GEMM over every step
-        a_ih = torch.matmul(x, weight_ih.t())
-        seq_moments = None
-        n_frames = sum(counts)
-        if normalization == "sequence":
-            seq_batch = use_batch_stats and n_frames >= 2
-            x_gates, seq_mean, seq_var = _sequence_bn_forward(a_ih, gamma_ih, pop[0], pop[1], lengths, n_frames,
-                                                              seq_batch, eps)
-            seq_moments = (seq_mean, seq_var, seq_batch)
-        else:
-            x_gates = a_ih
-        out, h, c, a_hh, moments = _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
-                                            pop, lengths, counts, use_batch_stats, eps, frame)
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, a_ih,
-                              x_gates, h, c, a_hh, *moments)
+        out, h_n, c_n, moments, saved, seq_moments = _layer_forward(
+            x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, counts, pop,
+            use_batch_stats, eps, normalization,
+        )
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, *saved)
         ctx.config = (counts, use_batch_stats, eps, normalization, seq_moments)
-        h_n = h[T].clone()
-        c_n = c[T].to(x.dtype, copy=True)
-        if seq_moments is not None:
-            moments = [seq_mean[None], seq_var[None]]
         ctx.mark_non_differentiable(*moments)
         return (out, h_n, c_n, *moments)
 
@@ -235,35 +281,9 @@ class BNLSTMLayerFunction(torch.autograd.Function):
     def backward(ctx, dout, dh_n, dc_n, *_):
         (x, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, a_ih, x_gates, h, c, a_hh,
          *moments) = ctx.saved_tensors
-        counts, use_batch_stats, eps, normalization, seq_moments = ctx.config
-        T, B, _ = x.shape
-        frame = normalization == "frame"
-        da_hh, da_ih, dh, dc, sums = _backward(
-            dout.contiguous(), dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, c, a_hh,
-            moments, lengths, counts, use_batch_stats, eps, frame,
-        )
-        dgamma_ih, dgamma_hh, dbias, dgamma_c, dbeta_c = sums
-        if normalization == "sequence":
-            seq_mean, seq_var, seq_batch = seq_moments
-            da_ih, dgamma_ih = _sequence_bn_backward(a_ih, da_ih, gamma_ih, seq_mean, seq_var, lengths, sum(counts),
-                                                     seq_batch, eps)
-        needs = ctx.needs_input_grad
-        G = da_hh.shape[2]
-        dx = torch.matmul(da_ih, weight_ih) if needs[0] else None
-        # every row runs at step 0 (lengths >= 1), so the state before it gets the whole da_hh_0 W_hh
-        dh0 = torch.where(lengths[:, None] > 0, torch.matmul(da_hh[0], weight_hh).to(dh.dtype), dh) if needs[1] \
-            else None
-        dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), x.reshape(T * B, -1)) if needs[3] else None
-        dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), h[:T].reshape(T * B, -1)) if needs[4] else None
-
-        def cast(grad, like, need, used=True):
-            return grad.to(like.dtype) if need and used and like is not None else None
-
-        # parameters a mode does not use get no gradient, as with the reference
-        return (dx, cast(dh0, x, needs[1]), cast(dc, x, needs[2]), dW_ih, dW_hh, cast(dbias, bias, needs[5]),
-                cast(dgamma_ih, gamma_ih, needs[6], normalization is not None),
-                cast(dgamma_hh, gamma_hh, needs[7], frame), cast(dgamma_c, gamma_c, needs[8], frame),
-                cast(dbeta_c, beta_c, needs[9], frame), None, None, None, None, None, None)
+        grads = _layer_backward(dout, dh_n, dc_n, ctx.needs_input_grad, x, weight_ih, weight_hh, bias, gamma_ih,
+                                gamma_hh, gamma_c, beta_c, lengths, a_ih, x_gates, h, c, a_hh, moments, *ctx.config)
+        return (*grads, None, None, None, None, None, None)
 
 
 def bnlstm_layer_triton(
