@@ -92,6 +92,12 @@ def _block_rows(B: int) -> int:
     return max(16, triton.next_power_of_2(B))
 
 
+def _num_warps(B: int) -> int:
+    # a program holds [BB, BH] tiles of every gate: more warps for more rows keep them in registers
+    # (sm90, BH=16: no spills up to B=128; B=256 spills a little in backward)
+    return min(16, max(4, _block_rows(B) // 8))
+
+
 def _sequence_bn_forward(a_ih: Tensor, gamma_ih: Tensor, mean: Tensor, var: Tensor, lengths: Tensor, n_frames: int,
                          use_batch: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """u = gamma_ih * BN(a_ih) over every valid frame; returns u [T, B, 4H] and the moments used [4H]."""
@@ -159,7 +165,7 @@ def _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta
             p_mean_c=moments[4], p_var_c=moments[5],
             t=t, n=counts[t], use_batch=int(use_batch), eps=eps, B=B, H=H,
             FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
-            BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K,
+            BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
         )
     return out, h, c, a_hh, moments
 
@@ -197,7 +203,7 @@ def _backward(dout, dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, ga
             p_dgamma_ih=dgamma_ih, p_dgamma_hh=dgamma_hh, p_dbias=dbias, p_dgamma_c=dgamma_c, p_dbeta_c=dbeta_c,
             t=t, T=T, n=counts[t], use_batch=int(use_batch), eps=eps, B=B, H=H,
             FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
-            BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K,
+            BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
         )
     return da_hh, da_ih, dh, dc, (dgamma_ih, dgamma_hh, dbias, dgamma_c, dbeta_c)
 
