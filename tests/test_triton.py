@@ -5,6 +5,7 @@ Tiers: on a machine without CUDA the kernels run on CPU tensors under the Triton
 same comparisons on the device in float32 (TF32 off), plus bf16 / fp16 against a float64 reference.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -379,14 +380,15 @@ def test_bnlstm_layer_triton_cuda_float32(no_tf32, T, B, I, H, lengths, normaliz
     compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, device=CUDA)
 
 
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LOW_PRECISION_CASES)
-def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, lengths, normalization,
-                                                use_batch_stats):
-    """The kernel's error against a float64 reference is at most about 2x PyTorch's own at that dtype."""
-    exact_pop = population(T, H, normalization, torch.float64, CUDA)
-    exact_inputs = op_inputs(T, B, I, H, lengths, torch.float64, CUDA)
+def compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, dtype, device):
+    """The kernel's error against a float64 reference is at most about 2x PyTorch's own at that dtype.
+
+    Shapes keep three or more running rows at every batch-statistics step: BN over two rows is so
+    ill-conditioned that any 16-bit computation of it is off by percents. Where PyTorch's own run is not
+    finite (fp16 overflow in the reference's BN backward), ours must be finite and within 1% of the scale.
+    """
+    exact_pop = population(T, H, normalization, torch.float64, device)
+    exact_inputs = op_inputs(T, B, I, H, lengths, torch.float64, device)
     exact, _ = run_layer("reference", exact_inputs, lengths, exact_pop, use_batch_stats, normalization)
     low_pop = None if exact_pop is None else Population(*[p if p is None else p.to(dtype) for p in exact_pop])
     low_inputs = {n: None if v is None else v.detach().to(dtype).requires_grad_() for n, v in exact_inputs.items()}
@@ -396,7 +398,44 @@ def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, leng
         torch_error = (torch_low[name].double() - expected).abs().max().item()
         our_error = (ours[name].double() - expected).abs().max().item()
         scale = expected.abs().max().item()
-        assert our_error <= 2.0 * torch_error + 1e-3 * scale, (name, our_error, torch_error)
+        bound = 2.0 * torch_error if math.isfinite(torch_error) else 1e-2 * scale
+        assert our_error <= bound + 1e-3 * scale, (name, our_error, torch_error)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", [
+    pytest.param(7, 5, 5, 24, [7, 4, 4, 4, 1], "frame", True, id="B5-T7-I5-H24-frame-train-varlen-tail1-fp16"),
+    pytest.param(4, 5, 1, 8, [4, 4, 1, 2, 3], "sequence", True, id="B5-T4-I1-H8-sequence-train-fp16"),
+    pytest.param(7, 3, 5, 8, [7, 3, 5], None, True, id="B3-T7-I5-H8-plain-fp16"),
+])
+def test_bnlstm_layer_triton_float16_error(T, B, I, H, lengths, normalization, use_batch_stats):
+    compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, torch.float16, CPU)
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_autocast_float16():
+    # under autocast the op computes in autocast's dtype, as nn.LSTM does; running statistics stay float32
+    reference, triton_model = _module_pair(input_size=3, hidden_size=8)
+    exact = BNLSTM(3, 8, backend="reference", dtype=torch.float64)
+    exact.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 3, 3)
+    expected, _ = exact(x.double())
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours, _ = triton_model(x)
+        theirs, _ = reference(x)
+    assert ours.dtype == torch.float16 and triton_model.running_mean_ih_l0.dtype == torch.float32
+    torch_error = (theirs.double() - expected).abs().max().item()
+    assert (ours.double() - expected).abs().max().item() <= 2.0 * torch_error + 1e-3
+    assert_close_by_name(triton_model.running_mean_ih_l0, exact.running_mean_ih_l0.float(), "running_mean_ih",
+                         atol=1e-2, rtol=1e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LOW_PRECISION_CASES)
+def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, lengths, normalization,
+                                                use_batch_stats):
+    compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, dtype, CUDA)
 
 
 @requires_cuda

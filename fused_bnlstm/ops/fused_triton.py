@@ -333,8 +333,6 @@ def bnlstm_layer_triton(
     for name in needed[normalization]:
         if given[name] is None:
             raise ValueError(f"normalization={normalization!r} needs {name}")
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"the 'triton' backend runs float32, float64, float16 and bfloat16, got {x.dtype}")
     if T == 0 or B == 0:
         raise ValueError(f"the 'triton' backend needs T > 0 and B > 0, got T={T}, B={B}")
 
@@ -360,14 +358,23 @@ def bnlstm_layer_triton(
         pop = tuple(p.contiguous() if p is not None else x for p in population)
         pop = pop + (x,) * (6 - len(pop))
 
-    def contiguous(value):
-        return value.contiguous() if value is not None else None
+    # one compute dtype for every operand: autocast's where it is on (as nn.LSTM under autocast), else x's;
+    # casts and layout fixes happen here, differentiably, at the one boundary into the kernels
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
 
-    out, h_n, c_n, *moments = BNLSTMLayerFunction.apply(
-        x.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
-        contiguous(bias), contiguous(gamma_ih), contiguous(gamma_hh), contiguous(gamma_c), contiguous(beta_c),
-        lengths_dev, counts, pop, use_batch_stats, float(eps), normalization,
-    )
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"the 'triton' backend runs float32, float64, float16 and bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        raise TypeError("the Triton interpreter (CPU tensors) has no bfloat16; use float32, float64 or float16")
+
+    def prepared(value):
+        return value.to(dtype).contiguous() if value is not None else None
+
+    with torch.autocast(device.type, enabled=False):
+        out, h_n, c_n, *moments = BNLSTMLayerFunction.apply(
+            *[prepared(v) for v in (x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c)],
+            lengths_dev, counts, pop, use_batch_stats, float(eps), normalization,
+        )
     stats = None
     if frame and use_batch_stats:
         fell_back = (torch.tensor(counts) < 2).to(device)[:, None]  # [T, 1]
