@@ -46,7 +46,7 @@ SETTINGS = {
     # statistics; max_eval_chars caps each held-out split; length_multiples: the generalization test.
     "smoke": dict(hidden=16, seq_len=10, batch=8, steps=4, eval_every=2, lr=2e-3, eval_batch=64,
                   stats_batches=1, max_eval_chars=2000, length_multiples=(1, 2, 4)),
-    "reduced": dict(hidden=128, seq_len=50, batch=32, steps=1500, eval_every=250, lr=2e-3, eval_batch=256,
+    "reduced": dict(hidden=128, seq_len=50, batch=32, steps=3000, eval_every=250, lr=2e-3, eval_batch=256,
                     stats_batches=8, max_eval_chars=None, length_multiples=(1, 2, 4, 8, 16)),
     "full": dict(hidden=1000, seq_len=100, batch=64, steps=40000, eval_every=1000, lr=2e-3, eval_batch=256,
                  stats_batches=40, max_eval_chars=None, length_multiples=(1, 2, 3, 5, 10)),
@@ -251,8 +251,11 @@ def plot(record: dict, out: Path) -> Path:
     T = record["config"]["seq_len"]
     axes[0].set(title="validation bits per character", xlabel="training steps", ylabel="bpc")
     axes[1].axvline(T, color="0.5", ls=":", label=f"training length {T}")
-    axes[1].set(title="test bpc vs evaluation sequence length", xlabel="sequence length", ylabel="bpc",
-                xscale="log")
+    axes[1].set(title="test bpc vs evaluation sequence length (same characters)", xlabel="sequence length",
+                ylabel="bpc", xscale="log")
+    lengths = [T * m for m in record["config"]["length_multiples"]]
+    axes[1].minorticks_off()
+    axes[1].set_xticks(lengths, [str(L) for L in lengths])
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
