@@ -4,10 +4,12 @@ Layout of the computation (kernels in ``triton_kernels.py``; conventions and the
 ``README.md`` beside this file):
 
 - The input branch is **hoisted**: ``a_ih = x W_ih^T`` for all T steps is one GEMM (cuBLAS through
-  ``torch.matmul``) before the recurrence, as haste and cuDNN do; it does not depend on h, and one
-  [T*B, I] x [I, 4H] GEMM keeps the tensor cores far busier than T small ones inside the step kernel.
-  Frame-wise, the step kernel normalizes it with the step's statistics; sequence-wise, one kernel
-  normalizes it over every valid frame before the loop; with ``normalization=None`` it is added as is.
+  ``torch.matmul``) before the recurrence, as haste and cuDNN do: it does not depend on h, and one
+  [T*B, I] x [I, 4H] GEMM is far better shaped than T small ones inside the step kernel. (Chosen on that
+  ground; no GPU was lent when this was written, so it has not been timed against an in-kernel variant:
+  ``benchmarks/gpu_check.sh`` times the layer as a whole.) Frame-wise, the step kernel normalizes it with
+  the step's statistics; sequence-wise, one kernel normalizes it over every valid frame before the loop;
+  with ``normalization=None`` it is added as is.
 - Forward, one ``bnlstm_fwd_step_kernel`` launch per step t: a program owns BH hidden units of all four
   gates and every batch row, computes ``W_hh h_{t-1}`` for its columns, both batch norms over the rows
   still running (or the population statistics), the bias, the gates, c_t, BN(c_t) and h_t, and saves
@@ -18,9 +20,10 @@ Layout of the computation (kernels in ``triton_kernels.py``; conventions and the
   gamma, beta and bias gradients are per-column sums each program accumulates over the steps into its own
   columns (deterministic, no atomics).
 
-Statistics and accumulation are float32 (float64 for float64 tensors); bf16 and fp16 run the GEMMs in
-their dtype with float32 accumulation. A program holds every batch row in registers, which suits the
-batch sizes recurrent models train with (up to a few hundred rows).
+Statistics, accumulation and the cell state are float32 (float64 for float64 tensors); bf16 and fp16 run
+the GEMMs in their dtype with float32 accumulation; under autocast the op computes in autocast's dtype.
+fp32 recurrent GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default: IEEE fp32). A
+program holds every batch row in registers, which suits the batch sizes recurrent models train with.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta
 
     Returns output [T, B, H], the h states [T+1, B, H] (input dtype), the c states [T+1, B, H], W_hh h_{t-1}
     [T, B, 4H] and the moments each step used (mean_ih, var_ih, mean_hh, var_hh [T, 4H]; mean_c, var_c
-    [T, H]; accumulation dtype, empty unless frame-wise).
+    [T, H]; accumulation dtype; an empty list unless frame-wise).
     """
     T, B, G = x_gates.shape
     H = G // 4
@@ -148,25 +151,25 @@ def _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta
     h[0] = h0
     c[0] = c0
     a_hh = torch.empty(T, B, G, dtype=acc, device=device)
-    widths = (G, G, G, G, H, H) if frame else (0,) * 6
-    moments = [torch.empty(T, w, dtype=acc, device=device) for w in widths]
+    moments = [torch.empty(T, w, dtype=acc, device=device) for w in (G, G, G, G, H, H)] if frame else []
+    # pointers a mode never reads still need a live tensor (never an empty one)
     dummy = x_gates
+    saved = moments or [dummy] * 6
+    static = dict(
+        p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
+        p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
+        p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
+        p_pop_mean_ih=pop[0], p_pop_var_ih=pop[1], p_pop_mean_hh=pop[2], p_pop_var_hh=pop[3],
+        p_pop_mean_c=pop[4], p_pop_var_c=pop[5], p_lengths=lengths, p_h=h, p_c=c, p_out=out, p_a_hh=a_hh,
+        p_mean_ih=saved[0], p_var_ih=saved[1], p_mean_hh=saved[2], p_var_hh=saved[3], p_mean_c=saved[4],
+        p_var_c=saved[5], eps=eps, B=B, H=H,
+        FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
+        BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
+    )
     grid = (triton.cdiv(H, _BLOCK_H),)
     for t in range(T):
         use_batch = use_batch_stats and counts[t] >= 2
-        kernels.bnlstm_fwd_step_kernel[grid](
-            p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
-            p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
-            p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
-            p_pop_mean_ih=pop[0], p_pop_var_ih=pop[1], p_pop_mean_hh=pop[2], p_pop_var_hh=pop[3],
-            p_pop_mean_c=pop[4], p_pop_var_c=pop[5],
-            p_lengths=lengths, p_h=h, p_c=c, p_out=out, p_a_hh=a_hh,
-            p_mean_ih=moments[0], p_var_ih=moments[1], p_mean_hh=moments[2], p_var_hh=moments[3],
-            p_mean_c=moments[4], p_var_c=moments[5],
-            t=t, n=counts[t], use_batch=int(use_batch), eps=eps, B=B, H=H,
-            FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
-            BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
-        )
+        kernels.bnlstm_fwd_step_kernel[grid](t=t, n=counts[t], use_batch=int(use_batch), **static)
     return out, h, c, a_hh, moments
 
 
@@ -190,21 +193,22 @@ def _backward(dout, dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, ga
     dgamma_c = torch.zeros(H, dtype=acc, device=device)
     dbeta_c = torch.zeros(H, dtype=acc, device=device)
     dummy = x_gates
+    saved = moments or [dummy] * 6
+    static = dict(
+        p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
+        p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
+        p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
+        p_mean_ih=saved[0], p_var_ih=saved[1], p_mean_hh=saved[2], p_var_hh=saved[3], p_mean_c=saved[4],
+        p_var_c=saved[5], p_lengths=lengths, p_c=c, p_a_hh=a_hh, p_dout=dout, p_dh=dh, p_dc=dc, p_da_hh=da_hh,
+        p_da_ih=da_ih, p_dgamma_ih=dgamma_ih, p_dgamma_hh=dgamma_hh, p_dbias=dbias, p_dgamma_c=dgamma_c,
+        p_dbeta_c=dbeta_c, T=T, eps=eps, B=B, H=H,
+        FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
+        BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
+    )
     grid = (triton.cdiv(H, _BLOCK_H),)
     for t in range(T - 1, -1, -1):
         use_batch = use_batch_stats and counts[t] >= 2
-        kernels.bnlstm_bwd_step_kernel[grid](
-            p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
-            p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
-            p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
-            p_mean_ih=moments[0], p_var_ih=moments[1], p_mean_hh=moments[2], p_var_hh=moments[3],
-            p_mean_c=moments[4], p_var_c=moments[5],
-            p_lengths=lengths, p_c=c, p_a_hh=a_hh, p_dout=dout, p_dh=dh, p_dc=dc, p_da_hh=da_hh, p_da_ih=da_ih,
-            p_dgamma_ih=dgamma_ih, p_dgamma_hh=dgamma_hh, p_dbias=dbias, p_dgamma_c=dgamma_c, p_dbeta_c=dbeta_c,
-            t=t, T=T, n=counts[t], use_batch=int(use_batch), eps=eps, B=B, H=H,
-            FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
-            BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
-        )
+        kernels.bnlstm_bwd_step_kernel[grid](t=t, n=counts[t], use_batch=int(use_batch), **static)
     return da_hh, da_ih, dh, dc, (dgamma_ih, dgamma_hh, dbias, dgamma_c, dbeta_c)
 
 
