@@ -82,7 +82,7 @@ def _progress(total: int, enabled: bool):
             def close(self):
                 pass
         return _Silent()
-    return tqdm(total=total, unit="call", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, unit="call", file=sys.stderr, dynamic_ncols=True, leave=False, mininterval=0.5)
 
 
 def _error_text(error: BaseException) -> str:
@@ -158,7 +158,11 @@ def run(args: argparse.Namespace) -> dict:
 
     order = {c.key: i for i, c in enumerate(candidates)}
     results.sort(key=lambda r: (MODES.index(r["mode"]), order[r["key"]]))
-    report.add_ratios(results)
+    report.add_ratios(results, tf32)
+    if device.type == "cuda":
+        # the runners switched TF32 per row; the record states the run's setting
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     machine = machine_record(device)
     machine["load_average_1min_start"] = load_start
     machine["cpu_settle_s"] = settle_s
@@ -231,6 +235,9 @@ def main(argv=None) -> int:
     if warning:
         print()
         print(warning)
+        if record["machine"]["torch_threads"] > 1:
+            print("(with every core contended, each parallel region waits for a descheduled thread: "
+                  "--threads 1 gives steadier numbers there, see benchmarks/README.md)")
     print()
     print("ratios: time / nn.LSTM's time and / the reference's (same normalization; nn.LSTM against the "
           "reference without normalization); above 1 is slower")

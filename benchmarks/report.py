@@ -43,10 +43,11 @@ def summarize(times_s: list[float], shape: Shape) -> dict:
     }
 
 
-def add_ratios(results: list[dict]) -> None:
-    """ratio_vs_lstm: median / nn.LSTM's median in the same mode (the TF32 state the row ran with on GPU).
-    ratio_vs_reference: median / the reference BNLSTM's median in the same mode with the same
-    normalization (nn.LSTM against the reference with normalization=None). Above 1 is slower."""
+def add_ratios(results: list[dict], tf32: bool | None = None) -> None:
+    """ratio_vs_lstm: median / nn.LSTM's median in the same mode (on GPU the nn.LSTM row with the run's
+    TF32 setting, so the other nn.LSTM row shows what TF32 buys). ratio_vs_reference: median / the
+    reference BNLSTM's median in the same mode with the same normalization (nn.LSTM against the reference
+    with normalization=None). Above 1 is slower."""
     ok = [r for r in results if r["status"] == "ok"]
     for row in results:
         row["ratio_vs_lstm"] = None
@@ -54,9 +55,7 @@ def add_ratios(results: list[dict]) -> None:
         if row["status"] != "ok":
             continue
         lstm = [r for r in ok if r["mode"] == row["mode"] and r["kind"] == "lstm"
-                and (r["tf32"] == row["tf32"] or row["tf32"] is None or r["tf32"] is None)]
-        if row["kind"] == "lstm":
-            lstm = [row]
+                and (r["tf32"] is None or r["tf32"] == bool(tf32))]
         if lstm:
             row["ratio_vs_lstm"] = row["median_ms"] / lstm[0]["median_ms"]
         reference = [r for r in ok if r["mode"] == row["mode"] and r["kind"] == "bnlstm"

@@ -32,7 +32,7 @@ class Preset:
 # The paper's tasks (Cooijmans et al. 2017, section 5), a generic shape, and a CPU-sized default that
 # finishes in about two minutes on two cores with the reference and nn.LSTM (compile skipped, see cli).
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset(Shape(T=100, B=32, I=64, H=256), 10, 50, "CPU-sized default"),
+    "cpu": Preset(Shape(T=64, B=32, I=64, H=128), 10, 50, "CPU-sized default"),
     "smnist": Preset(Shape(T=784, B=64, I=1, H=100), 5, 20, "sequential MNIST, pixel by pixel"),
     "charptb": Preset(Shape(T=100, B=64, I=50, H=1000), 5, 20, "character-level Penn Treebank"),
     "text8": Preset(Shape(T=180, B=128, I=27, H=2000), 3, 20, "text8 characters"),
