@@ -32,6 +32,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fused_bnlstm.ops.common import BatchStatistics, Population, step_counts
 
@@ -288,6 +289,7 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         return (out, h_n, c_n, *moments)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dh_n, dc_n, *_):
         (x, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, a_ih, x_gates, h, c, a_hh,
          *moments) = ctx.saved_tensors
