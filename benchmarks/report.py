@@ -102,7 +102,8 @@ def header_line(record: dict) -> str:
     load = m.get("load_average_1min_start")
     load = "" if load is None else f", load {load:.1f}/{m['load_average_1min']:.1f} (start/end)"
     return (f"{c['preset']}: {Shape(**c['shape'])} {c['dtype']} on {m['device_name']} "
-            f"({m['device_type']}, {m['torch_threads']} threads{load}), torch {m['torch']}{tf32}, "
+            f"({m['device_type']}, {m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}{load}), "
+            f"torch {m['torch']}{tf32}, "
             f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}")
 
 
@@ -198,3 +199,28 @@ def write_records(record: dict, out_dir: str, stem: str) -> dict[str, str]:
     write_csv(record, paths["csv"])
     write_chart(record, paths["png"])
     return paths
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report RECORD.json ...``: print each record's header and tables again
+    (Markdown, for benchmarks/README.md)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("records", nargs="+", help="JSON records written by python -m benchmarks")
+    args = parser.parse_args(argv)
+    for path in args.records:
+        with open(path) as handle:
+            record = json.load(handle)
+        print(f"`{record['config']['command']}`: {header_line(record)}")
+        print(format_table(record))
+        warning = load_warning(record)
+        if warning:
+            print()
+            print(warning)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
