@@ -219,7 +219,7 @@ def run(args) -> dict:
         "setting": setting,
         "text": {"source": source, "chars": len(text), "vocab_size": len(vocab),
                  "split_chars": {k: int(v.numel()) for k, v in splits.items()}},
-        "config": {**cfg, "seed": args.seed, "optimizer": "Adam(lr)", "grad_clip_norm": 1.0,
+        "config": {**cfg, "jobs": args.jobs, "threads_per_run": jobs[0]["threads"] or torch.get_num_threads(), "seed": args.seed, "optimizer": "Adam(lr)", "grad_clip_norm": 1.0,
                    "init": "orthogonal W_ih and W_hh gate blocks, forget bias 1",
                    "bnlstm": "gamma_init 0.1, max_length = seq_len (later steps use the last slot)",
                    "lstm": "torch.nn.LSTM", "input": "one-hot characters"},

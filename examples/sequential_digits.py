@@ -206,7 +206,7 @@ def run(args) -> dict:
         "experiment": NAME,
         "setting": setting,
         "dataset": dataset,
-        "config": {**cfg, "seq_len": T, "seed": args.seed, "optimizer": "RMSprop(lr, alpha=0.9)",
+        "config": {**cfg, "jobs": args.jobs, "threads_per_run": jobs[0]["threads"] or torch.get_num_threads(), "seq_len": T, "seed": args.seed, "optimizer": "RMSprop(lr, alpha=0.9)",
                    "grad_clip_norm": 1.0, "init": "orthogonal W_ih, identity g-block of W_hh, forget bias 1",
                    "bnlstm": "gamma_init 0.1, max_length = seq_len, frame-wise statistics",
                    "lstm": "torch.nn.LSTM", "split_sizes": {k: int(data[k][0].shape[0])
