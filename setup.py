@@ -23,7 +23,7 @@ def extension_modules():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]}
     extension = CppExtension(
         name="fused_bnlstm._C",
         sources=sources,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "bnlstm.h"
+#include "workspace.h"
 
 namespace fused_bnlstm {
 
@@ -141,19 +142,21 @@ std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in,
 
     const auto opts = x.options();
     // [T, B, 4H]: the input branch for every step in one GEMM.
-    at::Tensor a_ih = at::mm(x.view({T * B, I}), w_ih.t()).view({T, B, G});
+    at::Tensor a_ih = empty_workspace({T, B, G}, opts);
+    at::Tensor a_ih_rows = a_ih.view({T * B, G});
+    at::mm_out(a_ih_rows, x.view({T * B, I}), w_ih.t());
     at::Tensor a_hh = at::empty({B, G}, opts);
-    at::Tensor hs = at::empty({save ? T + 1 : 2, B, H}, opts);
-    at::Tensor cs = at::empty({save ? T + 1 : 2, B, H}, opts);
+    at::Tensor hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
+    at::Tensor cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
     hs.select(0, 0).copy_(h0);
     cs.select(0, 0).copy_(c0);
     at::Tensor output = at::empty({T, B, H}, opts);
     at::Tensor gates, xhat_hh, xhat_c, tanh_c, rstd_ih, rstd_hh, rstd_c, seq_mean, seq_rstd;
-    if (norm != Normalization::kNone) gates = at::empty({save ? T : 1, B, G}, opts);
-    if (save) tanh_c = at::empty({T, B, H}, opts);
+    if (norm != Normalization::kNone) gates = empty_workspace({save ? T : 1, B, G}, opts);
+    if (save) tanh_c = empty_workspace({T, B, H}, opts);
     if (frame && save) {
-        xhat_hh = at::empty({T, B, G}, opts);
-        xhat_c = at::empty({T, B, H}, opts);
+        xhat_hh = empty_workspace({T, B, G}, opts);
+        xhat_c = empty_workspace({T, B, H}, opts);
         rstd_ih = at::empty({T, G}, opts);
         rstd_hh = at::empty({T, G}, opts);
         rstd_c = at::empty({T, H}, opts);
@@ -284,8 +287,8 @@ std::vector<at::Tensor> backward(const OptTensor& grad_output_in, const OptTenso
                         ? checked(grad_cn_in, "grad_c_n", x, {B, H}).clone()
                         : at::zeros({B, H}, opts);
     at::Tensor dh_prev = at::empty({B, H}, opts);
-    at::Tensor da_hh = at::empty({T, B, G}, opts);
-    at::Tensor da_ih = norm == Normalization::kNone ? da_hh : at::empty({T, B, G}, opts);
+    at::Tensor da_hh = empty_workspace({T, B, G}, opts);
+    at::Tensor da_ih = norm == Normalization::kNone ? da_hh : empty_workspace({T, B, G}, opts);
     const auto acc_opts = opts;  // float32 and float64 accumulate in their own type (opmath)
     at::Tensor dbias = (has_bias && norm != Normalization::kNone) ? at::zeros({G}, acc_opts) : at::Tensor();
     at::Tensor dgamma_ih = (frame || sequence) ? at::zeros({G}, acc_opts) : at::Tensor();
@@ -362,4 +365,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("xhat_hh"), py::arg("xhat_c"), py::arg("tanh_c"), py::arg("rstd_ih"), py::arg("rstd_hh"),
           py::arg("rstd_c"), py::arg("seq_rstd"), py::arg("use_batch_stats"), py::arg("normalization"),
           py::arg("need_dx"));
+    m.def("empty_cache", &fused_bnlstm::empty_cache,
+          "Hand the cached CPU buffers of earlier calls back to the OS (see csrc/workspace.cpp)");
+    m.def("cached_bytes", &fused_bnlstm::cached_bytes, "Bytes of CPU buffers cached for reuse now");
 }

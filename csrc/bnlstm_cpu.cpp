@@ -9,10 +9,14 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <limits>
 
 #include "bnlstm.h"
@@ -87,6 +91,48 @@ void masked_moments(const scalar_t* v, int64_t ld, int64_t col, int64_t n, int64
         }
     }
     for (int64_t jj = 0; jj < n; ++jj) var[jj] /= count;
+}
+
+// Per-column normalization of one gate block: pre = g_hh * (a_hh - m_hh) * r_hh + g_ih * (a_ih - m_ih) * r_ih + b.
+template <typename acc_t>
+struct GateColumns {
+    const acc_t *m_ih, *r_ih, *g_ih, *m_hh, *r_hh, *g_hh, *bias;
+};
+
+// One row's gate pre-activations for n columns. The flags are compile-time so that the loop has no branch
+// and vectorizes: keep xhat_ih (written over a_ih), keep xhat_hh, write the result over a_ih (None).
+template <typename scalar_t, typename acc_t, bool STORE_XI, bool STORE_XH, bool IN_PLACE>
+inline void gate_preactivations(scalar_t* xi, const scalar_t* __restrict ah, scalar_t* __restrict xh,
+                                scalar_t* g, const GateColumns<acc_t>& c, int64_t n) {
+    for (int64_t jj = 0; jj < n; ++jj) {
+        const acc_t ni = (acc_t(xi[jj]) - c.m_ih[jj]) * c.r_ih[jj];
+        const acc_t nh = (acc_t(ah[jj]) - c.m_hh[jj]) * c.r_hh[jj];
+        const acc_t pre = c.g_hh[jj] * nh + c.g_ih[jj] * ni + c.bias[jj];
+        if constexpr (STORE_XI) xi[jj] = scalar_t(ni);
+        if constexpr (STORE_XH) xh[jj] = scalar_t(nh);
+        if constexpr (IN_PLACE) {
+            xi[jj] = scalar_t(pre);
+        } else {
+            g[jj] = scalar_t(pre);
+        }
+    }
+}
+
+// One row's h = o * tanh(g_c * (c - m_c) * r_c + beta_c) for n columns, optionally keeping xhat_c and the tanh.
+template <typename scalar_t, typename acc_t, bool STORE_XC, bool STORE_TC>
+inline void hidden_output(const scalar_t* __restrict go, const scalar_t* __restrict cn, const acc_t* __restrict m_c,
+                          const acc_t* __restrict r_c, const acc_t* __restrict g_c, const acc_t* __restrict b_c,
+                          scalar_t* __restrict xc, scalar_t* __restrict tc, scalar_t* __restrict hn,
+                          scalar_t* __restrict out, int64_t n) {
+    for (int64_t jj = 0; jj < n; ++jj) {
+        const acc_t x = (acc_t(cn[jj]) - m_c[jj]) * r_c[jj];
+        const acc_t y = tanh_of(g_c[jj] * x + b_c[jj]);
+        if constexpr (STORE_XC) xc[jj] = scalar_t(x);
+        if constexpr (STORE_TC) tc[jj] = scalar_t(y);
+        const scalar_t h = scalar_t(acc_t(go[jj]) * y);
+        hn[jj] = h;
+        out[jj] = h;
+    }
 }
 
 // One step of the forward pass for hidden units [j0, j1) (at most kBlock), every batch row.
@@ -199,12 +245,15 @@ void forward_block(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1) {
             const scalar_t* ah = a_hh + b * G + k * H + j0;
             scalar_t* g = gates + b * G + k * H + j0;
             scalar_t* xh = xhat_hh != nullptr ? xhat_hh + b * G + k * H + j0 : nullptr;
-            for (int64_t jj = 0; jj < n; ++jj) {
-                const acc_t ni = (acc_t(xi[jj]) - m_ih[k][jj]) * r_ih[k][jj];
-                const acc_t nh = (acc_t(ah[jj]) - m_hh[k][jj]) * r_hh[k][jj];
-                if (keep_xhat_ih) xi[jj] = scalar_t(ni);
-                if (xh != nullptr) xh[jj] = scalar_t(nh);
-                g[jj] = scalar_t(g_hh[k][jj] * nh + g_ih[k][jj] * ni + b_g[k][jj]);
+            const GateColumns<acc_t> cols{m_ih[k], r_ih[k], g_ih[k], m_hh[k], r_hh[k], g_hh[k], b_g[k]};
+            if (p.norm == Normalization::kNone) {
+                gate_preactivations<scalar_t, acc_t, false, false, true>(xi, ah, nullptr, xi, cols, n);
+            } else if (xh != nullptr) {
+                gate_preactivations<scalar_t, acc_t, true, true, false>(xi, ah, xh, g, cols, n);
+            } else if (keep_xhat_ih) {
+                gate_preactivations<scalar_t, acc_t, true, false, false>(xi, ah, nullptr, g, cols, n);
+            } else {
+                gate_preactivations<scalar_t, acc_t, false, false, false>(xi, ah, nullptr, g, cols, n);
             }
             if (k == 2) {
                 for (int64_t jj = 0; jj < n; ++jj) g[jj] = scalar_t(tanh_of(acc_t(g[jj])));
@@ -267,14 +316,12 @@ void forward_block(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1) {
         scalar_t* o = out + b * H + j0;
         scalar_t* xc = xhat_c != nullptr ? xhat_c + b * H + j0 : nullptr;
         scalar_t* tc = tanh_c != nullptr ? tanh_c + b * H + j0 : nullptr;
-        for (int64_t jj = 0; jj < n; ++jj) {
-            const acc_t x = (acc_t(cn[jj]) - m_c[jj]) * r_c[jj];
-            const acc_t y = tanh_of(g_c[jj] * x + b_c[jj]);
-            if (xc != nullptr) xc[jj] = scalar_t(x);
-            if (tc != nullptr) tc[jj] = scalar_t(y);
-            const scalar_t h = scalar_t(acc_t(go[jj]) * y);
-            hn[jj] = h;
-            o[jj] = h;
+        if (xc != nullptr) {
+            hidden_output<scalar_t, acc_t, true, true>(go, cn, m_c, r_c, g_c, b_c, xc, tc, hn, o, n);
+        } else if (tc != nullptr) {
+            hidden_output<scalar_t, acc_t, false, true>(go, cn, m_c, r_c, g_c, b_c, nullptr, tc, hn, o, n);
+        } else {
+            hidden_output<scalar_t, acc_t, false, false>(go, cn, m_c, r_c, g_c, b_c, nullptr, nullptr, hn, o, n);
         }
     }
 }
@@ -329,6 +376,65 @@ void sequence_moments(const ForwardParams& p, int64_t c0, int64_t c1) {
     }
 }
 
+// Column sums of the BN(c) backward, accumulated over rows: sum dn, sum dn * xhat_c, d gamma_c, d beta_c.
+template <typename acc_t>
+struct OutputGradSums {
+    acc_t *s1, *s2, *dgamma_c, *dbeta_c;
+};
+
+// One row, n columns, of h = o * tanh(y): d o (into d_o) and dn = d y * gamma_c (into dn_out), with the
+// frame-wise column sums; the flags are compile-time so that the loop vectorizes.
+template <typename scalar_t, typename acc_t, bool FRAME, bool HAS_GOUT>
+inline void output_grad(const scalar_t* __restrict dh, const scalar_t* __restrict gout,
+                        const scalar_t* __restrict go, const scalar_t* __restrict tc,
+                        const scalar_t* __restrict xc, const acc_t* __restrict g_c, scalar_t* __restrict d_o,
+                        scalar_t* __restrict dn_out, const OutputGradSums<acc_t>& sums, int64_t n) {
+    for (int64_t jj = 0; jj < n; ++jj) {
+        acc_t dh_t = acc_t(dh[jj]);
+        if constexpr (HAS_GOUT) dh_t += acc_t(gout[jj]);
+        const acc_t o = acc_t(go[jj]), y = acc_t(tc[jj]);
+        const acc_t dy = dh_t * o * (acc_t(1) - y * y);
+        d_o[jj] = scalar_t(dh_t * y * o * (acc_t(1) - o));
+        const acc_t dn = dy * g_c[jj];
+        dn_out[jj] = scalar_t(dn);
+        if constexpr (FRAME) {
+            const acc_t x = acc_t(xc[jj]);
+            sums.dgamma_c[jj] += dy * x;
+            sums.dbeta_c[jj] += dy;
+            sums.s1[jj] += dn;
+            sums.s2[jj] += dn * x;
+        }
+    }
+}
+
+// Means of the BN(c) backward (s1, s2 already divided by the count) and 1 / sqrt(var + eps) of c.
+template <typename acc_t>
+struct CellGradColumns {
+    const acc_t *s1, *s2, *r_c;
+};
+
+// One row, n columns, through BN(c) and the cell update: d i, d f, d g (into d_i, d_i + H, d_i + 2H) and
+// d c_{t-1} (over dc, which holds d c_t from the later step on entry).
+template <typename scalar_t, typename acc_t, bool BATCH>
+inline void cell_grad(const scalar_t* __restrict dn, const scalar_t* __restrict xc, const scalar_t* __restrict gi,
+                      const scalar_t* __restrict cp, const CellGradColumns<acc_t>& c, scalar_t* __restrict dc,
+                      scalar_t* __restrict d_i, int64_t H, int64_t n) {
+    const scalar_t* __restrict gf = gi + H;
+    const scalar_t* __restrict gg = gi + 2 * H;
+    scalar_t* __restrict d_f = d_i + H;
+    scalar_t* __restrict d_g = d_i + 2 * H;
+    for (int64_t jj = 0; jj < n; ++jj) {
+        acc_t dbn = acc_t(dn[jj]);
+        if constexpr (BATCH) dbn = dbn - c.s1[jj] - acc_t(xc[jj]) * c.s2[jj];
+        const acc_t dct = acc_t(dc[jj]) + dbn * c.r_c[jj];
+        const acc_t i = acc_t(gi[jj]), f = acc_t(gf[jj]), g = acc_t(gg[jj]);
+        d_i[jj] = scalar_t(dct * g * i * (acc_t(1) - i));
+        d_f[jj] = scalar_t(dct * acc_t(cp[jj]) * f * (acc_t(1) - f));
+        d_g[jj] = scalar_t(dct * i * (acc_t(1) - g * g));
+        dc[jj] = scalar_t(dct * f);
+    }
+}
+
 // One step of the backward pass for hidden units [j0, j1) (at most kBlock), every batch row.
 template <typename scalar_t>
 void backward_block(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1) {
@@ -363,19 +469,17 @@ void backward_block(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1) 
         const scalar_t* dhb = dh + b * H + j0;
         scalar_t* d_o = da_hh + b * G + 3 * H + j0;
         scalar_t* dy_out = scratch + b * H + j0;
-        for (int64_t jj = 0; jj < n; ++jj) {
-            const acc_t dh_t = acc_t(dhb[jj]) + (gout != nullptr ? acc_t(gout[b * H + j0 + jj]) : acc_t(0));
-            const acc_t o = acc_t(go[jj]), y = acc_t(tc[jj]);
-            const acc_t dy = dh_t * o * (acc_t(1) - y * y);
-            d_o[jj] = scalar_t(dh_t * y * o * (acc_t(1) - o));
-            dy_out[jj] = scalar_t(dy * g_c[jj]);
-            if (frame) {
-                const acc_t x = acc_t(xhat_c[b * H + j0 + jj]);
-                dgc[jj] += dy * x;
-                dbc[jj] += dy;
-                s1[jj] += dy * g_c[jj];
-                s2[jj] += dy * g_c[jj] * x;
-            }
+        const scalar_t* gob = gout != nullptr ? gout + b * H + j0 : nullptr;
+        const scalar_t* xc = frame ? xhat_c + b * H + j0 : nullptr;
+        const OutputGradSums<acc_t> sums{s1, s2, dgc, dbc};
+        if (frame && gob != nullptr) {
+            output_grad<scalar_t, acc_t, true, true>(dhb, gob, go, tc, xc, g_c, d_o, dy_out, sums, n);
+        } else if (frame) {
+            output_grad<scalar_t, acc_t, true, false>(dhb, nullptr, go, tc, xc, g_c, d_o, dy_out, sums, n);
+        } else if (gob != nullptr) {
+            output_grad<scalar_t, acc_t, false, true>(dhb, gob, go, tc, nullptr, g_c, d_o, dy_out, sums, n);
+        } else {
+            output_grad<scalar_t, acc_t, false, false>(dhb, nullptr, go, tc, nullptr, g_c, d_o, dy_out, sums, n);
         }
     }
     if (frame) {
@@ -397,22 +501,16 @@ void backward_block(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1) 
             continue;
         }
         const scalar_t* gi = gates + b * G + j0;
-        const scalar_t* gf = gi + H;
-        const scalar_t* gg = gi + 2 * H;
         const scalar_t* cp = c_prev + b * H + j0;
         const scalar_t* dn = scratch + b * H + j0;
         const scalar_t* xc = xhat_c != nullptr ? xhat_c + b * H + j0 : nullptr;
         scalar_t* dcb = dc + b * H + j0;
         scalar_t* d_i = da_hh + b * G + j0;
-        for (int64_t jj = 0; jj < n; ++jj) {
-            acc_t dbn = acc_t(dn[jj]);
-            if (batch) dbn = dbn - s1[jj] - acc_t(xc[jj]) * s2[jj];
-            const acc_t dct = acc_t(dcb[jj]) + dbn * r_c[jj];
-            const acc_t i = acc_t(gi[jj]), f = acc_t(gf[jj]), g = acc_t(gg[jj]);
-            d_i[jj] = scalar_t(dct * g * i * (acc_t(1) - i));
-            d_i[H + jj] = scalar_t(dct * acc_t(cp[jj]) * f * (acc_t(1) - f));
-            d_i[2 * H + jj] = scalar_t(dct * i * (acc_t(1) - g * g));
-            dcb[jj] = scalar_t(dct * f);
+        const CellGradColumns<acc_t> cols{s1, s2, r_c};
+        if (batch) {
+            cell_grad<scalar_t, acc_t, true>(dn, xc, gi, cp, cols, dcb, d_i, H, n);
+        } else {
+            cell_grad<scalar_t, acc_t, false>(dn, nullptr, gi, cp, cols, dcb, d_i, H, n);
         }
     }
     if (!frame) return;
@@ -532,46 +630,138 @@ void for_blocks(int64_t total, int64_t grain, const F& body) {
 
 }  // namespace
 
+// Whether the per-step GEMMs run inside the step's parallel pass through oneDNN's brgemm micro-kernel
+// (float32; 2-3x faster than at::mm at these sizes, and each task multiplies only its own columns), or as
+// one at::mm per step before the pass. brgemm needs oneDNN's ukernel API (x86-64 with AVX-512 in torch's
+// builds): it is probed once. FUSED_BNLSTM_CPU_BRGEMM=0 forces the at::mm path.
+bool use_brgemm() {
+    static const bool works = [] {
+        try {
+            const float a[2] = {2.0f, 1.0f}, b[2] = {3.0f, 4.0f};
+            float c = 0.0f;
+            at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, &c, false);
+            at::native::cpublas::brgemm_release(false);
+            return c == 10.0f;
+        } catch (const std::exception&) {
+            return false;
+        }
+    }();
+    const char* env = std::getenv("FUSED_BNLSTM_CPU_BRGEMM");
+    return works && !(env != nullptr && std::string(env) == "0");
+}
+
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh) {
-    const int64_t H = p.H;
-    const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
-    const int64_t grain = grain_size(p.B, H);
+    const int64_t B = p.B, H = p.H, G = 4 * H;
+    const int64_t grain = grain_size(B, H);
     AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_cpu", [&] {
         if (p.norm == Normalization::kSequence) {
-            for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
+            for_blocks(G, std::max<int64_t>(kBlock, grain),
                        [&](int64_t c0, int64_t c1) { sequence_moments<scalar_t>(p, c0, c1); });
         }
+        if constexpr (std::is_same_v<scalar_t, float>) {
+            if (use_brgemm()) {
+                const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]
+                const float* w = w_hh_t.data_ptr<float>();
+                float* a = a_hh.data_ptr<float>();
+                for (int64_t t = 0; t < p.T; ++t) {
+                    const float* h = hs.select(0, p.save ? t : (t & 1)).data_ptr<float>();
+                    for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
+                        // This task's columns of W_hh h_{t-1}, gate by gate: [B, j1 - j0] each.
+                        for (int64_t k = 0; k < 4; ++k) {
+                            at::native::cpublas::brgemm(B, j1 - j0, H, H, G, G, false, h, w + k * H + j0,
+                                                        a + k * H + j0, false);
+                        }
+                        forward_block<float>(p, t, j0, j1);
+                    });
+                }
+                at::native::cpublas::brgemm_release(false);
+                return;
+            }
+        }
+        const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
         for (int64_t t = 0; t < p.T; ++t) {
-            const int64_t prev = p.save ? t : (t & 1);
-            at::mm_out(a_hh, hs.select(0, prev), w_hh_t);
+            at::mm_out(a_hh, hs.select(0, p.save ? t : (t & 1)), w_hh_t);
             for_blocks(H, grain, [&](int64_t j0, int64_t j1) { forward_block<scalar_t>(p, t, j0, j1); });
         }
     });
 }
 
+namespace {
+
+// dh_{t-1} = d(W_hh h_{t-1}) W_hh for hidden units [j0, j1) (brgemm), plus the gradient that rows already
+// finished at step t carry through unchanged. da_t: [B, 4H]; w_hh: [4H, H]; dh_in, dh_out: [B, H].
+void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_hh,
+                          const float* dh_in, float* dh_out, int64_t j0, int64_t j1) {
+    const int64_t B = p.B, H = p.H;
+    at::native::cpublas::brgemm(B, j1 - j0, 4 * H, 4 * H, H, H, false, da_t, w_hh + j0, dh_out + j0, false);
+    if (p.running.lengths == nullptr) return;
+    for (int64_t b = 0; b < B; ++b) {
+        if (p.running(b, t)) continue;
+        for (int64_t j = j0; j < j1; ++j) dh_out[b * H + j] += dh_in[b * H + j];
+    }
+}
+
+}  // namespace
+
 void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
                   const at::Tensor& w_hh) {
-    const int64_t B = p.B, H = p.H;
+    const int64_t B = p.B, H = p.H, G = 4 * H;
     const int64_t grain = grain_size(B, H);
     AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_cpu", [&] {
-        for (int64_t t = p.T - 1; t >= 0; --t) {
-            p.dh = dh.data_ptr();
-            p.dh_prev = dh_prev.data_ptr();
-            for_blocks(H, grain, [&](int64_t j0, int64_t j1) { backward_block<scalar_t>(p, t, j0, j1); });
-            // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
-            at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
-            if (p.running.lengths != nullptr) {
-                scalar_t* out = dh_prev.data_ptr<scalar_t>();
-                const scalar_t* in = dh.data_ptr<scalar_t>();
-                for (int64_t b = 0; b < B; ++b) {
-                    if (p.running(b, t)) continue;
-                    for (int64_t j = 0; j < H; ++j) out[b * H + j] += in[b * H + j];
+        bool done = false;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+            if (use_brgemm()) {
+                // One parallel pass per step: each task first takes its columns of dh from the previous
+                // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
+                const float* w = w_hh.data_ptr<float>();
+                const float* da = da_hh.data_ptr<float>();
+                for (int64_t t = p.T - 1; t >= 0; --t) {
+                    const bool first = t == p.T - 1;
+                    // Without a GEMM to run (the last step), dh already holds dL/dh_n.
+                    at::Tensor& cur = first ? dh : dh_prev;
+                    at::Tensor& other = first ? dh_prev : dh;
+                    p.dh = cur.data_ptr();
+                    p.dh_prev = other.data_ptr();
+                    for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
+                        if (!first) {
+                            recurrent_grad_block(p, t + 1, da + (t + 1) * B * G, w, other.data_ptr<float>(),
+                                                 cur.data_ptr<float>(), j0, j1);
+                        }
+                        backward_block<float>(p, t, j0, j1);
+                    });
+                    if (!first) std::swap(dh, dh_prev);
                 }
+                // dh0 from the first step's GEMM.
+                if (p.T > 0) {
+                    for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
+                        recurrent_grad_block(p, 0, da, w, dh.data_ptr<float>(), dh_prev.data_ptr<float>(), j0, j1);
+                    });
+                    std::swap(dh, dh_prev);
+                }
+                at::native::cpublas::brgemm_release(false);
+                done = true;
             }
-            std::swap(dh, dh_prev);
+        }
+        if (!done) {
+            for (int64_t t = p.T - 1; t >= 0; --t) {
+                p.dh = dh.data_ptr();
+                p.dh_prev = dh_prev.data_ptr();
+                for_blocks(H, grain, [&](int64_t j0, int64_t j1) { backward_block<scalar_t>(p, t, j0, j1); });
+                // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
+                at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
+                if (p.running.lengths != nullptr) {
+                    scalar_t* out = dh_prev.data_ptr<scalar_t>();
+                    const scalar_t* in = dh.data_ptr<scalar_t>();
+                    for (int64_t b = 0; b < B; ++b) {
+                        if (p.running(b, t)) continue;
+                        for (int64_t j = 0; j < H; ++j) out[b * H + j] += in[b * H + j];
+                    }
+                }
+                std::swap(dh, dh_prev);
+            }
         }
         if (p.norm == Normalization::kSequence) {
-            for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
+            for_blocks(G, std::max<int64_t>(kBlock, grain),
                        [&](int64_t c0, int64_t c1) { sequence_backward<scalar_t>(p, c0, c1); });
         }
     });

@@ -1,0 +1,19 @@
+// Large CPU buffers from a cache that outlives one call (see workspace.cpp for why).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+
+namespace fused_bnlstm {
+
+// Like at::empty on the CPU; buffers of 1 MiB or more come from the cache and return to it when freed.
+at::Tensor empty_workspace(at::IntArrayRef shape, const at::TensorOptions& options);
+
+// Hand every cached block back to the OS.
+void empty_cache();
+
+// Bytes held in the cache now (not counting blocks in use).
+size_t cached_bytes();
+
+}  // namespace fused_bnlstm
