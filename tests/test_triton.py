@@ -203,6 +203,47 @@ def test_bnlstm_layer_triton_gradcheck_float64(normalization, use_batch_stats, l
     assert torch.autograd.gradcheck(run, [inputs[n] for n in names], fast_mode=True, atol=1e-6)
 
 
+@requires_interpreter
+def test_bnlstm_layer_triton_strided_inputs():
+    T, B, I, H, lengths = 4, 3, 5, 8, [4, 2, 3]
+    inputs = op_inputs(T, B, I, H, lengths, torch.float32)
+    pop = population(T, H, "frame", torch.float32)
+    expected, expected_stats = run_layer("reference", inputs, lengths, pop, True, "frame")
+    # the same values through transposed and sliced views
+    strided = {name: value.detach().clone() for name, value in inputs.items()}
+    strided["x"] = strided["x"].transpose(0, 1).contiguous().transpose(0, 1)
+    strided["weight_hh"] = strided["weight_hh"].t().contiguous().t()
+    strided["gamma_ih"] = torch.stack([strided["gamma_ih"], strided["gamma_ih"]], 1)[:, 0]
+    strided = {name: value.requires_grad_() for name, value in strided.items()}
+    assert not strided["x"].is_contiguous() and not strided["gamma_ih"].is_contiguous()
+    actual, actual_stats = run_layer("triton", strided, lengths, pop, True, "frame")
+    for name in expected:
+        assert_close_by_name(actual[name], expected[name], name, **TOLERANCES[torch.float32])
+    assert_same_statistics(expected_stats, actual_stats, **TOLERANCES[torch.float32])
+
+
+def assert_deterministic(device, T, B, I, H, lengths):
+    """Two identical calls give bitwise-identical outputs and gradients (no atomics anywhere)."""
+    inputs = op_inputs(T, B, I, H, lengths, torch.float32, device)
+    pop = population(T, H, "frame", torch.float32, device)
+    first, _ = run_layer("triton", inputs, lengths, pop, True, "frame")
+    second, _ = run_layer("triton", inputs, lengths, pop, True, "frame")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_deterministic():
+    assert_deterministic(CPU, 5, 4, 3, 24, [5, 3, 5, 1])
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_rejects_bfloat16_under_interpreter():
+    inputs = {n: v.detach().to(torch.bfloat16) for n, v in op_inputs(2, 2, 1, 3, None, torch.float32).items()}
+    with pytest.raises(TypeError, match="no bfloat16"):
+        bnlstm_layer(**inputs, population=population(2, 3, "frame", torch.bfloat16), backend="triton")
+
+
 class _CountingKernel:
     """Stands in for a Triton kernel object and counts its launches."""
 
@@ -436,6 +477,11 @@ def test_bnlstm_module_triton_autocast_float16():
 def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, lengths, normalization,
                                                 use_batch_stats):
     compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, dtype, CUDA)
+
+
+@requires_cuda
+def test_bnlstm_layer_triton_cuda_deterministic(no_tf32):
+    assert_deterministic(CUDA, 16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8])
 
 
 @requires_cuda
