@@ -9,6 +9,14 @@ Inputs are random normal data (never zeros); every candidate's output is checked
     python benchmarks/gpu_triton_bench.py --out OUT_DIR [--repeats 5]
 
 Writes ``OUT_DIR/triton_bench.json`` and ``OUT_DIR/triton_bench.md``; prints the table last.
+
+Predictions to hold the first numbers against (written before any GPU run; H100, fp32 without TF32):
+- s-MNIST (T=784, H=100): each step is tiny (64x400x100 multiply-adds), so the loops are launch-bound:
+  ~784 launches each way at roughly 10-30 us of host + device overhead, ~10-25 ms forward and ~2x that
+  for forward+backward; cuDNN's persistent kernels should win here. CUDA graphs are the lever.
+- char-PTB (T=100, H=1000): 2 * 64 * 4000 * 1000 flops per step, ~51 GFLOP forward; at ~50 TFLOP/s of
+  fp32 FMA that is ~1 ms, but the grid has only ceil(1000 / 16) = 63 programs on 132 SMs, so expect
+  ~2 ms forward and ~3x that forward+backward. A smaller BH or a split over rows would fill the chip.
 """
 
 from __future__ import annotations
