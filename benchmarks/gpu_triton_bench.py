@@ -16,7 +16,8 @@ Predictions to hold the first numbers against (written before any GPU run; H100,
   for forward+backward; cuDNN's persistent kernels should win here. CUDA graphs are the lever.
 - char-PTB (T=100, H=1000): 2 * 64 * 4000 * 1000 flops per step, ~51 GFLOP forward; at ~50 TFLOP/s of
   fp32 FMA that is ~1 ms, but the grid has only ceil(1000 / 16) = 63 programs on 132 SMs, so expect
-  ~2 ms forward and ~3x that forward+backward. A smaller BH or a split over rows would fill the chip.
+  ~2 ms forward and ~3x that forward+backward (BH cannot go under 16, the smallest tl.dot width; a
+  persistent kernel or splitting the reduction over H across programs would fill the chip).
 """
 
 from __future__ import annotations
