@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from examples import char_lm, gamma_gradient_flow, sequential_digits
 
@@ -19,7 +20,12 @@ def _finite(value):
 
 
 def _run(module, tmp_path, *extra):
-    module.main(["--smoke", "--out", str(tmp_path), "--seed", "0", "--no-progress", *extra])
+    # One thread: the smoke shapes are tiny, and CI machines are shared (restored for the tests after).
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--smoke", "--out", str(tmp_path), "--seed", "0", "--no-progress", "--threads", "1", *extra])
+    finally:
+        torch.set_num_threads(threads)
     record = json.loads((tmp_path / f"{module.NAME}.json").read_text())
     png = tmp_path / f"{module.NAME}.png"
     assert png.exists() and png.stat().st_size > 1000
@@ -42,7 +48,7 @@ def test_gamma_gradient_flow(tmp_path):
     derivative = record["tanh_derivative"]
     assert derivative["mean"][0] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(derivative["mean"], derivative["mean"][1:]))
-    assert all(lo <= m <= hi for lo, m, hi in zip(derivative["q25"], derivative["mean"], derivative["q75"]))
+    assert all(lo - 1e-9 <= m <= hi + 1e-9 for lo, m, hi in zip(derivative["q25"], derivative["mean"], derivative["q75"]))
     # The paper's Figure 1(a) at a fixed seed: large gamma vanishes the gradient reaching the first step.
     first = record["summary"]["rnn_first_step_grad_norm"]
     assert first["0.1"] > 10 * first["1.0"]
