@@ -14,6 +14,8 @@ namespace fused_bnlstm {
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh);
 void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
                   const at::Tensor& w_hh);
+const char* kernel_isa();
+bool use_brgemm();
 
 namespace {
 
@@ -367,5 +369,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("need_dx"));
     m.def("empty_cache", &fused_bnlstm::empty_cache,
           "Hand the cached CPU buffers of earlier calls back to the OS (see csrc/workspace.cpp)");
+    m.def("kernel_isa", [] { return std::string(fused_bnlstm::kernel_isa()); },
+          "The instruction set the step kernels were picked for on this CPU");
+    m.def("uses_brgemm", &fused_bnlstm::use_brgemm,
+          "Whether float32 per-step GEMMs run through oneDNN's brgemm (else at::mm)");
     m.def("cached_bytes", &fused_bnlstm::cached_bytes, "Bytes of CPU buffers cached for reuse now");
 }

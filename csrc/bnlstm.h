@@ -13,6 +13,9 @@ namespace fused_bnlstm {
 
 enum class Normalization : int { kNone = 0, kFrame = 1, kSequence = 2 };
 
+// Hidden units one kernel call handles at most; its per-column statistics live on the stack.
+constexpr int64_t kBlock = 64;
+
 // Rows running at step t: lengths[b] > t (every row when there are no lengths).
 struct RowMask {
     const int64_t* lengths;  // [B] or nullptr
@@ -129,5 +132,25 @@ struct BackwardParams {
     void* dgamma_c;
     void* dbeta_c;
 };
+
+// The step kernels (bnlstm_kernels.h), compiled once per instruction set and picked at run time.
+// A forward or backward call handles step t for hidden units [j0, j1) with j1 - j0 <= kBlock and every
+// batch row; the sequence-wise calls handle gate columns [c0, c1) over every frame.
+struct StepKernels {
+    void (*forward_f32)(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1);
+    void (*forward_f64)(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1);
+    void (*backward_f32)(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1);
+    void (*backward_f64)(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1);
+    void (*sequence_moments_f32)(const ForwardParams& p, int64_t c0, int64_t c1);
+    void (*sequence_moments_f64)(const ForwardParams& p, int64_t c0, int64_t c1);
+    void (*sequence_backward_f32)(const BackwardParams& p, int64_t c0, int64_t c1);
+    void (*sequence_backward_f64)(const BackwardParams& p, int64_t c0, int64_t c1);
+    const char* isa;
+};
+
+// nullptr where the compiler could not target that instruction set (not x86-64 GCC).
+const StepKernels* step_kernels_default();
+const StepKernels* step_kernels_avx2();
+const StepKernels* step_kernels_avx512();
 
 }  // namespace fused_bnlstm
