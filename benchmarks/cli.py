@@ -146,10 +146,7 @@ def run(args: argparse.Namespace) -> dict:
                        warmup_calls=first_call[candidate.key][1])
             if not args.no_memory:
                 progress.set_description_str(f"{mode}: {candidate.label} [{candidate.norm_label}] memory")
-                peak = timing.peak_memory_bytes(runner.before, runner, device)
-                row["peak_mem_mib"] = None if peak is None else peak / report.MIB
-                row["mem_method"] = ("cuda-allocator-peak" if device.type == "cuda"
-                                     else timing.cpu_memory_method())
+                row.update(timing.measure_memory(runner.before, runner, device))
                 progress.update(1)
             results.append(row)
         del runners
@@ -194,7 +191,9 @@ def run(args: argparse.Namespace) -> dict:
             "spread": "IQR (p75 - p25) and min/max over the timed calls",
             "memory": "torch.cuda.max_memory_allocated over one call minus allocated before"
             if device.type == "cuda" else
-            "peak RSS over one call (sampled every ~0.5 ms, after malloc_trim) minus RSS before",
+            "peak_mem_mib: peak of torch CPU allocator bytes over one call (torch.profiler memory events); "
+            "peak_rss_mib: peak RSS over another call (sampled every ~0.2 ms by a sampler process, after "
+            "malloc_trim) minus RSS before",
             "compile_time": "excluded: first_call_s holds the first warm-up call, compilation included",
             "input_grad": "forward+backward computes dx too (x.requires_grad=True)",
         },
@@ -218,6 +217,7 @@ def _row(candidate, mode: str, repeats: int, tf32: bool, error: str | None = Non
         "repeats": repeats,
         "peak_mem_mib": None,
         "mem_method": None,
+        "peak_rss_mib": None,
         "first_call_s": None,
         "warmup_calls": None,
     }

@@ -18,7 +18,7 @@ CSV_FIELDS = [
     "date", "commit", "device_type", "device_name", "torch_threads", "torch", "triton", "tf32",
     "preset", "T", "B", "I", "H", "dtype", "mode", "implementation", "key", "backend", "normalization",
     "status", "repeats", "warmup", "median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "max_ms", "mean_ms",
-    "per_step_us", "sequences_per_s", "tokens_per_s", "peak_mem_mib", "mem_method", "ratio_vs_lstm",
+    "per_step_us", "sequences_per_s", "tokens_per_s", "peak_mem_mib", "mem_method", "peak_rss_mib", "ratio_vs_lstm",
     "ratio_vs_reference", "first_call_s", "warmup_calls", "error",
 ]
 
@@ -71,9 +71,10 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def format_table(record: dict) -> str:
     """A Markdown table per mode (readable in a terminal, pasteable into a README)."""
     lines = []
+    cpu = record["machine"]["device_type"] == "cpu"
     header = ("| implementation | norm | median ms | IQR ms | min ms | us/step | tokens/s | peak MiB "
-              "| x nn.LSTM | x reference |")
-    rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+              + ("| RSS MiB " if cpu else "") + "| x nn.LSTM | x reference |")
+    rule = "| --- | --- |" + " ---: |" * (9 if cpu else 8)
     for mode in MODES:
         rows = [r for r in record["results"] if r["mode"] == mode]
         if not rows:
@@ -82,12 +83,13 @@ def format_table(record: dict) -> str:
         for r in rows:
             if r["status"] != "ok":
                 lines.append(f"| {r['implementation']} | {r['normalization_label']} | failed: "
-                             f"{r['error']} | | | | | | | |")
+                             f"{r['error']} |" + " |" * (8 if cpu else 7))
                 continue
             lines.append(
                 f"| {r['implementation']} | {r['normalization_label']} | {r['median_ms']:.2f} | "
                 f"{r['iqr_ms']:.2f} | {r['min_ms']:.2f} | {r['per_step_us']:.1f} | "
                 f"{r['tokens_per_s']:,.0f} | {_fmt(r['peak_mem_mib'], '.1f')} | "
+                + (f"{_fmt(r.get('peak_rss_mib'), '.1f')} | " if cpu else "") +
                 f"{_fmt(r['ratio_vs_lstm'], '.2f')} | {_fmt(r['ratio_vs_reference'], '.2f')} |"
             )
     if record["skipped"]:

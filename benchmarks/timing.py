@@ -8,21 +8,28 @@ empty at the start event, the launch gaps of a per-step kernel loop count too, a
 Repeats are interleaved across candidates (round r times every candidate once, in a rotating order), so a
 slow spell on a shared machine hits every candidate alike instead of one.
 
-Peak memory, measured in one extra untimed call per candidate after timing:
+Peak memory, measured in extra untimed calls per candidate after timing:
 - GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated
-  before the call (parameters and inputs excluded): the allocator's peak over the call.
-- CPU: resident set size sampled every ~0.5 ms by a thread during the call, peak minus the RSS before it,
-  after ``malloc_trim(0)`` has handed freed heap back to the OS (otherwise a call can reuse memory an
-  earlier candidate freed and look free). A sampled estimate: allocations shorter than the interval can
-  be missed, and the sampler needs the GIL, which a Python loop releases only every few milliseconds.
+  before the call (parameters and inputs excluded): the caching allocator's peak over the call.
+- CPU, ``peak_mem_mib``: the same quantity for torch's CPU allocator, from the profiler's memory events
+  (``profile_memory=True``: every tensor allocation and free in order, summed, the peak taken). Exact for
+  tensors and deterministic; blind to memory a library mallocs on its own. The profiler slows that call
+  down (up to ~5x for the reference's many small ops), which does not matter for memory.
+- CPU, ``peak_rss_mib``: what the OS saw: resident set size sampled every ~0.2 ms by a separate sampler
+  process during another call (a thread would need the GIL, which a C++ op may hold throughout), peak
+  minus the RSS before it, after ``malloc_trim(0)`` has handed freed heap back to the OS. An estimate:
+  pages allocated but never touched do not count, and a peak shorter than the interval, or one while the
+  sampler is descheduled on a busy machine, can be missed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
-import threading
+import subprocess
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -36,36 +43,91 @@ def _malloc_trim() -> None:
         pass
 
 
-def _rss_bytes(fd: int) -> int:
-    # /proc/self/statm: size resident shared text lib data dt, in pages
-    return int(os.pread(fd, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# Runs in a separate process (``python -I -S -c``), so sampling never waits for this process's GIL, which
+# a C++ op may hold for its whole call. Prints "ready", samples /proc/<pid>/statm (resident pages) every
+# ~0.2 ms until its stdin closes, then prints the peak in bytes.
+_SAMPLER = """
+import os, select, sys
+path = '/proc/%s/statm' % sys.argv[1]
+page = os.sysconf('SC_PAGE_SIZE')
+fd = os.open(path, os.O_RDONLY)
+def rss():
+    return int(os.pread(fd, 128, 0).split()[1]) * page
+peak = rss()
+sys.stdout.write('ready\\n'); sys.stdout.flush()
+while True:
+    peak = max(peak, rss())
+    if select.select([sys.stdin], [], [], 0.0002)[0]:
+        break
+peak = max(peak, rss())
+sys.stdout.write('%d\\n' % peak); sys.stdout.flush()
+"""
 
 
-class _RssSampler(threading.Thread):
-    def __init__(self, fd: int, interval: float = 5e-4):
-        super().__init__(daemon=True)
-        self.fd, self.interval = fd, interval
-        self.peak = _rss_bytes(fd)
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, _rss_bytes(self.fd))
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        self.peak = max(self.peak, _rss_bytes(self.fd))
-        return self.peak
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_memory_method() -> str | None:
-    return "rss-sampled" if os.path.exists("/proc/self/statm") else None
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
-def peak_memory_bytes(before: Callable[[], None], call: Callable[[], None], device: torch.device) -> int | None:
-    """Peak memory one call needs beyond what was allocated before it (see the module docstring)."""
+def _cpu_allocator_peak(call: Callable[[], None]) -> int | None:
+    """Peak of the bytes allocated (minus freed) through torch's CPU allocator over one call, from the
+    profiler's memory events: the CPU counterpart of the CUDA allocator's peak. None if unavailable."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        # kineto logs two lines to the C-level stderr per profile; keep them out of the progress bar
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except (AttributeError, RuntimeError):
+        return None
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _rss_peak(call: Callable[[], None]) -> int | None:
+    """Peak resident set size over one call minus the RSS before it, sampled from another process."""
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    _malloc_trim()
+    sampler = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SAMPLER, str(os.getpid())],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if sampler.stdout.readline().strip() != "ready":
+            return None
+        base = _rss_bytes()
+        call()
+    finally:
+        sampler.stdin.close()
+        output = sampler.stdout.read().strip()
+        sampler.wait()
+    return max(0, int(output) - base) if output.isdigit() else None
+
+
+def measure_memory(before: Callable[[], None], call: Callable[[], None], device: torch.device) -> dict:
+    """Peak memory of one call beyond what was allocated before it (see the module docstring), in MiB:
+    ``peak_mem_mib`` (the allocator's peak: CUDA caching allocator, or torch's CPU allocator through the
+    profiler), ``mem_method``, and on CPU ``peak_rss_mib`` (what the OS saw, sampled)."""
+    mib = float(2**20)
     before()
     gc.collect()
     if device.type == "cuda":
@@ -74,22 +136,17 @@ def peak_memory_bytes(before: Callable[[], None], call: Callable[[], None], devi
         base = torch.cuda.memory_allocated(device)
         call()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    if cpu_memory_method() is None:
-        return None
-    _malloc_trim()
-    fd = os.open("/proc/self/statm", os.O_RDONLY)
-    try:
-        base = _rss_bytes(fd)
-        sampler = _RssSampler(fd)
-        sampler.start()
-        try:
-            call()
-        finally:
-            peak = sampler.stop()
-    finally:
-        os.close(fd)
-    return max(0, peak - base)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return {"peak_mem_mib": peak / mib, "mem_method": "cuda-allocator-peak", "peak_rss_mib": None}
+    peak = _cpu_allocator_peak(call)
+    before()
+    gc.collect()
+    rss = _rss_peak(call)
+    return {
+        "peak_mem_mib": None if peak is None else peak / mib,
+        "mem_method": None if peak is None else "cpu-allocator-peak (torch.profiler memory events)",
+        "peak_rss_mib": None if rss is None else rss / mib,
+    }
 
 
 def settle_cpu(max_seconds: float = 15.0) -> float:
