@@ -144,9 +144,18 @@ std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in,
 
     const auto opts = x.options();
     // [T, B, 4H]: the input branch for every step in one GEMM.
-    at::Tensor a_ih = empty_workspace({T, B, G}, opts);
-    at::Tensor a_ih_rows = a_ih.view({T * B, G});
-    at::mm_out(a_ih_rows, x.view({T * B, I}), w_ih.t());
+    // The input branch: in the step's parallel pass where the recurrent GEMM is (float32 with brgemm; it
+    // then stays in cache instead of a [T, B, 4H] round trip through memory), else one GEMM over all steps.
+    // Sequence-wise needs its statistics over every frame first, so it always takes the one GEMM.
+    const bool input_per_step = x.scalar_type() == at::kFloat && !sequence && use_brgemm();
+    at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
+    at::Tensor w_ih_t;
+    if (input_per_step) {
+        w_ih_t = w_ih.t().contiguous();
+    } else {
+        at::Tensor a_ih_rows = a_ih.view({T * B, G});
+        at::mm_out(a_ih_rows, x.view({T * B, I}), w_ih.t());
+    }
     at::Tensor a_hh = at::empty({B, G}, opts);
     at::Tensor hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
     at::Tensor cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
@@ -204,6 +213,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in,
     p.pop_mean_c = ptr_or_null(pop_mean_c);
     p.pop_var_c = ptr_or_null(pop_var_c);
     p.a_ih = a_ih.data_ptr();
+    p.a_ih_step = (input_per_step && !save) ? 0 : B * G;
+    p.input_per_step = input_per_step;
+    p.x = x.data_ptr();
+    p.w_ih_t = ptr_or_null(w_ih_t);
     p.a_hh = a_hh.data_ptr();
     p.gates = mutable_ptr_or_null(gates);
     p.xhat_hh = mutable_ptr_or_null(xhat_hh);

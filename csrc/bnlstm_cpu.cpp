@@ -116,13 +116,21 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                 const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]
                 const float* w = w_hh_t.data_ptr<float>();
                 float* a = a_hh.data_ptr<float>();
+                const int64_t I = p.I;
                 for (int64_t t = 0; t < p.T; ++t) {
                     const float* h = hs.select(0, p.save ? t : (t & 1)).data_ptr<float>();
+                    const float* x = static_cast<const float*>(p.x) + t * B * I;
+                    float* a_ih = static_cast<float*>(p.a_ih) + t * p.a_ih_step;
                     for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
-                        // This task's columns of W_hh h_{t-1}, gate by gate: [B, j1 - j0] each.
+                        // This task's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
                         for (int64_t k = 0; k < 4; ++k) {
-                            at::native::cpublas::brgemm(B, j1 - j0, H, H, G, G, false, h, w + k * H + j0,
-                                                        a + k * H + j0, false);
+                            const int64_t col = k * H + j0;
+                            at::native::cpublas::brgemm(B, j1 - j0, H, H, G, G, false, h, w + col, a + col, false);
+                            if (p.input_per_step) {
+                                at::native::cpublas::brgemm(B, j1 - j0, I, I, G, G, false, x,
+                                                            static_cast<const float*>(p.w_ih_t) + col, a_ih + col,
+                                                            false);
+                            }
                         }
                         forward_block<float>(p, t, j0, j1);
                     });

@@ -118,7 +118,7 @@ void forward_block(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1) {
     const acc_t count = acc_t(p.counts[t]);
     const acc_t eps = acc_t(p.eps);
 
-    scalar_t* a_ih = ptr<scalar_t>(p.a_ih) + t * B * G;  // [B, 4H], becomes xhat_ih or the activations
+    scalar_t* a_ih = ptr<scalar_t>(p.a_ih) + t * p.a_ih_step;  // [B, 4H], becomes xhat_ih or the activations
     const scalar_t* a_hh = ptr<scalar_t>(p.a_hh);        // [B, 4H]
     scalar_t* gates = p.norm == Normalization::kNone ? a_ih
                       : p.save                       ? ptr<scalar_t>(p.gates) + t * B * G
