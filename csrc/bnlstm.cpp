@@ -16,6 +16,8 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                   const at::Tensor& w_hh);
 const char* kernel_isa();
 bool use_brgemm();
+at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
+at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b);
 
 namespace {
 
@@ -356,9 +358,9 @@ std::vector<at::Tensor> backward(const OptTensor& grad_output_in, const OptTenso
     // Weight gradients: one GEMM each over all T * B rows.
     const at::Tensor da_ih_rows = da_ih.view({T * B, G});
     const at::Tensor da_hh_rows = da_hh.view({T * B, G});
-    at::Tensor dw_ih = at::mm(da_ih_rows.t(), x.view({T * B, I}));
-    at::Tensor dw_hh = at::mm(da_hh_rows.t(), hs_c.narrow(0, 0, T).reshape({T * B, H}));
-    at::Tensor dx = need_dx ? at::mm(da_ih_rows, w_ih).view({T, B, I}) : at::Tensor();
+    at::Tensor dw_ih = gemm_tn(da_ih_rows, x.view({T * B, I}));
+    at::Tensor dw_hh = gemm_tn(da_hh_rows, hs_c.narrow(0, 0, T).view({T * B, H}));
+    at::Tensor dx = need_dx ? gemm_nn(da_ih_rows, w_ih).view({T, B, I}) : at::Tensor();
     if (has_bias && norm == Normalization::kNone) dbias = da_hh_rows.sum(0);
     return {dx, dh, dc, dw_ih, dw_hh, dbias, dgamma_ih, dgamma_hh, dgamma_c, dbeta_c};
 }
