@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import subprocess
@@ -48,6 +49,24 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def extension_build() -> dict | None:
+    """The compiled extension the "cpp" rows ran: its file, build time and a hash. The commit alone does not
+    say this, since the extension is built at install time and may predate the checkout's sources."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("fused_bnlstm._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return None
+    with open(spec.origin, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
+    built = datetime.datetime.fromtimestamp(os.path.getmtime(spec.origin), datetime.timezone.utc)
+    return {"file": os.path.relpath(spec.origin, REPO_ROOT), "built": built.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sha256_12": digest}
+
+
 def machine_record(device: torch.device) -> dict:
     """Everything a reader needs to compare two records."""
     try:
@@ -75,6 +94,7 @@ def machine_record(device: torch.device) -> dict:
         "cudnn": None,
         "tf32_matmul": None,
         "tf32_cudnn": None,
+        "extension": extension_build(),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

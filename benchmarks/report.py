@@ -103,10 +103,14 @@ def header_line(record: dict) -> str:
     tf32 = "" if m["device_type"] != "cuda" else f", TF32 for BNLSTM rows {'on' if c['tf32'] else 'off'}"
     load = m.get("load_average_1min_start")
     load = "" if load is None else f", load {load:.1f}/{m['load_average_1min']:.1f} (start/end)"
+    built = m.get("extension")
+    cpp = any(r.get("backend") == "cpp" for r in record["results"])
+    extension = f", cpp extension built {built['built']}" if built and cpp else ""
     return (f"{c['preset']}: {Shape(**c['shape'])} {c['dtype']} on {m['device_name']} "
             f"({m['device_type']}, {m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}{load}), "
             f"torch {m['torch']}{tf32}, "
-            f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}")
+            f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}"
+            + extension)
 
 
 def load_warning(record: dict) -> str | None:
