@@ -24,9 +24,10 @@ namespace fused_bnlstm {
 
 namespace {
 
-// The widest instruction set this CPU runs, among those compiled.
+// The widest instruction set this CPU runs, among those compiled; FUSED_BNLSTM_CPU_ISA=default, avx2 or
+// avx512 asks for one (when this CPU has it), for tests and comparisons.
 const StepKernels& kernels() {
-    static const StepKernels* chosen = [] {
+    static const StepKernels* widest = [] {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
         __builtin_cpu_init();
         if (step_kernels_avx512() != nullptr && __builtin_cpu_supports("avx512f") &&
@@ -40,31 +41,37 @@ const StepKernels& kernels() {
 #endif
         return step_kernels_default();
     }();
-    return *chosen;
+    const char* env = std::getenv("FUSED_BNLSTM_CPU_ISA");
+    if (env == nullptr) return *widest;
+    const std::string asked(env);
+    if (asked == "default") return *step_kernels_default();
+    // Only an instruction set no wider than the one detected.
+    if (asked == "avx2" && std::string(widest->isa) != "default") return *step_kernels_avx2();
+    return *widest;
 }
 
 template <typename scalar_t>
-void forward_block(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1) {
-    if constexpr (std::is_same_v<scalar_t, float>) kernels().forward_f32(p, t, j0, j1);
-    else kernels().forward_f64(p, t, j0, j1);
+void forward_block(const StepKernels& k, const ForwardParams& p, int64_t t, int64_t j0, int64_t j1) {
+    if constexpr (std::is_same_v<scalar_t, float>) k.forward_f32(p, t, j0, j1);
+    else k.forward_f64(p, t, j0, j1);
 }
 
 template <typename scalar_t>
-void backward_block(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1) {
-    if constexpr (std::is_same_v<scalar_t, float>) kernels().backward_f32(p, t, j0, j1);
-    else kernels().backward_f64(p, t, j0, j1);
+void backward_block(const StepKernels& k, const BackwardParams& p, int64_t t, int64_t j0, int64_t j1) {
+    if constexpr (std::is_same_v<scalar_t, float>) k.backward_f32(p, t, j0, j1);
+    else k.backward_f64(p, t, j0, j1);
 }
 
 template <typename scalar_t>
-void sequence_moments(const ForwardParams& p, int64_t c0, int64_t c1) {
-    if constexpr (std::is_same_v<scalar_t, float>) kernels().sequence_moments_f32(p, c0, c1);
-    else kernels().sequence_moments_f64(p, c0, c1);
+void sequence_moments(const StepKernels& k, const ForwardParams& p, int64_t c0, int64_t c1) {
+    if constexpr (std::is_same_v<scalar_t, float>) k.sequence_moments_f32(p, c0, c1);
+    else k.sequence_moments_f64(p, c0, c1);
 }
 
 template <typename scalar_t>
-void sequence_backward(const BackwardParams& p, int64_t c0, int64_t c1) {
-    if constexpr (std::is_same_v<scalar_t, float>) kernels().sequence_backward_f32(p, c0, c1);
-    else kernels().sequence_backward_f64(p, c0, c1);
+void sequence_backward(const StepKernels& k, const BackwardParams& p, int64_t c0, int64_t c1) {
+    if constexpr (std::is_same_v<scalar_t, float>) k.sequence_backward_f32(p, c0, c1);
+    else k.sequence_backward_f64(p, c0, c1);
 }
 
 // Hidden units per parallel task: enough row-work per task to pay for a thread hand-off.
@@ -104,12 +111,13 @@ bool use_brgemm() {
 }
 
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh) {
+    const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
     const int64_t grain = grain_size(B, H);
     AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_cpu", [&] {
         if (p.norm == Normalization::kSequence) {
             for_blocks(G, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { sequence_moments<scalar_t>(p, c0, c1); });
+                       [&](int64_t c0, int64_t c1) { sequence_moments<scalar_t>(kern, p, c0, c1); });
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
             if (use_brgemm()) {
@@ -121,7 +129,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                     const float* h = hs.select(0, p.save ? t : (t & 1)).data_ptr<float>();
                     const float* x = static_cast<const float*>(p.x) + t * B * I;
                     float* a_ih = static_cast<float*>(p.a_ih) + t * p.a_ih_step;
-                    for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
+                    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
                         // This task's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
                         for (int64_t k = 0; k < 4; ++k) {
                             const int64_t col = k * H + j0;
@@ -132,7 +140,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                                                             false);
                             }
                         }
-                        forward_block<float>(p, t, j0, j1);
+                        for (int64_t j = j0; j < j1; j += kBlock) forward_block<float>(kern, p, t, j, std::min(j1, j + kBlock));
                     });
                 }
                 at::native::cpublas::brgemm_release(false);
@@ -142,7 +150,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
         const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
         for (int64_t t = 0; t < p.T; ++t) {
             at::mm_out(a_hh, hs.select(0, p.save ? t : (t & 1)), w_hh_t);
-            for_blocks(H, grain, [&](int64_t j0, int64_t j1) { forward_block<scalar_t>(p, t, j0, j1); });
+            for_blocks(H, grain, [&](int64_t j0, int64_t j1) { forward_block<scalar_t>(kern, p, t, j0, j1); });
         }
     });
 }
@@ -166,6 +174,7 @@ void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t,
 
 void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
                   const at::Tensor& w_hh) {
+    const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
     const int64_t grain = grain_size(B, H);
     AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_cpu", [&] {
@@ -183,18 +192,18 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                     at::Tensor& other = first ? dh_prev : dh;
                     p.dh = cur.data_ptr();
                     p.dh_prev = other.data_ptr();
-                    for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
+                    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
                         if (!first) {
                             recurrent_grad_block(p, t + 1, da + (t + 1) * B * G, w, other.data_ptr<float>(),
                                                  cur.data_ptr<float>(), j0, j1);
                         }
-                        backward_block<float>(p, t, j0, j1);
+                        for (int64_t j = j0; j < j1; j += kBlock) backward_block<float>(kern, p, t, j, std::min(j1, j + kBlock));
                     });
                     if (!first) std::swap(dh, dh_prev);
                 }
                 // dh0 from the first step's GEMM.
                 if (p.T > 0) {
-                    for_blocks(H, grain, [&](int64_t j0, int64_t j1) {
+                    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
                         recurrent_grad_block(p, 0, da, w, dh.data_ptr<float>(), dh_prev.data_ptr<float>(), j0, j1);
                     });
                     std::swap(dh, dh_prev);
@@ -207,7 +216,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
             for (int64_t t = p.T - 1; t >= 0; --t) {
                 p.dh = dh.data_ptr();
                 p.dh_prev = dh_prev.data_ptr();
-                for_blocks(H, grain, [&](int64_t j0, int64_t j1) { backward_block<scalar_t>(p, t, j0, j1); });
+                for_blocks(H, grain, [&](int64_t j0, int64_t j1) { backward_block<scalar_t>(kern, p, t, j0, j1); });
                 // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
                 at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
                 if (p.running.lengths != nullptr) {
@@ -223,7 +232,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
         }
         if (p.norm == Normalization::kSequence) {
             for_blocks(G, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { sequence_backward<scalar_t>(p, c0, c1); });
+                       [&](int64_t c0, int64_t c1) { sequence_backward<scalar_t>(kern, p, c0, c1); });
         }
     });
 }

@@ -202,6 +202,92 @@ def test_bnlstm_layer_cpp_gradcheck(normalization, use_batch_stats, lengths):
     assert torch.autograd.gradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def _isas():
+    from fused_bnlstm import _C
+
+    widest = _C.kernel_isa()
+    return {"avx512": ["default", "avx2", "avx512"], "avx2": ["default", "avx2"]}.get(widest, ["default"])
+
+
+@pytest.mark.parametrize("brgemm", ["1", "0"], ids=["brgemm", "at-mm"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
+    pytest.param("frame", True, [7, 4, 2, 7, 1], id="frame-train-varlen"),
+    pytest.param("sequence", True, None, id="sequence-train"),
+    pytest.param(None, True, [7, 3, 5, 1, 7], id="none-varlen"),
+])
+def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, brgemm, normalization,
+                                                              use_batch_stats, lengths):
+    # The step kernels are compiled per instruction set and the float32 GEMMs have a brgemm and an at::mm
+    # path: pin each in turn (the CPU picks the widest by itself).
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run the {isa} kernels")
+    from fused_bnlstm import _C
+
+    monkeypatch.setenv("FUSED_BNLSTM_CPU_ISA", isa)
+    monkeypatch.setenv("FUSED_BNLSTM_CPU_BRGEMM", brgemm)
+    assert _C.kernel_isa() == isa
+    assert _C.uses_brgemm() == (brgemm == "1" and _brgemm_built())
+    T, B, I, H = 7, 5, 3, 70  # H past one 64-unit kernel block
+    run = {}
+    for dtype in (torch.float32, torch.float64):
+        pop = population(T, H, normalization, dtype)
+        inputs = op_inputs(T, B, I, H, lengths, dtype)
+        for backend in ("reference", "cpp"):
+            run[backend, dtype] = run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization)
+    truth, truth_stats = run["reference", torch.float64]
+    cpp64, cpp64_stats = run["cpp", torch.float64]
+    for name in truth:
+        assert_close_by_name(cpp64[name], truth[name], f"{name} (fp64)", **TOLERANCES[torch.float64])
+    assert_same_statistics(truth_stats, cpp64_stats, **TOLERANCES[torch.float64])
+    # float32: BN over two rows is ill-conditioned here, so hold the kernel to the reference's own float32
+    # error against float64 (at most about twice it).
+    ref32, cpp32 = run["reference", torch.float32][0], run["cpp", torch.float32][0]
+    for name in truth:
+        scale = max(1.0, truth[name].abs().max().item())
+        ref_error = (ref32[name].double() - truth[name]).abs().max().item()
+        cpp_error = (cpp32[name].double() - truth[name]).abs().max().item()
+        assert cpp_error <= 2 * ref_error + 1e-5 * scale, (name, cpp_error, ref_error)
+
+
+def _brgemm_built():
+    import os
+
+    from fused_bnlstm import _C
+
+    saved = os.environ.pop("FUSED_BNLSTM_CPU_BRGEMM", None)
+    try:
+        return _C.uses_brgemm()
+    finally:
+        if saved is not None:
+            os.environ["FUSED_BNLSTM_CPU_BRGEMM"] = saved
+
+
+@pytest.mark.parametrize("cache", ["1", "0"], ids=["cached", "uncached"])
+def test_bnlstm_layer_cpp_workspace_cache_reuses_buffers_safely(monkeypatch, cache):
+    # Buffers of one call return to the cache and are handed to the next: results must not change, and
+    # tensors still alive (outputs, saved buffers of a pending backward) must not be handed out.
+    from fused_bnlstm import _C
+
+    monkeypatch.setenv("FUSED_BNLSTM_CPU_CACHE", cache)
+    T, B, I, H = 40, 16, 4, 80  # [T, B, 4H] float64 buffers of 1.6 MB: cached
+    inputs = op_inputs(T, B, I, H, None, torch.float64)
+    pop = population(T, H, "frame", torch.float64)
+    first, _ = run_layer("cpp", inputs, None, pop, True, "frame")
+    pending = bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")
+    second, _ = run_layer("cpp", inputs, None, pop, True, "frame")
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0, msg=name)
+    grads = torch.autograd.grad(pending[0].sum(), [inputs["weight_hh"]])
+    again = torch.autograd.grad(
+        bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")[0].sum(), [inputs["weight_hh"]])
+    torch.testing.assert_close(grads[0], again[0], rtol=0, atol=0)
+    if cache == "1":
+        assert _C.cached_bytes() > 0
+    _C.empty_cache()
+    assert _C.cached_bytes() == 0
+
+
 def test_bnlstm_layer_cpp_low_precision_runs_in_float32():
     T, B, I, H = 4, 3, 5, 8
     inputs = op_inputs(T, B, I, H, None, torch.float32)
