@@ -1,5 +1,6 @@
 """Smoke test of the benchmark command (``python -m benchmarks``): a tiny shape, one repeat, no warm-up,
-no torch.compile. It checks that the records are written and well formed, never what the times are."""
+one mode (forward+backward: every code path, memory included, at a third of the calls), no torch.compile.
+It checks that the records are written and well formed, never what the times are."""
 
 import csv
 import json
@@ -12,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_benchmark_cli_writes_records(tmp_path):
     command = [sys.executable, "-m", "benchmarks", "--T", "3", "--B", "2", "--I", "3", "--H", "4",
-               "--repeats", "1", "--warmup", "0", "--settle-seconds", "0", "--compile", "off",
+               "--modes", "forward+backward", "--repeats", "1", "--warmup", "0", "--settle-seconds", "0", "--compile", "off",
                "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -31,15 +32,15 @@ def test_benchmark_cli_writes_records(tmp_path):
     assert machine["device_type"] == "cpu" and machine["torch_threads"] >= 1
     assert record["config"]["shape"] == {"T": 3, "B": 2, "I": 3, "H": 4}
     results = record["results"]
-    modes = {"forward-train", "forward+backward", "eval-forward"}
-    assert {r["mode"] for r in results} == modes
+    assert {r["mode"] for r in results} == {"forward+backward"}
     lstm = [r for r in results if r["kind"] == "lstm"]
     reference = [r for r in results if r["backend"] == "reference" and r["kind"] == "bnlstm"]
-    assert len(lstm) == 3 and len(reference) == 6  # frame and none in every mode
+    assert len(lstm) == 1 and sorted(r["normalization_label"] for r in reference) == ["frame", "none"]
     for row in lstm + reference:
         assert row["status"] == "ok", row["error"]
         assert row["median_ms"] > 0 and len(row["times_ms"]) == 1
         assert row["ratio_vs_lstm"] > 0 and row["ratio_vs_reference"] > 0
+        assert row["peak_mem_mib"] is not None and row["peak_mem_mib"] >= 0
     assert any(s["implementation"].startswith("torch.compile") for s in record["skipped"])
 
     with open(stem + ".csv", newline="") as handle:
