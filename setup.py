@@ -16,21 +16,34 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def extension_modules():
+    """The ``fused_bnlstm._C`` extension: every ``csrc/*.cpp``, plus ``csrc/*.cu`` where CUDA can build.
+
+    Without CUDA sources, or without a CUDA toolchain (a CPU torch, or no nvcc), it is a C++ extension and
+    needs nothing from CUDA, so the same set-up works on CPU machines and on GPU machines with no network.
+    With CUDA sources and nvcc it is a CUDA extension compiled with ``-DFUSED_BNLSTM_WITH_CUDA``; C++ code
+    that calls CUDA launchers guards them with that macro.
+    """
     if os.environ.get("FUSED_BNLSTM_BUILD_EXTENSION", "1") == "0":
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources:
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp_sources and not cuda_sources:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]}
-    extension = CppExtension(
-        name="fused_bnlstm._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
-    )
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    common = dict(name="fused_bnlstm._C", include_dirs=[os.path.join(ROOT, "csrc")],
+                  extra_link_args=["-fopenmp"])
+    if cuda_sources and torch.version.cuda is not None and CUDA_HOME is not None:
+        extension = CUDAExtension(
+            sources=cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DFUSED_BNLSTM_WITH_CUDA"],
+                                "nvcc": ["-O3", "-DFUSED_BNLSTM_WITH_CUDA"]},
+            **common,
+        )
+    else:
+        extension = CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}, **common)
     return [extension], {"build_ext": BuildExtension}
 
 

@@ -24,6 +24,23 @@ namespace fused_bnlstm {
 
 namespace {
 
+// oneDNN's brgemm micro-kernel through ATen: C[M, N] (+)= A[M, K] B[K, N], row-major with leading dimensions
+// (torch builds since 2.6 declare the float32 one; use_brgemm() says whether it runs on this machine).
+inline void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_C,
+                       const float* A, const float* B, float* C) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, false);
+#else
+    TORCH_CHECK(false, "fused_bnlstm: this torch has no float32 brgemm");
+#endif
+}
+
+inline void brgemm_release_f32() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    at::native::cpublas::brgemm_release(false);
+#endif
+}
+
 // The widest instruction set this CPU runs, among those compiled; FUSED_BNLSTM_CPU_ISA=default, avx2 or
 // avx512 asks for one (when this CPU has it), for tests and comparisons.
 const StepKernels& kernels() {
@@ -96,11 +113,14 @@ void for_blocks(int64_t total, int64_t grain, const F& body) {
 // builds): it is probed once. FUSED_BNLSTM_CPU_BRGEMM=0 forces the at::mm path.
 bool use_brgemm() {
     static const bool works = [] {
+#ifndef CPUBLAS_BRGEMM_F32F32F32
+        return false;
+#endif
         try {
             const float a[2] = {2.0f, 1.0f}, b[2] = {3.0f, 4.0f};
             float c = 0.0f;
-            at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, &c, false);
-            at::native::cpublas::brgemm_release(false);
+            brgemm_f32(1, 1, 2, 2, 1, 1, false, a, b, &c);
+            brgemm_release_f32();
             return c == 10.0f;
         } catch (const std::exception&) {
             return false;
@@ -133,17 +153,16 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                         // This task's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
                         for (int64_t k = 0; k < 4; ++k) {
                             const int64_t col = k * H + j0;
-                            at::native::cpublas::brgemm(B, j1 - j0, H, H, G, G, false, h, w + col, a + col, false);
+                            brgemm_f32(B, j1 - j0, H, H, G, G, false, h, w + col, a + col);
                             if (p.input_per_step) {
-                                at::native::cpublas::brgemm(B, j1 - j0, I, I, G, G, false, x,
-                                                            static_cast<const float*>(p.w_ih_t) + col, a_ih + col,
-                                                            false);
+                                brgemm_f32(B, j1 - j0, I, I, G, G, false, x,
+                                                            static_cast<const float*>(p.w_ih_t) + col, a_ih + col);
                             }
                         }
                         for (int64_t j = j0; j < j1; j += kBlock) forward_block<float>(kern, p, t, j, std::min(j1, j + kBlock));
                     });
                 }
-                at::native::cpublas::brgemm_release(false);
+                brgemm_release_f32();
                 return;
             }
         }
@@ -162,7 +181,7 @@ namespace {
 void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_hh,
                           const float* dh_in, float* dh_out, int64_t j0, int64_t j1) {
     const int64_t B = p.B, H = p.H;
-    at::native::cpublas::brgemm(B, j1 - j0, 4 * H, 4 * H, H, H, false, da_t, w_hh + j0, dh_out + j0, false);
+    brgemm_f32(B, j1 - j0, 4 * H, 4 * H, H, H, false, da_t, w_hh + j0, dh_out + j0);
     if (p.running.lengths == nullptr) return;
     for (int64_t b = 0; b < B; ++b) {
         if (p.running(b, t)) continue;
@@ -208,7 +227,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                     });
                     std::swap(dh, dh_prev);
                 }
-                at::native::cpublas::brgemm_release(false);
+                brgemm_release_f32();
                 done = true;
             }
         }
@@ -252,11 +271,11 @@ void gemm_brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
             const int64_t m0 = (tile / tiles_n) * BM, n0 = (tile % tiles_n) * BN;
             const int64_t mb = std::min(BM, M - m0), nb = std::min(BN, N - n0);
             for (int64_t k0 = 0; k0 < K; k0 += BK) {
-                at::native::cpublas::brgemm(mb, nb, std::min(BK, K - k0), lda, ldb, ldc, k0 > 0,
-                                            A + m0 * lda + k0, B + k0 * ldb + n0, C + m0 * ldc + n0, false);
+                brgemm_f32(mb, nb, std::min(BK, K - k0), lda, ldb, ldc, k0 > 0,
+                                            A + m0 * lda + k0, B + k0 * ldb + n0, C + m0 * ldc + n0);
             }
         }
-        at::native::cpublas::brgemm_release(false);
+        brgemm_release_f32();
     });
 }
 

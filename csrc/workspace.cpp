@@ -8,8 +8,10 @@
 
 #include "workspace.h"
 
-#include <sys/mman.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -86,8 +88,10 @@ at::Tensor empty_workspace(at::IntArrayRef shape, const at::TensorOptions& optio
     if (block == nullptr) {
         block = std::aligned_alloc(kAlignment, bytes);
         if (block == nullptr) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
         // Best effort: fewer, larger page faults on first touch.
         madvise(block, bytes, MADV_HUGEPAGE);
+#endif
     }
     return at::from_blob(block, shape, [bytes](void* p) { give_back(p, bytes); }, options);
 }
