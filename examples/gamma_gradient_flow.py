@@ -139,6 +139,9 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
+    if args.full and args.mnist is None:
+        print("note: --full without --mnist runs the 8x8 digits at the paper's model sizes (the paper used 784-step MNIST; "
+              "pass --mnist DIR with the standard IDX files)", file=sys.stderr)
     if args.mnist is not None:
         data, task = load_mnist_split(args.mnist), "sequential MNIST (784 steps)"
     else:

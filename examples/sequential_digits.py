@@ -180,6 +180,9 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    if args.full and args.mnist is None:
+        print("note: --full without --mnist runs the 8x8 digits at the paper's model sizes (the paper used MNIST; "
+              "pass --mnist DIR with the standard IDX files)", file=sys.stderr)
     if args.mnist is not None:
         data, dataset = load_mnist_split(args.mnist), "MNIST (784 steps)"
     else:
