@@ -2,11 +2,18 @@
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from examples import char_lm, gamma_gradient_flow, sequential_digits
+# examples/ is a folder of scripts at the repository root, not part of the installed package.
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from examples import char_lm, gamma_gradient_flow, sequential_digits  # noqa: E402
 
 
 def _finite(value):
