@@ -86,3 +86,29 @@ def test_char_lm(tmp_path):
         assert list(result["test_bpc_by_length"]) == [str(T * m) for m in record["config"]["length_multiples"]]
         assert 0.0 < result["test_bpc"] < 10.0
     assert record["text"]["vocab_size"] > 50
+
+
+def test_load_mnist_split_reads_idx_files(tmp_path):
+    from examples.common import load_mnist_split
+
+    def write_idx(name, array, gz):
+        import gzip
+        import struct
+
+        header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+        opener = gzip.open if gz else open
+        with opener(tmp_path / (name + (".gz" if gz else "")), "wb") as f:
+            f.write(header + array.astype("uint8").tobytes())
+
+    rng = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (12, 28, 28), generator=rng).numpy()
+    test = torch.randint(0, 256, (5, 28, 28), generator=rng).numpy()
+    write_idx("train-images-idx3-ubyte", train, gz=True)
+    write_idx("train-labels-idx1-ubyte", torch.arange(12).remainder(10).numpy(), gz=False)
+    write_idx("t10k-images-idx3-ubyte", test, gz=False)
+    write_idx("t10k-labels-idx1-ubyte", torch.arange(5).numpy(), gz=True)
+    data = load_mnist_split(tmp_path, valid_size=2)
+    assert data["train"][0].shape == (10, 784) and data["valid"][0].shape == (2, 784)
+    assert data["test"][0].shape == (5, 784)
+    assert data["train"][0][0, 0] == pytest.approx(train[0, 0, 0] / 255.0)
+    assert data["valid"][1].tolist() == [0, 1] and data["test"][1].tolist() == [0, 1, 2, 3, 4]
