@@ -121,15 +121,16 @@ def _bnlstm(candidate: Candidate, shape: Shape, device, dtype) -> nn.Module:
 
 def build_module(candidate: Candidate, shape: Shape, device, dtype) -> nn.Module:
     """A fresh module for ``candidate``: the same seeded weights for every candidate (nn.LSTM loads the
-    BNLSTM's ``weight_*``/``bias_*``, which share nn.LSTM's names and layouts)."""
+    BNLSTM's ``weight_*``/``bias_*``, which share nn.LSTM's names and layouts). Built in float32 and then
+    cast, since the orthogonal initialization (a QR) has no float16/bfloat16 kernel."""
     torch.manual_seed(0)
     if candidate.kind == "lstm":
         source = _bnlstm(Candidate("", "", "bnlstm", backend="reference", normalization=None), shape,
-                         device, dtype)
-        lstm = nn.LSTM(shape.I, shape.H, device=device, dtype=dtype)
+                         device, torch.float32)
+        lstm = nn.LSTM(shape.I, shape.H, device=device)
         lstm.load_state_dict(source.state_dict())
-        return lstm
-    module = _bnlstm(candidate, shape, device, dtype)
+        return lstm.to(dtype)
+    module = _bnlstm(candidate, shape, device, torch.float32).to(dtype)
     if candidate.kind == "compile":
         return torch.compile(module, dynamic=False)
     return module
