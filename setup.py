@@ -47,6 +47,21 @@ def extension_modules():
     return [extension], {"build_ext": BuildExtension}
 
 
+def _require_torch():
+    """The extension compiles against the installed torch; say how to install when it is missing."""
+    if os.environ.get("FUSED_BNLSTM_BUILD_EXTENSION", "1") == "0":
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "fused_bnlstm's C++ extension builds against the installed torch, and none was found. Install torch "
+            "first (on CPU machines: pip install torch==2.13.0), then pip install --no-build-isolation -e . "
+            "(an isolated build cannot see that torch); or set FUSED_BNLSTM_BUILD_EXTENSION=0."
+        ) from None
+
+
+_require_torch()
 ext_modules, cmdclass = extension_modules()
 
 setup(
