@@ -175,6 +175,25 @@ class Runner:
             output = self.module(self.x)[0]
             output.backward(self.grad_out)
 
+    def check_finite(self) -> str | None:
+        """One untimed call that keeps its results: None when the output (and, in forward+backward, the
+        input and weight gradients) are finite, else what was not. A row that computes NaN is not timed."""
+        self.before()
+        if self.mode == "eval-forward":
+            with torch.inference_mode():
+                output = self.module(self.x)[0]
+        else:
+            output = self.module(self.x)[0]
+            if self.mode == "forward+backward":
+                output.backward(self.grad_out)
+        checked = {"output": output}
+        if self.mode == "forward+backward":
+            checked["dx"] = self.x.grad
+            checked.update({f"d{name}": p.grad for name, p in self.module.named_parameters()})
+        bad = [name for name, value in checked.items()
+               if value is None or not bool(torch.isfinite(value).all())]
+        return None if not bad else "non-finite or missing: " + ", ".join(bad)
+
     def call_synchronized(self) -> None:
         """One call that returns only when the device is done (for wall-clock timers: pytest-benchmark)."""
         self()

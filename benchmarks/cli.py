@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> dict:
             try:
                 runner = Runner(candidate, shape, mode, device, dtype)
                 first_call[candidate.key] = timing.warm_up(runner.before, runner, device, planned, tick=tick)
+                problem = runner.check_finite()
+                if problem is not None:
+                    raise FloatingPointError(problem)
                 runners.append(runner)
             except Exception as error:  # noqa: BLE001 (a failure is a result: reported, not fatal)
                 results.append(_row(candidate, mode, repeats, tf32, error=_error_text(error)))
@@ -146,7 +149,10 @@ def run(args: argparse.Namespace) -> dict:
                        warmup_calls=first_call[candidate.key][1])
             if not args.no_memory:
                 progress.set_description_str(f"{mode}: {candidate.label} [{candidate.norm_label}] memory")
-                row.update(timing.measure_memory(runner.before, runner, device))
+                try:
+                    row.update(timing.measure_memory(runner.before, runner, device))
+                except Exception as error:  # noqa: BLE001 (the times stand; the memory figure is missing)
+                    row["mem_method"] = f"failed: {_error_text(error)}"
                 progress.update(1)
             results.append(row)
         del runners
@@ -196,6 +202,8 @@ def run(args: argparse.Namespace) -> dict:
             "malloc_trim) minus RSS before",
             "compile_time": "excluded: first_call_s holds the first warm-up call, compilation included",
             "input_grad": "forward+backward computes dx too (x.requires_grad=True)",
+            "finite": "after warm-up one untimed call must give a finite output (and finite dx and weight "
+            "gradients in forward+backward), else the row is reported failed and not timed",
         },
         "results": results,
         "skipped": [{"implementation": s.label, "reason": s.reason} for s in skipped],
