@@ -3,7 +3,9 @@
 
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "bnlstm.h"
@@ -18,6 +20,8 @@ const char* kernel_isa();
 bool use_brgemm();
 at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
 at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b);
+void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b);
+bool step_on_one_thread(int64_t B, int64_t H, int64_t I);
 
 namespace {
 
@@ -145,18 +149,18 @@ std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in,
     }
 
     const auto opts = x.options();
-    // [T, B, 4H]: the input branch for every step in one GEMM.
-    // The input branch: in the step's parallel pass where the recurrent GEMM is (float32 with brgemm; it
-    // then stays in cache instead of a [T, B, 4H] round trip through memory), else one GEMM over all steps.
-    // Sequence-wise needs its statistics over every frame first, so it always takes the one GEMM.
-    const bool input_per_step = x.scalar_type() == at::kFloat && !sequence && use_brgemm();
+    // The input branch W_ih x. Either one GEMM over all steps, or (float32 with brgemm) inside the step's
+    // pass next to the recurrent GEMM, where it stays in cache instead of a [T, B, 4H] round trip through
+    // memory: faster for a small input (I <= 16: the big GEMM has almost no work per byte) or when the step
+    // runs on one thread; with the step split over threads the big GEMM scaled better (README.md).
+    // Sequence-wise needs its statistics over every frame before the loop: always the one GEMM.
+    const bool input_per_step = x.scalar_type() == at::kFloat && !sequence && use_brgemm() &&
+                                (I <= 16 || step_on_one_thread(B, H, I));
     at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
-    at::Tensor w_ih_t;
-    if (input_per_step) {
-        w_ih_t = w_ih.t().contiguous();
-    } else {
+    const at::Tensor w_ih_t = w_ih.t().contiguous();  // [I, 4H]
+    if (!input_per_step) {
         at::Tensor a_ih_rows = a_ih.view({T * B, G});
-        at::mm_out(a_ih_rows, x.view({T * B, I}), w_ih.t());
+        gemm_nn_out(a_ih_rows, x.view({T * B, I}), w_ih_t);
     }
     at::Tensor a_hh = at::empty({B, G}, opts);
     at::Tensor hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);

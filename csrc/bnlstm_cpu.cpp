@@ -91,10 +91,15 @@ void sequence_backward(const StepKernels& k, const BackwardParams& p, int64_t c0
     else k.sequence_backward_f64(p, c0, c1);
 }
 
-// Hidden units per parallel task: enough row-work per task to pay for a thread hand-off.
-inline int64_t grain_size(int64_t B, int64_t H) {
-    const int64_t per_unit = std::max<int64_t>(B, 1) * 4;
-    return std::max<int64_t>(1, std::min<int64_t>(H, 2048 / per_unit));
+// Hidden units per parallel task. A step's pass is one fork-join, and a join waits for the slowest thread:
+// on a loaded machine (other processes on the cores) a descheduled worker stalls every step for a time
+// slice, milliseconds against microseconds of work. So a step is split only when each task gets about
+// 8 MFLOP (~40 us here) of GEMM and pointwise work; T=784, B=64, I=1, H=100 (5 MFLOP a step) runs on one
+// thread, H=256, I=50 splits. Measured in README.md.
+inline int64_t grain_size(int64_t B, int64_t H, int64_t I) {
+    constexpr double kTaskFlops = 8e6;
+    const double per_unit = 8.0 * double(std::max<int64_t>(B, 1)) * double(H + I) + 64.0 * double(B);
+    return std::max<int64_t>(1, int64_t(kTaskFlops / per_unit));
 }
 
 // Split [0, total) into parallel tasks of at least `grain`, each walked in kBlock pieces.
@@ -106,6 +111,11 @@ void for_blocks(int64_t total, int64_t grain, const F& body) {
 }
 
 }  // namespace
+
+// Whether a step's pass runs as one task (see grain_size).
+bool step_on_one_thread(int64_t B, int64_t H, int64_t I) {
+    return at::get_num_threads() == 1 || grain_size(B, H, I) >= H;
+}
 
 // Whether the per-step GEMMs run inside the step's parallel pass through oneDNN's brgemm micro-kernel
 // (float32; 2-3x faster than at::mm at these sizes, and each task multiplies only its own columns), or as
@@ -133,7 +143,7 @@ bool use_brgemm() {
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh) {
     const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
-    const int64_t grain = grain_size(B, H);
+    const int64_t grain = grain_size(B, H, p.I);
     AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_cpu", [&] {
         if (p.norm == Normalization::kSequence) {
             for_blocks(G, std::max<int64_t>(kBlock, grain),
@@ -195,7 +205,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                   const at::Tensor& w_hh) {
     const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
-    const int64_t grain = grain_size(B, H);
+    const int64_t grain = grain_size(B, H, p.I);
     AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_cpu", [&] {
         bool done = false;
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -295,6 +305,17 @@ at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b) {
     gemm_brgemm(a.size(0), b.size(1), a.size(1), ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(),
                 bc.size(1), c.data_ptr<float>(), c.size(1));
     return c;
+}
+
+// c = a b into a contiguous c [M, N].
+void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+    if (!brgemm_applies(a, b)) {
+        at::mm_out(c, a, b);
+        return;
+    }
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    gemm_brgemm(a.size(0), b.size(1), a.size(1), ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(),
+                bc.size(1), c.data_ptr<float>(), c.size(1));
 }
 
 // a^T b for a [R, P], b [R, Q] (R = T * B rows): the weight gradients. brgemm takes row-major operands

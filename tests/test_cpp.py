@@ -250,6 +250,25 @@ def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, 
         assert cpp_error <= 2 * ref_error + 1e-5 * scale, (name, cpp_error, ref_error)
 
 
+@pytest.mark.parametrize("normalization", ["frame", None])
+def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
+    # Wide enough that a step's pass splits over threads (when there are two) and the float32 input branch
+    # takes the one GEMM over all steps.
+    T, B, I, H = 3, 64, 50, 256
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        pop = population(T, H, normalization, torch.float32)
+        inputs = op_inputs(T, B, I, H, None, torch.float32)
+        ref, ref_stats = run_layer("reference", inputs, None, pop, True, normalization)
+        cpp, cpp_stats = run_layer("cpp", inputs, None, pop, True, normalization)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ref:
+        assert_close_by_name(cpp[name], ref[name], name, **TOLERANCES[torch.float32])
+    assert_same_statistics(ref_stats, cpp_stats, **TOLERANCES[torch.float32])
+
+
 def _brgemm_built():
     import os
 
