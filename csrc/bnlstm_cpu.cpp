@@ -1,13 +1,14 @@
-// The fused BN-LSTM layer on the CPU: the time loops around the step kernels (bnlstm_kernels.h).
+// The fused BN-LSTM layer on the CPU: the time loops around the step kernels (bnlstm_kernels.h), the
+// GEMMs, and the choice of kernels for this CPU.
 //
-// Forward, per step: one GEMM for W_hh h_{t-1} (the input branch W_ih x comes from one GEMM over all
-// steps, done by the caller), then one parallel pass over blocks of hidden units with every batch row
-// inside, which takes both gate-side batch norms, adds the bias, applies the gates, updates c, normalizes
-// c and writes h. Backward runs the same pass in reverse and one GEMM per step for dh_{t-1}; the weight
-// gradients are large GEMMs after the loop (in bnlstm.cpp). Shapes of every buffer: bnlstm.h.
+// Forward, per step: one parallel pass over blocks of hidden units, every batch row inside; each task
+// computes its columns of W_hh h_{t-1} (and of W_ih x_t, see bnlstm.cpp) with brgemm, then runs the step
+// kernel: both gate-side batch norms, bias, gates, cell update, BN(c), h. Backward, per step in reverse:
+// each task takes its columns of dh from the later step's GEMM, then the step's backward kernel. Without
+// brgemm (float64, or a CPU/torch without it): one at::mm per step, then the pass. The weight gradients
+// are GEMMs over all steps after the loop (gemm_tn / gemm_nn, called from bnlstm.cpp). Buffers: bnlstm.h.
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
