@@ -13,7 +13,7 @@ import torch
 
 from benchmarks import report, timing
 from benchmarks.candidates import COMPILE_AUTO_MAX_T, Runner, discover
-from benchmarks.machine import REPO_ROOT, machine_record
+from benchmarks.machine import REPO_ROOT, extension_build, machine_record
 from benchmarks.shapes import MODES, PRESETS, Shape
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> dict:
     settle_s = timing.settle_cpu(args.settle_seconds) if device.type == "cpu" and args.settle_seconds > 0 else 0.0
     candidates, skipped = discover(device, shape, compile_mode=args.compile_mode, backends=args.backends,
                                    include_none=not args.no_none, tf32_default=tf32)
+    # the extension is loaded by now: name the build on disk before a rebuild can replace it mid-run
+    extension = extension_build()
     warmups = {c.key: max(args.warmup, 2) if c.kind == "compile" else args.warmup for c in candidates}
     per_mode = sum(warmups.values()) + len(candidates) * (repeats + (0 if args.no_memory else 1))
     progress = _progress(per_mode * len(args.modes), not args.no_progress)
@@ -169,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     machine = machine_record(device)
     machine["load_average_1min_start"] = load_start
     machine["cpu_settle_s"] = settle_s
+    machine["extension"] = extension
     return {
         "schema": 1,
         "machine": machine,
