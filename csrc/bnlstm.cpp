@@ -167,16 +167,16 @@ std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in,
     at::Tensor cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
     hs.select(0, 0).copy_(h0);
     cs.select(0, 0).copy_(c0);
-    at::Tensor output = at::empty({T, B, H}, opts);
+    at::Tensor output = empty_workspace({T, B, H}, opts);
     at::Tensor gates, xhat_hh, xhat_c, tanh_c, rstd_ih, rstd_hh, rstd_c, seq_mean, seq_rstd;
     if (norm != Normalization::kNone) gates = empty_workspace({save ? T : 1, B, G}, opts);
     if (save) tanh_c = empty_workspace({T, B, H}, opts);
     if (frame && save) {
         xhat_hh = empty_workspace({T, B, G}, opts);
         xhat_c = empty_workspace({T, B, H}, opts);
-        rstd_ih = at::empty({T, G}, opts);
-        rstd_hh = at::empty({T, G}, opts);
-        rstd_c = at::empty({T, H}, opts);
+        rstd_ih = empty_workspace({T, G}, opts);
+        rstd_hh = empty_workspace({T, G}, opts);
+        rstd_c = empty_workspace({T, H}, opts);
     }
     if (sequence) {
         seq_mean = at::empty({G}, opts);
@@ -184,15 +184,15 @@ std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in,
     }
     at::Tensor mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c;
     if (frame && use_batch_stats) {
-        mean_ih = at::empty({T, G}, opts);
-        var_ih = at::empty({T, G}, opts);
-        mean_hh = at::empty({T, G}, opts);
-        var_hh = at::empty({T, G}, opts);
-        mean_c = at::empty({T, H}, opts);
-        var_c = at::empty({T, H}, opts);
+        mean_ih = empty_workspace({T, G}, opts);
+        var_ih = empty_workspace({T, G}, opts);
+        mean_hh = empty_workspace({T, G}, opts);
+        var_hh = empty_workspace({T, G}, opts);
+        mean_c = empty_workspace({T, H}, opts);
+        var_c = empty_workspace({T, H}, opts);
     } else if (seq_batch) {
-        mean_ih = at::empty({1, G}, opts);
-        var_ih = at::empty({1, G}, opts);
+        mean_ih = empty_workspace({1, G}, opts);
+        var_ih = empty_workspace({1, G}, opts);
     }
 
     ForwardParams p{};
@@ -276,7 +276,15 @@ std::vector<at::Tensor> backward(const OptTensor& grad_output_in, const OptTenso
     const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
     const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
     const auto opts = x.options();
-    const at::Tensor grad_output = checked(grad_output_in, "grad_output", x, {T, B, H});
+    // An expanded cotangent (from out.sum()) is read as a contiguous one: copied into a cached buffer.
+    at::Tensor grad_output;
+    if (grad_output_in.has_value() && grad_output_in->defined()) {
+        const at::Tensor& g = *grad_output_in;
+        TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == x.scalar_type() && g.sizes() == at::IntArrayRef({T, B, H}),
+                    "bnlstm: grad_output must be a CPU ", x.scalar_type(), " tensor of shape [", T, ", ", B, ", ", H,
+                    "], got ", g.scalar_type(), " ", g.sizes());
+        grad_output = g.is_contiguous() ? g : workspace_copy(g);
+    }
     at::Tensor gamma_ih, gamma_hh, gamma_c;
     if (frame || sequence) gamma_ih = required(gamma_ih_in, "gamma_ih", x, {G}, "when normalizing");
     if (frame) {

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "bnlstm.h"
+#include "workspace.h"
 
 namespace fused_bnlstm {
 
@@ -358,7 +359,7 @@ void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
 // only, so this computes (b^T a)^T with b transposed once ([Q, R], the smaller side here).
 at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
     if (!brgemm_applies(a, b)) return at::mm(a.t(), b);
-    return gemm_nn(b.t().contiguous(), a).t().contiguous();
+    return gemm_nn(workspace_copy(b.t()), a).t().contiguous();
 }
 
 }  // namespace fused_bnlstm
