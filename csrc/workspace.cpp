@@ -14,7 +14,6 @@
 #endif
 
 #include <algorithm>
-#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -95,21 +94,6 @@ at::Tensor empty_workspace(at::IntArrayRef shape, const at::TensorOptions& optio
 #endif
     }
     return at::from_blob(block, shape, [bytes](void* p) { give_back(p, bytes); }, options);
-}
-
-at::Tensor empty_huge_pages(at::IntArrayRef shape, const at::TensorOptions& options) {
-    at::Tensor t = at::empty(shape, options);
-#if defined(MADV_HUGEPAGE)
-    const size_t nbytes = size_t(t.numel()) * t.element_size();
-    if (nbytes >= 2 * kAlignment) {
-        // The 2 MiB-aligned interior, before anything touches it.
-        const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-        const uintptr_t first = (begin + kAlignment - 1) / kAlignment * kAlignment;
-        const uintptr_t last = (begin + nbytes) / kAlignment * kAlignment;
-        if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-    }
-#endif
-    return t;
 }
 
 at::Tensor workspace_copy(const at::Tensor& src) {

@@ -10,10 +10,6 @@ namespace fused_bnlstm {
 // Like at::empty on the CPU; buffers of 1 MiB or more come from the cache and return to it when freed.
 at::Tensor empty_workspace(at::IntArrayRef shape, const at::TensorOptions& options);
 
-// at::empty advised to use transparent huge pages (for large tensors handed to the user: fewer page
-// faults on first touch, and an ordinary tensor otherwise).
-at::Tensor empty_huge_pages(at::IntArrayRef shape, const at::TensorOptions& options);
-
 // A contiguous copy of src in a cached buffer (for internal temporaries such as transposes).
 at::Tensor workspace_copy(const at::Tensor& src);
 
