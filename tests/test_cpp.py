@@ -301,6 +301,13 @@ def test_bnlstm_layer_cpp_workspace_cache_reuses_buffers_safely(monkeypatch, cac
     again = torch.autograd.grad(
         bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")[0].sum(), [inputs["weight_hh"]])
     torch.testing.assert_close(grads[0], again[0], rtol=0, atol=0)
+    # A live output keeps its buffer: a call on other input must not write into it.
+    kept = bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")[0].detach()
+    snapshot = kept.clone()
+    other = {k: (v.detach() * 0.5 if v is not None else None) for k, v in inputs.items()}
+    for _ in range(2):
+        bnlstm_layer(**other, population=pop, use_batch_stats=True, backend="cpp")
+    torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)
     if cache == "1":
         assert _C.cached_bytes() > 0
     _C.empty_cache()
