@@ -25,7 +25,7 @@ except ImportError as _error:  # not built here: the package works without this 
 else:
     _IMPORT_ERROR = ""
 
-__all__ = ["available", "bnlstm_layer_cpp"]
+__all__ = ["available", "bnlstm_layer_cpp", "empty_cache"]
 
 # normalization -> the code csrc/bnlstm.cpp takes
 _NORMALIZATION_CODES = {None: 0, "frame": 1, "sequence": 2}
@@ -45,6 +45,12 @@ def available(device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"the compiled extension has a CPU path only, got a {device.type} tensor"
     return True, ""
+
+
+def empty_cache() -> None:
+    """Hand the CPU buffers the extension caches between calls back to the OS (see csrc/workspace.cpp)."""
+    if _C is not None:
+        _C.empty_cache()
 
 
 def _population_tensors(population: Population | None) -> list[Tensor | None]:
