@@ -38,44 +38,40 @@ class RunningStats:
 @torch.no_grad()
 def apply_batch_statistics(running: RunningStats, slots: Tensor, batch: BatchStatistics, momentum):
     """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would."""
-    # Steps with fewer than two rows normalized with population statistics: they update nothing.
-    steps = (batch.counts >= 2).nonzero().squeeze(1)  # [S], CPU
-    if steps.numel() == 0:
+    # Steps with fewer than two rows normalized with population statistics and update nothing. Rows only
+    # ever stop running, so the steps that do update are a prefix [0, S) of the call.
+    S = int((batch.counts >= 2).sum())
+    if S == 0:
         return
-    device = running.count.device
-    step_slots = slots[steps].to(device)
-    n = batch.counts[steps].to(device, torch.float64).unsqueeze(1)  # [S, 1]
     last = running.count.shape[0] - 1
-    # Slots strictly increase with t until they clamp at the last one: only the last can repeat.
-    once = step_slots < last
-    repeats = int((~once).sum())
-    once_slots = step_slots[once]
+    # Slot t + offset for t < last - offset (each hit once, a contiguous range); the last slot after that.
+    first_slot = int(slots[0])
+    once = min(S, last - first_slot) if first_slot < last else 0
+    repeats = S - once
+    device = running.count.device
+    n = batch.counts[:S].to(device=device, dtype=torch.float64).unsqueeze(1)  # [S, 1]
     count_last = int(running.count[last])
+    if momentum is None:
+        # cumulative average: slot s's k-th update has factor 1 / k
+        factor = 1.0 / (running.count[first_slot:first_slot + once] + 1).unsqueeze(1)  # [once, 1]
+    else:
+        factor = float(momentum)
 
     for q in running.mean:
         mean, var = running.mean[q], running.var[q]
-        batch_mean = getattr(batch, f"mean_{q}")[steps.to(getattr(batch, f"mean_{q}").device)]
-        batch_var = getattr(batch, f"var_{q}")[steps.to(getattr(batch, f"var_{q}").device)]
-        batch_mean = batch_mean.to(device, torch.float64)
-        batch_var = batch_var.to(device, torch.float64) * n / (n - 1)  # unbiased, as BatchNorm1d keeps
-        if once_slots.numel():
-            factor = _factors(momentum, running.count[once_slots] + 1).unsqueeze(1)  # [S', 1]
-            for buffer, value in ((mean, batch_mean[once]), (var, batch_var[once])):
-                old = buffer[once_slots].to(torch.float64)
-                buffer[once_slots] = (old + factor * (value - old)).to(buffer.dtype)
+        batch_mean = getattr(batch, f"mean_{q}")[:S].to(device)
+        # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
+        batch_var = getattr(batch, f"var_{q}")[:S].to(device) * (n / (n - 1)).to(mean.dtype)
+        if once:
+            weight = factor if momentum is not None else factor.to(mean.dtype)
+            mean[first_slot:first_slot + once].lerp_(batch_mean[:once].to(mean.dtype), weight)
+            var[first_slot:first_slot + once].lerp_(batch_var[:once].to(var.dtype), weight)
         if repeats:
-            mean[last] = _fold_repeated(mean[last], batch_mean[~once], momentum, count_last)
-            var[last] = _fold_repeated(var[last], batch_var[~once], momentum, count_last)
+            mean[last] = _fold_repeated(mean[last], batch_mean[once:].double(), momentum, count_last)
+            var[last] = _fold_repeated(var[last], batch_var[once:].double(), momentum, count_last)
 
-    running.count[once_slots] += 1
+    running.count[first_slot:first_slot + once] += 1
     running.count[last] += repeats
-
-
-def _factors(momentum, counts_after: Tensor) -> Tensor:
-    """BatchNorm1d's update factor per slot: the momentum, or 1 / num_batches_tracked when it is None."""
-    if momentum is None:
-        return 1.0 / counts_after.to(torch.float64)
-    return torch.full(counts_after.shape, float(momentum), dtype=torch.float64, device=counts_after.device)
 
 
 def _fold_repeated(value: Tensor, batches: Tensor, momentum, count_before: int) -> Tensor:
