@@ -9,6 +9,8 @@ A ``Runner`` binds a candidate to a shape and a mode: ``before()`` runs outside 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +138,20 @@ def build_module(candidate: Candidate, shape: Shape, device, dtype) -> nn.Module
     return module
 
 
+@contextlib.contextmanager
+def _environment(**variables: str):
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _set_tf32(enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
@@ -174,6 +190,23 @@ class Runner:
         else:
             output = self.module(self.x)[0]
             output.backward(self.grad_out)
+
+    def release_caches(self) -> None:
+        """Empty what a backend keeps between calls (the cpp backend's workspace), so that a memory
+        measurement sees the call allocate it instead of finding it already resident."""
+        if self.candidate.backend == "cpp":
+            from fused_bnlstm.ops import fused_cpp
+
+            if hasattr(fused_cpp, "empty_cache"):
+                fused_cpp.empty_cache()
+
+    def uncached(self) -> contextlib.AbstractContextManager:
+        """A context in which the backend allocates every buffer through torch's allocator, so the
+        profiler's memory events see it: the cpp backend's workspace cache hands out its large blocks from
+        aligned_alloc and is switched off by FUSED_BNLSTM_CPU_CACHE=0 (read on every allocation)."""
+        if self.candidate.backend != "cpp":
+            return contextlib.nullcontext()
+        return _environment(FUSED_BNLSTM_CPU_CACHE="0")
 
     def check_finite(self) -> str | None:
         """One untimed call that keeps its results: None when the output (and, in forward+backward, the

@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> dict:
             if not args.no_memory:
                 progress.set_description_str(f"{mode}: {candidate.label} [{candidate.norm_label}] memory")
                 try:
-                    row.update(timing.measure_memory(runner.before, runner, device))
+                    row.update(timing.measure_memory(runner.before, runner, device, runner.release_caches,
+                                                     runner.uncached))
                 except Exception as error:  # noqa: BLE001 (the times stand; the memory figure is missing)
                     row["mem_method"] = f"failed: {_error_text(error)}"
                 progress.update(1)

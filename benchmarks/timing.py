@@ -123,12 +123,18 @@ def _rss_peak(call: Callable[[], None]) -> int | None:
     return max(0, int(output) - base) if output.isdigit() else None
 
 
-def measure_memory(before: Callable[[], None], call: Callable[[], None], device: torch.device) -> dict:
+def measure_memory(before: Callable[[], None], call: Callable[[], None], device: torch.device,
+                   release: Callable[[], None] = lambda: None,
+                   uncached: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
     """Peak memory of one call beyond what was allocated before it (see the module docstring), in MiB:
     ``peak_mem_mib`` (the allocator's peak: CUDA caching allocator, or torch's CPU allocator through the
-    profiler), ``mem_method``, and on CPU ``peak_rss_mib`` (what the OS saw, sampled)."""
+    profiler), ``mem_method``, and on CPU ``peak_rss_mib`` (what the OS saw, sampled). ``release`` empties
+    caches a backend keeps between calls before each measured call, and ``uncached`` is a context in which
+    the backend allocates everything through torch's allocator (for the profiler's count), so the call's
+    own need is counted."""
     mib = float(2**20)
     before()
+    release()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,8 +144,10 @@ def measure_memory(before: Callable[[], None], call: Callable[[], None], device:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         return {"peak_mem_mib": peak / mib, "mem_method": "cuda-allocator-peak", "peak_rss_mib": None}
-    peak = _cpu_allocator_peak(call)
+    with uncached():
+        peak = _cpu_allocator_peak(call)
     before()
+    release()
     gc.collect()
     rss = _rss_peak(call)
     return {
