@@ -566,7 +566,8 @@ def _reset_lstm_weights(module: nn.Module, suffix: str, H: int, gamma_init: floa
     for name in ("weight_ih", "weight_hh"):
         weight = getattr(module, name + suffix)
         for block in weight.split(H, dim=0):
-            nn.init.orthogonal_(block)
+            # orthogonal_ needs a QR, which half precision lacks on the CPU: draw in float32, then copy
+            block.copy_(nn.init.orthogonal_(torch.empty(block.shape, device=block.device)))
     if getattr(module, "bias_ih" + suffix, None) is not None:
         getattr(module, "bias_ih" + suffix).zero_()
         getattr(module, "bias_ih" + suffix)[H:2 * H] = 1.0

@@ -111,6 +111,14 @@ def test_parameter_names_and_shapes_follow_nn_lstm():
     assert [[p.shape for p in w] for w in model.all_weights] == [[p.shape for p in w] for w in lstm.all_weights]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["fp16", "bf16", "fp64"])
+def test_constructs_in_every_dtype(dtype):
+    model = BNLSTM(3, 4, dtype=dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    block = model.weight_hh_l0[:4].float()
+    torch.testing.assert_close(block @ block.t(), torch.eye(4), atol=2e-2, rtol=0)
+
+
 def test_initialization_follows_the_paper():
     model = BNLSTM(5, 6, gamma_init=0.1)
     assert torch.all(model.gamma_ih_l0 == 0.1) and torch.all(model.gamma_hh_l0 == 0.1)
