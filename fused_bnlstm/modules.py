@@ -182,7 +182,9 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
 
     Forward: ``output, (h_n, c_n) = bnlstm(input, hx=None, *, time_offset=0)``. ``time_offset`` is the
     index of the first step of ``input`` in the full sequence, so a long sequence run in chunks with the
-    carried ``(h, c)`` (truncated BPTT) uses the same statistics slots as one full run.
+    carried ``(h, c)`` (truncated BPTT) uses the same statistics slots as one full run. (A bidirectional
+    layer reads its whole input backwards, so chunking one computes a different function, as it would with
+    ``nn.LSTM``; the offset then applies to both directions' slots alike.)
 
     A training step at which fewer than two sequences are still running has no batch variance: it is
     normalized with that slot's population statistics as they stood at the start of the call (mean 0 and
