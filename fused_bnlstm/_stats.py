@@ -94,59 +94,54 @@ class ExactAccumulator:
 
     For each slot it keeps the number of rows N, the sum of values and the sum of squares (float64), so
     the result is the mean and the unbiased variance over every frame that reached that slot, as if the
-    whole pass had been one batch.
+    whole pass had been one batch. Entries are keyed by the caller (one per module and direction), not by
+    the buffers, which a longer batch may grow (and so replace) during the pass.
     """
 
     def __init__(self):
-        self.sums: dict[int, dict] = {}
+        self.sums: dict[object, dict[str, Tensor]] = {}
 
     @torch.no_grad()
-    def add(self, key: int, running: RunningStats, slots: Tensor, batch: BatchStatistics):
-        counts = batch.counts
-        used = counts >= 2
-        if not bool(used.any()):
+    def add(self, key, running: RunningStats, slots: Tensor, batch: BatchStatistics):
+        S = int((batch.counts >= 2).sum())  # as in apply_batch_statistics: the updating steps are a prefix
+        if S == 0:
             return
-        steps = used.nonzero().squeeze(1)
-        num_slots = running.count.shape[0]
         device = running.count.device
-        entry = self.sums.setdefault(
-            key, {"rows": torch.zeros(num_slots, dtype=torch.float64, device=device), "batches": {}, "q": {}}
-        )
-        idx = slots[steps].to(device)
-        n = counts[steps].to(torch.float64).to(device)
-        entry["rows"].index_add_(0, idx, n)
-        seen = entry["batches"]
-        for s in torch.unique(idx).tolist():
-            seen[s] = seen.get(s, 0) + 1
-        for q in QUANTITIES:
-            if q not in running.mean:
-                continue
-            mean = getattr(batch, f"mean_{q}")[steps.to(batch.mean_ih.device)].to(device, torch.float64)
-            var = getattr(batch, f"var_{q}")[steps.to(batch.mean_ih.device)].to(device, torch.float64)
-            width = mean.shape[1]
-            s1, s2 = entry["q"].setdefault(
-                q,
-                (
-                    torch.zeros(num_slots, width, dtype=torch.float64, device=device),
-                    torch.zeros(num_slots, width, dtype=torch.float64, device=device),
-                ),
-            )
-            s1.index_add_(0, idx, n.unsqueeze(1) * mean)
-            s2.index_add_(0, idx, n.unsqueeze(1) * (var + mean * mean))
+        idx = slots[:S].to(device)
+        n = batch.counts[:S].to(device, torch.float64).unsqueeze(1)  # [S, 1]
+        columns = {"rows": n, "batches": torch.ones_like(n)}
+        for q in running.mean:
+            mean = getattr(batch, f"mean_{q}")[:S].to(device, torch.float64)
+            var = getattr(batch, f"var_{q}")[:S].to(device, torch.float64)
+            columns[f"sum_{q}"] = n * mean
+            columns[f"sumsq_{q}"] = n * (var + mean * mean)
+        entry = self.sums.setdefault(key, {})
+        num_slots = running.count.shape[0]
+        for name, value in columns.items():
+            total = entry.get(name, value.new_zeros(0, value.shape[1]))
+            if total.shape[0] < num_slots:  # the buffers grew since the last batch
+                total = torch.cat([total, total.new_zeros(num_slots - total.shape[0], total.shape[1])])
+            # a slot hit by several steps (past a fixed max_length) counts its batch once
+            entry[name] = total.index_add_(0, idx, value if name != "batches" else value / _hits(idx))
 
     @torch.no_grad()
-    def write(self, key: int, running: RunningStats):
+    def write(self, key, running: RunningStats):
         """Overwrite the slots this pass reached with the pooled statistics; others keep their values."""
         entry = self.sums.get(key)
         if entry is None:
             return
-        rows = entry["rows"]
+        rows = entry["rows"][:, 0]
         reached = (rows >= 2).nonzero().squeeze(1)
-        for q, (s1, s2) in entry["q"].items():
-            N = rows[reached].unsqueeze(1)
-            mean = s1[reached] / N
-            var = (s2[reached] / N - mean * mean).clamp_(min=0) * N / (N - 1)
+        N = rows[reached].unsqueeze(1)
+        for q in running.mean:
+            mean = entry[f"sum_{q}"][reached] / N
+            var = (entry[f"sumsq_{q}"][reached] / N - mean * mean).clamp_(min=0) * N / (N - 1)
             running.mean[q][reached] = mean.to(running.mean[q].dtype)
             running.var[q][reached] = var.to(running.var[q].dtype)
-        for s, batches in entry["batches"].items():
-            running.count[s] = batches
+        running.count[reached] = entry["batches"][reached, 0].round().to(running.count.dtype)
+
+
+def _hits(idx: Tensor) -> Tensor:
+    """[S, 1]: how many of the steps share each step's slot."""
+    _, inverse, counts = torch.unique(idx, return_inverse=True, return_counts=True)
+    return counts[inverse].unsqueeze(1).to(torch.float64)

@@ -138,6 +138,14 @@ class _PopulationStatsMixin:
             rows[f"var_{q}"] = like.new_ones(slots.shape[0], widths[q])
         return Population(**rows)
 
+    def _record_statistics(self, suffix: str, slots: Tensor, stats) -> None:
+        """Fold a training call's batch statistics into the buffers (or into a re-estimation pass)."""
+        running = self._running(suffix)
+        if self._stats_accumulator is not None:
+            self._stats_accumulator.add((id(self), suffix), running, slots, stats)
+        else:
+            _stats.apply_batch_statistics(running, slots, stats, self.momentum)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Growable buffers take the incoming number of slots, so state dicts round-trip at any length.
@@ -381,13 +389,6 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             self._record_statistics(suffix, slots, stats)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
 
-    def _record_statistics(self, suffix, slots, stats):
-        running = self._running(suffix)
-        if self._stats_accumulator is not None:
-            self._stats_accumulator.add(id(running.count), running, slots, stats)
-        else:
-            _stats.apply_batch_statistics(running, slots, stats, self.momentum)
-
     def _layer_parameters(self, suffix: str):
         bias = None
         if self.bias:
@@ -555,11 +556,7 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
             normalization=self.normalization, backend="reference",
         )
         if update_stats and stats is not None and B > 0:
-            running = self._running("")
-            if self._stats_accumulator is not None:
-                self._stats_accumulator.add(id(running.count), running, slots, stats)
-            else:
-                _stats.apply_batch_statistics(running, slots, stats, self.momentum)
+            self._record_statistics("", slots, stats)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 

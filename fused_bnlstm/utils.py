@@ -48,8 +48,7 @@ def update_population_statistics(loader: Iterable, model: nn.Module, device: tor
             model(_to(inputs, device))
         for layer in layers:
             for suffix in layer._stats_suffixes:
-                running = layer._running(suffix)
-                accumulator.write(id(running.count), running)
+                accumulator.write((id(layer), suffix), layer._running(suffix))
     finally:
         for layer in layers:
             layer._stats_accumulator = None

@@ -381,6 +381,19 @@ def test_update_population_statistics_is_exact():
     assert model.num_batches_tracked_l0.tolist() == [2] * T
 
 
+def test_update_population_statistics_pools_batches_that_grow_the_buffers():
+    torch.manual_seed(0)
+    model = _randomize(BNLSTM(2, 3, dtype=DTYPE, backend="reference"))
+    batches = [torch.randn(3, 4, 2, dtype=DTYPE), torch.randn(6, 5, 2, dtype=DTYPE)]  # the second grows them
+    update_population_statistics(batches, model)
+    assert model.num_batches_tracked_l0.tolist() == [2, 2, 2, 1, 1, 1]
+    W = model.weight_ih_l0.detach()
+    for t in range(6):
+        a = torch.cat([x[t] for x in batches if x.shape[0] > t]) @ W.t()
+        torch.testing.assert_close(model.running_mean_ih_l0[t], a.mean(0))
+        torch.testing.assert_close(model.running_var_ih_l0[t], a.var(0, unbiased=True))
+
+
 def test_cell_steps_equal_the_layer():
     torch.manual_seed(0)
     T, B, I, H = 5, 3, 2, 4
