@@ -10,100 +10,12 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
-from fused_bnlstm.ops import Population, backend_available, bnlstm_layer
+from fused_bnlstm.ops import backend_available, bnlstm_layer
+from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, op_inputs,
+                         population, run_layer)
 
-CPU = torch.device("cpu")
 _built, _why = backend_available("cpp", CPU)
 pytestmark = pytest.mark.skipif(not _built, reason=f"fused_bnlstm._C is not built here: {_why}")
-
-# gradient names as the issue spells them -> the op's argument
-GRADIENTS = {
-    "dx": "x", "dh0": "h0", "dc0": "c0", "dW_ih": "weight_ih", "dW_hh": "weight_hh", "dbias": "bias",
-    "dgamma_ih": "gamma_ih", "dgamma_hh": "gamma_hh", "dgamma_c": "gamma_c", "dbeta_c": "beta_c",
-}
-USED = {
-    "frame": tuple(GRADIENTS.values()),
-    "sequence": ("x", "h0", "c0", "weight_ih", "weight_hh", "bias", "gamma_ih"),
-    None: ("x", "h0", "c0", "weight_ih", "weight_hh", "bias"),
-}
-# float32: BN over two or three rows amplifies rounding, so atol scales with each tensor's magnitude
-TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-8)}
-
-
-def assert_close_by_name(actual, expected, name, atol, rtol):
-    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
-
-def op_inputs(T, B, I, H, lengths, dtype, bias=True, seed=0):
-    """Random op inputs (x zero past each row's length), each a leaf that requires grad."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64) + shift).to(dtype).requires_grad_()
-
-    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
-    if lengths is not None:
-        x = x * (torch.arange(T).unsqueeze(1) < torch.tensor(lengths)).unsqueeze(2)
-    return dict(
-        x=x.to(dtype).requires_grad_(), h0=rand(B, H), c0=rand(B, H),
-        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, H, scale=0.5),
-        bias=rand(4 * H, scale=0.3) if bias else None,
-        gamma_ih=rand(4 * H, scale=0.2, shift=0.4), gamma_hh=rand(4 * H, scale=0.2, shift=0.4),
-        gamma_c=rand(H, scale=0.2, shift=0.4), beta_c=rand(H, scale=0.2),
-    )
-
-
-def population(T, H, normalization, dtype, seed=1):
-    """Population statistics as the module passes them (one row per step, or one row sequence-wise)."""
-    if normalization is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    rows = T if normalization == "frame" else 1
-
-    def mean(width):
-        return torch.randn(rows, width, generator=g, dtype=torch.float64).to(dtype)
-
-    def var(width):
-        return (torch.rand(rows, width, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-
-    if normalization == "sequence":
-        return Population(mean(4 * H), var(4 * H))
-    return Population(mean(4 * H), var(4 * H), mean(4 * H), var(4 * H), mean(H), var(H))
-
-
-def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cotangent_seed=2):
-    """Outputs, every gradient by name and the batch statistics of one op call."""
-    lengths_t = None if lengths is None else torch.tensor(lengths)
-    out, h_n, c_n, stats = bnlstm_layer(
-        **inputs, lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats,
-        normalization=normalization, backend=backend,
-    )
-    g = torch.Generator().manual_seed(cotangent_seed)
-    cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
-    names = [n for n, arg in GRADIENTS.items() if arg in USED[normalization] and inputs[arg] is not None]
-    grads = torch.autograd.grad([out, h_n, c_n], [inputs[GRADIENTS[n]] for n in names], cotangents)
-    results = {"output": out, "h_n": h_n, "c_n": c_n}
-    results.update(dict(zip(names, grads)))
-    return results, stats
-
-
-def assert_same_statistics(expected, actual, **tolerance):
-    if expected is None:
-        assert actual is None
-        return
-    assert actual is not None
-    assert actual.counts.dtype == torch.int64 and actual.counts.device == CPU
-    assert torch.equal(expected.counts, actual.counts), (expected.counts, actual.counts)
-    for name in expected._fields[1:]:
-        want, got = getattr(expected, name), getattr(actual, name)
-        if want is None:
-            assert got is None, name
-            continue
-        assert not got.requires_grad, name
-        # steps that fell back on population statistics carry NaN in both
-        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"stats.{name}: {m}", **tolerance)
-
 
 SHAPES = [
     pytest.param(1, 2, 1, 3, None, id="T1-B2-I1-H3"),

@@ -21,8 +21,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import Population, backend_available, bnlstm_layer
+from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, op_inputs,
+                         population, run_layer)
 
-CPU = torch.device("cpu")
 _cpu_ok, _cpu_reason = backend_available("triton", CPU)
 requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
 # the interpreter's numpy sigmoid overflows exp() on large negative inputs, harmlessly (1 / inf = 0)
@@ -31,93 +32,6 @@ requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or not backend_available("triton", torch.device("cuda"))[0],
     reason="needs a CUDA GPU with the Triton backend",
 )
-
-PARAMETERS = ("weight_ih", "weight_hh", "bias", "gamma_ih", "gamma_hh", "gamma_c", "beta_c")
-INPUTS = ("x", "h0", "c0") + PARAMETERS
-USED = {
-    "frame": INPUTS,
-    "sequence": ("x", "h0", "c0", "weight_ih", "weight_hh", "bias", "gamma_ih"),
-    None: ("x", "h0", "c0", "weight_ih", "weight_hh", "bias"),
-}
-# float32: BN over two or three rows amplifies rounding, so atol scales with each tensor's magnitude
-TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-8)}
-
-
-def assert_close_by_name(actual, expected, name, atol, rtol):
-    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{name}: {m}")
-
-
-def op_inputs(T, B, I, H, lengths, dtype, device=CPU, bias=True, seed=0):
-    """Random op inputs (x zero past each row's length), each a leaf that requires grad."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        value = scale * torch.randn(*shape, generator=g, dtype=torch.float64) + shift
-        return value.to(device, dtype).requires_grad_()
-
-    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
-    if lengths is not None:
-        x = x * (torch.arange(T).unsqueeze(1) < torch.tensor(lengths)).unsqueeze(2)
-    inputs = dict(
-        x=x.to(device, dtype).requires_grad_(), h0=rand(B, H), c0=rand(B, H),
-        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, H, scale=0.5),
-        bias=rand(4 * H, scale=0.3) if bias else None,
-        gamma_ih=rand(4 * H, scale=0.2, shift=0.4), gamma_hh=rand(4 * H, scale=0.2, shift=0.4),
-        gamma_c=rand(H, scale=0.2, shift=0.4), beta_c=rand(H, scale=0.2),
-    )
-    return inputs
-
-
-def population(T, H, normalization, dtype, device=CPU, seed=1):
-    """Population statistics as the module passes them (one row per step, or one row sequence-wise)."""
-    if normalization is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    rows = T if normalization == "frame" else 1
-
-    def mean(width):
-        return torch.randn(rows, width, generator=g, dtype=torch.float64).to(device, dtype)
-
-    def var(width):
-        return (torch.rand(rows, width, generator=g, dtype=torch.float64) + 0.5).to(device, dtype)
-
-    if normalization == "sequence":
-        return Population(mean(4 * H), var(4 * H))
-    return Population(mean(4 * H), var(4 * H), mean(4 * H), var(4 * H), mean(H), var(H))
-
-
-def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cotangent_seed=2):
-    """Outputs, every gradient by name (random cotangents on output, h_n and c_n) and the batch statistics."""
-    lengths_t = None if lengths is None else torch.tensor(lengths)
-    out, h_n, c_n, stats = bnlstm_layer(
-        **inputs, lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats,
-        normalization=normalization, backend=backend,
-    )
-    g = torch.Generator().manual_seed(cotangent_seed)
-    cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
-    names = [n for n in USED[normalization] if inputs[n] is not None]
-    grads = torch.autograd.grad([out, h_n, c_n], [inputs[n] for n in names], cotangents)
-    results = {"output": out, "h_n": h_n, "c_n": c_n}
-    results.update({f"d{n}": grad for n, grad in zip(names, grads)})
-    return results, stats
-
-
-def assert_same_statistics(ref, tri, **tolerance):
-    if ref is None:
-        assert tri is None
-        return
-    assert tri is not None
-    assert torch.equal(ref.counts, tri.counts), (ref.counts, tri.counts)
-    for name in ref._fields[1:]:
-        expected, actual = getattr(ref, name), getattr(tri, name)
-        if expected is None:
-            assert actual is None, name
-            continue
-        # steps that fell back on population statistics carry NaN in both
-        torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"stats.{name}: {m}",
-                                   **tolerance)
 
 
 def compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, dtype, device=CPU, bias=True,
