@@ -34,9 +34,8 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.common import (add_common_arguments, all_finite, clean_floats, environment, init_paper_weights,
-                             pick_device, progress, pyplot, save_figure, seed_everything, setting_name,
-                             write_record)
+from examples.common import (add_common_arguments, environment, finish_record, init_paper_weights, progress,
+                             pyplot, save_figure, seed_everything, setting_name, start_run)
 from fused_bnlstm import BNLSTM, update_population_statistics
 
 NAME = "char_lm"
@@ -188,10 +187,7 @@ def run(args) -> dict:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg["length_multiples"] = list(cfg["length_multiples"])
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    device = start_run(args)
     if args.text is not None:
         text, source = Path(args.text).read_text(encoding="utf-8", errors="replace"), str(args.text)
     else:
@@ -230,13 +226,7 @@ def run(args) -> dict:
                         "test_bpc_by_length": r["test_bpc_by_length"], "best_step": r["best_step"],
                         "train_seconds": r["train_seconds"]} for m, r in runs.items()},
     }
-    record = clean_floats(record)
-    record["finite"] = all_finite(record)
-    out = Path(args.out)
-    record["json"] = str(write_record(out, NAME, record))
-    record["png"] = str(plot(record, out))
-    write_record(out, NAME, record)
-    return record
+    return finish_record(record, Path(args.out), NAME, plot)
 
 
 def plot(record: dict, out: Path) -> Path:

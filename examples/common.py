@@ -73,6 +73,25 @@ def environment(device: torch.device, backend: str) -> dict:
     }
 
 
+def start_run(args) -> torch.device:
+    """The device the run uses, with the thread count and seeds the arguments ask for."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    return device
+
+
+def finish_record(record: dict, out: Path, name: str, plot) -> dict:
+    """Make the record JSON-clean, note whether it is finite, and write it with its plot (``plot(record, out)``)."""
+    record = clean_floats(record)
+    record["finite"] = all_finite(record)
+    record["json"] = str(write_record(out, name, record))
+    record["png"] = str(plot(record, out))
+    write_record(out, name, record)
+    return record
+
+
 def write_record(out_dir: Path, name: str, record: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
@@ -166,6 +185,19 @@ def load_digits_split(seed: int = 0):
     x_valid, x_test, y_valid, y_test = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest,
                                                         random_state=seed)
     return {"train": (x_train, y_train), "valid": (x_valid, y_valid), "test": (x_test, y_test)}
+
+
+def load_pixel_data(args):
+    """The pixel-by-pixel data set the arguments ask for: MNIST from ``--mnist DIR``, else the 8x8 digits.
+
+    Returns (the split as ``load_digits_split`` gives it, MNIST or not).
+    """
+    if args.full and args.mnist is None:
+        print("note: --full without --mnist runs the 8x8 digits at the paper's model sizes (the paper used 784-step "
+              "MNIST; pass --mnist DIR with the standard IDX files)", file=sys.stderr)
+    if args.mnist is not None:
+        return load_mnist_split(args.mnist), True
+    return load_digits_split(args.seed), False
 
 
 def _read_idx(path: Path) -> np.ndarray:

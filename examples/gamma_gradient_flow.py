@@ -31,9 +31,8 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.common import (add_common_arguments, all_finite, clean_floats, environment, load_digits_split,
-                             load_mnist_split, pick_device, progress, pyplot, save_figure, seed_everything,
-                             setting_name, write_record)
+from examples.common import (add_common_arguments, environment, finish_record, load_pixel_data, progress,
+                             pyplot, save_figure, setting_name, start_run)
 from fused_bnlstm import BNLSTM
 
 NAME = "gamma_gradient_flow"
@@ -134,18 +133,9 @@ def expected_tanh_derivative(sigmas, points: int = 201):
 def run(args) -> dict:
     setting = setting_name(args)
     cfg = dict(SETTINGS[setting])
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-
-    if args.full and args.mnist is None:
-        print("note: --full without --mnist runs the 8x8 digits at the paper's model sizes (the paper used 784-step MNIST; "
-              "pass --mnist DIR with the standard IDX files)", file=sys.stderr)
-    if args.mnist is not None:
-        data, task = load_mnist_split(args.mnist), "sequential MNIST (784 steps)"
-    else:
-        data, task = load_digits_split(args.seed), "sequential 8x8 digits (64 steps)"
+    device = start_run(args)
+    data, is_mnist = load_pixel_data(args)
+    task = "sequential MNIST (784 steps)" if is_mnist else "sequential 8x8 digits (64 steps)"
     x_all = torch.from_numpy(data["train"][0])
     y_all = torch.from_numpy(data["train"][1])
     generator = torch.Generator().manual_seed(args.seed)
@@ -200,13 +190,7 @@ def run(args) -> dict:
             "bnlstm_last_step_grad_norm": {g: v["grad_norm"][-1] for g, v in lstm.items()},
         },
     }
-    record = clean_floats(record)
-    record["finite"] = all_finite(record)
-    out = Path(args.out)
-    record["json"] = str(write_record(out, NAME, record))
-    record["png"] = str(plot(record, out))
-    write_record(out, NAME, record)
-    return record
+    return finish_record(record, Path(args.out), NAME, plot)
 
 
 def plot(record: dict, out: Path) -> Path:
@@ -256,7 +240,7 @@ def main(argv=None):
         first = record["summary"][f"{part}_first_step_grad_norm"]
         last = record["summary"][f"{part}_last_step_grad_norm"]
         print(f"{part}: ||dL/dh_1|| " + ", ".join(f"gamma {g}: {v:.3g}" for g, v in first.items())
-              + f"  (||dL/dh_T|| " + ", ".join(f"{v:.3g}" for v in last.values()) + ")")
+              + "  (||dL/dh_T|| " + ", ".join(f"{v:.3g}" for v in last.values()) + ")")
     print(f"wrote {record['json']} and {record['png']}")
 
 

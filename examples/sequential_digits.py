@@ -31,9 +31,9 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.common import (add_common_arguments, all_finite, clean_floats, environment, init_paper_weights,
-                             load_digits_split, load_mnist_split, pick_device, progress, pyplot, save_figure,
-                             seed_everything, setting_name, write_record)
+from examples.common import (add_common_arguments, environment, finish_record, init_paper_weights,
+                             load_pixel_data, progress, pyplot, save_figure, seed_everything, setting_name,
+                             start_run)
 from fused_bnlstm import BNLSTM, update_population_statistics
 
 NAME = "sequential_digits"
@@ -176,17 +176,9 @@ def run(args) -> dict:
     for key in ("steps", "hidden", "batch", "eval_every"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    if args.full and args.mnist is None:
-        print("note: --full without --mnist runs the 8x8 digits at the paper's model sizes (the paper used MNIST; "
-              "pass --mnist DIR with the standard IDX files)", file=sys.stderr)
-    if args.mnist is not None:
-        data, dataset = load_mnist_split(args.mnist), "MNIST (784 steps)"
-    else:
-        data, dataset = load_digits_split(args.seed), "scikit-learn 8x8 digits (64 steps)"
+    device = start_run(args)
+    data, is_mnist = load_pixel_data(args)
+    dataset = "MNIST (784 steps)" if is_mnist else "scikit-learn 8x8 digits (64 steps)"
     T = data["train"][0].shape[1]
     data["permutation"] = np.random.RandomState(args.seed).permutation(T)
 
@@ -225,13 +217,7 @@ def run(args) -> dict:
                                "best_step": r["best_step"], "train_seconds": r["train_seconds"]}
                            for m, r in by_model.items()} for task, by_model in runs.items()},
     }
-    record = clean_floats(record)
-    record["finite"] = all_finite(record)
-    out = Path(args.out)
-    record["json"] = str(write_record(out, NAME, record))
-    record["png"] = str(plot(record, out))
-    write_record(out, NAME, record)
-    return record
+    return finish_record(record, Path(args.out), NAME, plot)
 
 
 def plot(record: dict, out: Path) -> Path:
