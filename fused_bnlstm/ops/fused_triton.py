@@ -134,6 +134,25 @@ def _sequence_bn_backward(a_ih: Tensor, du: Tensor, gamma_ih: Tensor, mean: Tens
     return da, dgamma
 
 
+def _step_arguments(x_gates, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, c, a_hh, moments, lengths,
+                    eps, frame) -> dict:
+    """The launch arguments the forward and backward step kernels share."""
+    B, G = x_gates.shape[1], x_gates.shape[2]
+    dtype, device = x_gates.dtype, x_gates.device
+    # pointers a mode never reads still need a live tensor (never an empty one)
+    dummy = x_gates
+    saved = moments or [dummy] * 6
+    return dict(
+        p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
+        p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
+        p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
+        p_mean_ih=saved[0], p_var_ih=saved[1], p_mean_hh=saved[2], p_var_hh=saved[3], p_mean_c=saved[4],
+        p_var_c=saved[5], p_lengths=lengths, p_c=c, p_a_hh=a_hh, eps=eps, B=B, H=G // 4,
+        FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
+        BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
+    )
+
+
 def _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, pop, lengths, counts,
              use_batch_stats, eps, frame):
     """The recurrence, one launch per step. x_gates [T, B, 4H]: a_ih (frame) or the finished input branch.
@@ -153,19 +172,11 @@ def _forward(x_gates, h0, c0, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta
     c[0] = c0
     a_hh = torch.empty(T, B, G, dtype=acc, device=device)
     moments = [torch.empty(T, w, dtype=acc, device=device) for w in (G, G, G, G, H, H)] if frame else []
-    # pointers a mode never reads still need a live tensor (never an empty one)
-    dummy = x_gates
-    saved = moments or [dummy] * 6
-    static = dict(
-        p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
-        p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
-        p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
+    static = _step_arguments(x_gates, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, c, a_hh, moments,
+                             lengths, eps, frame)
+    static.update(
         p_pop_mean_ih=pop[0], p_pop_var_ih=pop[1], p_pop_mean_hh=pop[2], p_pop_var_hh=pop[3],
-        p_pop_mean_c=pop[4], p_pop_var_c=pop[5], p_lengths=lengths, p_h=h, p_c=c, p_out=out, p_a_hh=a_hh,
-        p_mean_ih=saved[0], p_var_ih=saved[1], p_mean_hh=saved[2], p_var_hh=saved[3], p_mean_c=saved[4],
-        p_var_c=saved[5], eps=eps, B=B, H=H,
-        FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
-        BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
+        p_pop_mean_c=pop[4], p_pop_var_c=pop[5], p_h=h, p_out=out,
     )
     grid = (triton.cdiv(H, _BLOCK_H),)
     for t in range(T):
@@ -193,18 +204,11 @@ def _backward(dout, dh_n, dc_n, x_gates, weight_hh, bias, gamma_ih, gamma_hh, ga
     dbias = torch.zeros(G, dtype=acc, device=device)
     dgamma_c = torch.zeros(H, dtype=acc, device=device)
     dbeta_c = torch.zeros(H, dtype=acc, device=device)
-    dummy = x_gates
-    saved = moments or [dummy] * 6
-    static = dict(
-        p_x_gates=x_gates, p_w_hh=weight_hh, p_bias=bias if bias is not None else dummy,
-        p_gamma_ih=gamma_ih if frame else dummy, p_gamma_hh=gamma_hh if frame else dummy,
-        p_gamma_c=gamma_c if frame else dummy, p_beta_c=beta_c if frame else dummy,
-        p_mean_ih=saved[0], p_var_ih=saved[1], p_mean_hh=saved[2], p_var_hh=saved[3], p_mean_c=saved[4],
-        p_var_c=saved[5], p_lengths=lengths, p_c=c, p_a_hh=a_hh, p_dout=dout, p_dh=dh, p_dc=dc, p_da_hh=da_hh,
-        p_da_ih=da_ih, p_dgamma_ih=dgamma_ih, p_dgamma_hh=dgamma_hh, p_dbias=dbias, p_dgamma_c=dgamma_c,
-        p_dbeta_c=dbeta_c, T=T, eps=eps, B=B, H=H,
-        FRAME=frame, HAS_BIAS=bias is not None, ACC=_tl_acc(dtype), PRECISION=_precision(dtype, device),
-        BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K, num_warps=_num_warps(B),
+    static = _step_arguments(x_gates, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, c, a_hh, moments,
+                             lengths, eps, frame)
+    static.update(
+        p_dout=dout, p_dh=dh, p_dc=dc, p_da_hh=da_hh, p_da_ih=da_ih, p_dgamma_ih=dgamma_ih,
+        p_dgamma_hh=dgamma_hh, p_dbias=dbias, p_dgamma_c=dgamma_c, p_dbeta_c=dbeta_c, T=T,
     )
     grid = (triton.cdiv(H, _BLOCK_H),)
     for t in range(T - 1, -1, -1):
