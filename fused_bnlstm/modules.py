@@ -125,6 +125,8 @@ class _PopulationStatsMixin:
         if self.track_running_stats:
             running = self._running(suffix)
             idx = slots.to(running.count.device)
+            # a copy, not a view: the update after the call changes the buffers in place, and a backend's
+            # backward may read what it normalized with
             rows = {f"{s}_{q}": getattr(running, s)[q].index_select(0, idx) for q in self._quantities()
                     for s in ("mean", "var")}
             return Population(**rows)
@@ -456,7 +458,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
 
     def _pack_result(self, output, h_n, c_n, packing, is_batched, input):
         if packing is not None:
-            lengths = torch.as_tensor(_lengths_from_batch_sizes(packing.batch_sizes))
+            lengths = _lengths_from_batch_sizes(packing.batch_sizes)
             sorted_output = output.index_select(1, packing.sorted_indices) if packing.sorted_indices is not None \
                 else output
             data = pack_padded_sequence(sorted_output, lengths, enforce_sorted=True).data
@@ -594,9 +596,8 @@ def _gather_time(seq: Tensor, index: Tensor) -> Tensor:
     return seq.gather(0, index.unsqueeze(2).expand(-1, -1, seq.shape[2]))
 
 
-def _lengths_from_batch_sizes(batch_sizes: Tensor) -> list[int]:
-    """Sorted (descending) lengths from a PackedSequence's batch_sizes."""
-    sizes = batch_sizes.tolist()
-    B = sizes[0] if sizes else 0
-    return [sum(1 for size in sizes if size > b) for b in range(B)]
+def _lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
+    """Sorted (descending) lengths [B] from a PackedSequence's batch_sizes [T]: row b runs while size > b."""
+    B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+    return (batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
 
