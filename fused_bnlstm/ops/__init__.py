@@ -13,7 +13,6 @@ Backends (each computes the same function and the same gradients):
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 from torch import Tensor
@@ -35,10 +34,6 @@ BACKENDS = ("reference", "triton", "cpp")
 
 # backend name -> (module under fused_bnlstm.ops, function name)
 _FUSED = {"triton": ("fused_triton", "bnlstm_layer_triton"), "cpp": ("fused_cpp", "bnlstm_layer_cpp")}
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def backend_available(name: str, device: torch.device) -> tuple[bool, str]:

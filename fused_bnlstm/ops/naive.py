@@ -59,17 +59,16 @@ def bnlstm_layer_naive(
     T, B, _ = x.shape
     H = weight_hh.shape[1]
     counts = step_counts(lengths, T, B)  # python ints, rows running at each step
-    running = [
-        torch.ones(B, dtype=torch.bool, device=x.device) if lengths is None else (lengths.to(x.device) > t)
-        for t in range(T)
-    ]
+    # [T, B]: the rows still running at each step
+    steps = torch.arange(T, device=x.device).unsqueeze(1)
+    running = steps < (lengths.to(x.device) if lengths is not None else T)
     h, c = h0, c0
     outputs = []
 
     if normalization == "sequence":
         # BN-e*: one normalization of W_ih x over every valid (t, b) frame; W_hh h and c stay raw.
         a_ih = x @ weight_ih.t()  # [T, B, 4H]
-        frames = torch.stack(running).reshape(T * B)  # [T*B]
+        frames = running.expand(T, B).reshape(T * B)  # [T*B]
         n_frames = sum(counts)
         if use_batch_stats and n_frames >= 2:
             mean_ih, var_ih = _masked_moments(a_ih.reshape(T * B, 4 * H), frames, n_frames)
