@@ -16,9 +16,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import _stats
-from fused_bnlstm.ops import BACKENDS, Population, bnlstm_layer, resolve_backend
-
-NORMALIZATIONS = ("frame", "sequence", None)
+from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams, Population, bnlstm_layer,
+                              resolve_backend)
 
 
 def _check_common_arguments(input_size, hidden_size, bias, momentum, eps, gamma_init, normalization,
@@ -363,6 +362,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         else:
             slots = torch.zeros(1, dtype=torch.long)
 
+        config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
         reverse_index = _reverse_index(T, lengths, x.device) if self.bidirectional else None
         layer_input = x
         h_n, c_n, pending = [], [], []
@@ -373,10 +373,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                 k = layer * num_directions + direction
                 seq = layer_input if direction == 0 else _gather_time(layer_input, reverse_index)
                 out, h, c, stats = bnlstm_layer(
-                    seq, h0[k], c0[k], *self._layer_parameters(suffix),
-                    lengths=lengths, population=self._population(suffix, slots, x),
-                    use_batch_stats=use_batch_stats, eps=self.eps, normalization=self.normalization,
-                    backend=backend,
+                    seq, h0[k], c0[k], _layer_parameters(self, suffix), lengths=lengths,
+                    population=self._population(suffix, slots, x), config=config, backend=backend,
                 )
                 directions.append(out if direction == 0 else _gather_time(out, reverse_index))
                 h_n.append(h)
@@ -390,13 +388,6 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         for suffix, stats in pending:
             self._record_statistics(suffix, slots, stats)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
-
-    def _layer_parameters(self, suffix: str):
-        bias = None
-        if self.bias:
-            bias = getattr(self, "bias_ih" + suffix) + getattr(self, "bias_hh" + suffix)
-        bn = [getattr(self, name + suffix, None) for name in ("gamma_ih", "gamma_hh", "gamma_c", "beta_c")]
-        return (getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix), bias, *bn)
 
     def _as_padded(self, input):
         """Any input form -> (x [T, B, I] time-major, lengths [B] CPU int64 or None, packing, is_batched)."""
@@ -550,16 +541,24 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
             self._grow_stats(time_step + 1)
         num_slots = self._num_slots() if (self.normalization and self.track_running_stats) else time_step + 1
         slots = _stats.slot_indices(1, time_step, num_slots)
-        bias = self.bias_ih + self.bias_hh if self.bias else None
-        bn = [getattr(self, name, None) for name in ("gamma_ih", "gamma_hh", "gamma_c", "beta_c")]
+        config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
         _, h, c, stats = bnlstm_layer(
-            x.unsqueeze(0), h0, c0, self.weight_ih, self.weight_hh, bias, *bn,
-            population=self._population("", slots, x), use_batch_stats=use_batch_stats, eps=self.eps,
-            normalization=self.normalization, backend="reference",
+            x.unsqueeze(0), h0, c0, _layer_parameters(self, ""), population=self._population("", slots, x),
+            config=config, backend="reference",
         )
         if update_stats and stats is not None and B > 0:
             self._record_statistics("", slots, stats)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
+
+
+def _layer_parameters(module: nn.Module, suffix: str) -> LayerParams:
+    """One layer-direction's parameters as the op takes them (the two biases summed: both follow the BNs)."""
+    bias = None
+    if module.bias:
+        bias = getattr(module, "bias_ih" + suffix) + getattr(module, "bias_hh" + suffix)
+    bn = {name: getattr(module, name + suffix, None) for name in ("gamma_ih", "gamma_hh", "gamma_c", "beta_c")}
+    return LayerParams(weight_ih=getattr(module, "weight_ih" + suffix), weight_hh=getattr(module, "weight_hh" + suffix),
+                       bias=bias, **bn)
 
 
 def _reset_lstm_weights(module: nn.Module, suffix: str, H: int, gamma_init: float) -> None:

@@ -6,7 +6,7 @@ cotangents on output, h_n and c_n) and the returned batch statistics.
 
 import torch
 
-from fused_bnlstm.ops import Population, bnlstm_layer
+from fused_bnlstm.ops import LayerConfig, LayerParams, Population, bnlstm_layer
 
 CPU = torch.device("cpu")
 
@@ -68,13 +68,20 @@ def population(T, H, normalization, dtype, device=CPU, seed=1):
     return Population(mean(4 * H), var(4 * H), mean(4 * H), var(4 * H), mean(H), var(H))
 
 
+def call_layer(inputs, *, backend="reference", lengths=None, population=None, **config):
+    """``bnlstm_layer`` on ``op_inputs``-style tensors by name; ``lengths`` a list or a tensor; ``config``
+    holds ``LayerConfig`` fields (normalization, eps, use_batch_stats)."""
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        lengths = torch.tensor(lengths)
+    params = LayerParams(**{name: inputs.get(name) for name in LayerParams._fields})
+    return bnlstm_layer(inputs["x"], inputs["h0"], inputs["c0"], params, lengths=lengths, population=population,
+                        config=LayerConfig(**config), backend=backend)
+
+
 def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cotangent_seed=2):
     """Outputs, every gradient by name (random cotangents on output, h_n and c_n) and the batch statistics."""
-    lengths_t = None if lengths is None else torch.tensor(lengths)
-    out, h_n, c_n, stats = bnlstm_layer(
-        **inputs, lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats,
-        normalization=normalization, backend=backend,
-    )
+    out, h_n, c_n, stats = call_layer(inputs, backend=backend, lengths=lengths, population=pop,
+                                      use_batch_stats=use_batch_stats, normalization=normalization)
     g = torch.Generator().manual_seed(cotangent_seed)
     cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
     names = [n for n, arg in GRADIENTS.items() if arg in USED[normalization] and inputs[arg] is not None]
@@ -82,6 +89,20 @@ def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cot
     results = {"output": out, "h_n": h_n, "c_n": c_n}
     results.update(dict(zip(names, grads)))
     return results, stats
+
+
+def compare_with_reference(backend, T, B, I, H, lengths, normalization, use_batch_stats, dtype, device=CPU,
+                           bias=True, tolerance=None):
+    """Hold ``backend`` to the reference on one case: every output, every gradient by name, the statistics."""
+    tolerance = tolerance or TOLERANCES[dtype]
+    pop = population(T, H, normalization, dtype, device)
+    inputs = op_inputs(T, B, I, H, lengths, dtype, device, bias)
+    ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
+    got, got_stats = run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert_close_by_name(got[name], ref[name], name, **tolerance)
+    assert_same_statistics(ref_stats, got_stats, **tolerance)
 
 
 def assert_same_statistics(expected, actual, **tolerance):

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM, BNLSTMCell, bnlstm_layer, update_population_statistics
+from fused_bnlstm.ops import LayerParams
 
 DTYPE = torch.float64
 
@@ -175,11 +176,11 @@ def test_padding_never_enters_statistics():
     garbage = clean + 100.0 * (torch.arange(T).unsqueeze(1) >= torch.tensor(lengths)).unsqueeze(2)
     model = _randomize(BNLSTM(I, H, dtype=DTYPE, backend="reference"))
     # The op itself, handed padding full of garbage, must not let it into outputs or statistics.
-    params = dict(weight_ih=model.weight_ih_l0, weight_hh=model.weight_hh_l0,
-                  bias=model.bias_ih_l0 + model.bias_hh_l0, gamma_ih=model.gamma_ih_l0,
-                  gamma_hh=model.gamma_hh_l0, gamma_c=model.gamma_c_l0, beta_c=model.beta_c_l0)
+    params = LayerParams(weight_ih=model.weight_ih_l0, weight_hh=model.weight_hh_l0,
+                         bias=model.bias_ih_l0 + model.bias_hh_l0, gamma_ih=model.gamma_ih_l0,
+                         gamma_hh=model.gamma_hh_l0, gamma_c=model.gamma_c_l0, beta_c=model.beta_c_l0)
     population = model._population("_l0", torch.zeros(T, dtype=torch.long), clean)
-    results = [bnlstm_layer(x, x.new_zeros(B, H), x.new_zeros(B, H), **params, lengths=torch.tensor(lengths),
+    results = [bnlstm_layer(x, x.new_zeros(B, H), x.new_zeros(B, H), params, lengths=torch.tensor(lengths),
                             population=population) for x in (clean, garbage)]
     torch.testing.assert_close(results[0][:3], results[1][:3])
     for name in ("counts", "mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c"):

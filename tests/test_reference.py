@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from fused_bnlstm import BNLSTM
-from fused_bnlstm.ops import Population, bnlstm_layer
+from layer_cases import call_layer, op_inputs, population
 
 
 def composed_bnlstm(x, lengths, p, running, max_length, training, momentum, eps):
@@ -129,29 +129,6 @@ def test_reference_sequence_normalization_matches_composition():
     torch.testing.assert_close(model.running_var_ih_l0[0], var)
 
 
-def _op_inputs(T, B, I, H, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g, dtype=dtype)).requires_grad_()
-
-    return dict(
-        x=rand(T, B, I), h0=rand(B, H), c0=rand(B, H),
-        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, H, scale=0.5), bias=rand(4 * H, scale=0.1),
-        gamma_ih=rand(4 * H, scale=0.3), gamma_hh=rand(4 * H, scale=0.3),
-        gamma_c=rand(H, scale=0.3), beta_c=rand(H, scale=0.1),
-    )
-
-
-def _population(T, H, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Population(
-        torch.randn(T, 4 * H, generator=g, dtype=dtype), torch.rand(T, 4 * H, generator=g, dtype=dtype) + 0.5,
-        torch.randn(T, 4 * H, generator=g, dtype=dtype), torch.rand(T, 4 * H, generator=g, dtype=dtype) + 0.5,
-        torch.randn(T, H, generator=g, dtype=dtype), torch.rand(T, H, generator=g, dtype=dtype) + 0.5,
-    )
-
-
 @pytest.mark.parametrize(
     "normalization, use_batch_stats, lengths",
     [
@@ -163,17 +140,13 @@ def _population(T, H, dtype=torch.float64, seed=1):
 )
 def test_reference_gradcheck_float64(normalization, use_batch_stats, lengths):
     T, B, I, H = 4, 3, 2, 3
-    inputs = _op_inputs(T, B, I, H)
-    population = _population(T, H)
-    if normalization == "sequence":
-        population = Population(population.mean_ih[:1], population.var_ih[:1])
-    lengths_t = None if lengths is None else torch.tensor(lengths)
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    pop = population(T, H, normalization, torch.float64)
     names = list(inputs)
 
     def run(*tensors):
-        kwargs = dict(zip(names, tensors))
-        out, h, c, _ = bnlstm_layer(**kwargs, lengths=lengths_t, population=population,
-                                    use_batch_stats=use_batch_stats, normalization=normalization)
+        out, h, c, _ = call_layer(dict(zip(names, tensors)), lengths=lengths, population=pop,
+                                  use_batch_stats=use_batch_stats, normalization=normalization)
         return out, h, c
 
     used = [inputs[n] for n in names]
@@ -182,9 +155,9 @@ def test_reference_gradcheck_float64(normalization, use_batch_stats, lengths):
 
 def test_reference_returns_biased_batch_statistics_per_step():
     T, B, I, H = 3, 4, 2, 3
-    inputs = {k: v.detach() for k, v in _op_inputs(T, B, I, H).items()}
     lengths = torch.tensor([3, 3, 1, 2])
-    _, _, _, stats = bnlstm_layer(**inputs, lengths=lengths, population=_population(T, H), normalization="frame")
+    inputs = {k: v.detach() for k, v in op_inputs(T, B, I, H, lengths.tolist(), torch.float64).items()}
+    _, _, _, stats = call_layer(inputs, lengths=lengths, population=population(T, H, "frame", torch.float64))
     assert stats.counts.tolist() == [4, 3, 2]
     for t in range(T):
         rows = lengths > t
@@ -202,6 +175,6 @@ def test_reference_returns_biased_batch_statistics_per_step():
     ],
 )
 def test_layer_op_refuses_bad_lengths(lengths, message):
-    inputs = {k: v.detach() for k, v in _op_inputs(4, 3, 2, 3).items()}
+    inputs = {k: v.detach() for k, v in op_inputs(4, 3, 2, 3, None, torch.float64).items()}
     with pytest.raises(ValueError, match=re.escape(message)):
-        bnlstm_layer(**inputs, lengths=torch.tensor(lengths), population=_population(4, 3))
+        call_layer(inputs, lengths=lengths, population=population(4, 3, "frame", torch.float64))

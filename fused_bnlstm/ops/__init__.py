@@ -17,12 +17,27 @@ import importlib
 import torch
 from torch import Tensor
 
-from fused_bnlstm.ops.common import BatchStatistics, Population, step_counts
+from fused_bnlstm.ops.common import (
+    NORMALIZATIONS,
+    BatchStatistics,
+    LayerConfig,
+    LayerInput,
+    LayerOutput,
+    LayerParams,
+    Population,
+    prepare_layer,
+    step_counts,
+)
 from fused_bnlstm.ops.naive import bnlstm_layer_naive
 
 __all__ = [
     "BACKENDS",
+    "NORMALIZATIONS",
     "BatchStatistics",
+    "LayerConfig",
+    "LayerInput",
+    "LayerOutput",
+    "LayerParams",
     "Population",
     "backend_available",
     "bnlstm_layer",
@@ -68,76 +83,39 @@ def bnlstm_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias: Tensor | None = None,
-    gamma_ih: Tensor | None = None,
-    gamma_hh: Tensor | None = None,
-    gamma_c: Tensor | None = None,
-    beta_c: Tensor | None = None,
+    params: LayerParams,
     *,
     lengths: Tensor | None = None,
     population: Population | None = None,
-    use_batch_stats: bool = True,
-    eps: float = 1e-5,
-    normalization: str | None = "frame",
+    config: LayerConfig = LayerConfig(),
     backend: str = "reference",
-) -> tuple[Tensor, Tensor, Tensor, BatchStatistics | None]:
+) -> LayerOutput:
     """One BN-LSTM layer in one direction.
 
     Args:
         x: [T, B, I] time-major input, zero beyond each row's length.
         h0, c0: [B, H] initial state.
-        weight_ih: [4H, I]; weight_hh: [4H, H]; gate order i, f, g, o.
-        bias: [4H] or None, added after normalization (the module passes ``bias_ih + bias_hh``).
-        gamma_ih, gamma_hh: [4H]; gamma_c, beta_c: [H]. Frame-wise needs all four, sequence-wise
-            ``gamma_ih`` only, ``normalization=None`` none.
+        params: ``LayerParams``: weight_ih [4H, I], weight_hh [4H, H] (gate order i, f, g, o), bias [4H] or
+            None (added after normalization; the module passes ``bias_ih + bias_hh``), gamma_ih, gamma_hh
+            [4H], gamma_c, beta_c [H]. Frame-wise needs all four BN parameters, sequence-wise ``gamma_ih``
+            only, ``normalization=None`` none.
         lengths: [B] int64 on the CPU, each in [1, T], or None when every row runs all T steps.
         population: statistics used where batch statistics are not (see ``Population``); required unless
-            ``normalization`` is None.
-        use_batch_stats: normalize with the batch's statistics (training, or
-            ``track_running_stats=False``); otherwise with ``population``.
-        eps: added to the variance.
-        normalization: ``"frame"``, ``"sequence"`` or None.
+            ``config.normalization`` is None.
+        config: ``LayerConfig``: normalization (``"frame"``, ``"sequence"`` or None), eps, and
+            use_batch_stats (normalize with the batch's statistics, else with ``population``).
         backend: ``"reference"``, ``"triton"`` or ``"cpp"`` (already resolved, see ``resolve_backend``).
 
     Returns:
-        output [T, B, H] (zeros where t >= length), h_n and c_n [B, H] (each row's state at its last valid
-        step), and the ``BatchStatistics`` used (None when no batch statistics were used).
+        ``LayerOutput``: output [T, B, H] (zeros where t >= length), h_n and c_n [B, H] (each row's state at
+        its last valid step), and the ``BatchStatistics`` used (None when no batch statistics were used).
     """
-    _check_layer_inputs(x, h0, c0, weight_ih, weight_hh, lengths, population, normalization)
+    inputs = prepare_layer(x, h0, c0, params, config, lengths, population)
+    return _backend_function(backend)(inputs=inputs, params=params, config=config)
+
+
+def _backend_function(backend: str):
     if backend == "reference":
-        layer = bnlstm_layer_naive
-    else:
-        module_name, function_name = _FUSED[backend]
-        layer = getattr(importlib.import_module(f"fused_bnlstm.ops.{module_name}"), function_name)
-    return layer(
-        x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
-        lengths, population, use_batch_stats, eps, normalization,
-    )
-
-
-def _check_layer_inputs(x, h0, c0, weight_ih, weight_hh, lengths, population, normalization):
-    if x.dim() != 3:
-        raise ValueError(f"bnlstm_layer: expected x of shape [T, B, I], got {tuple(x.shape)}")
-    T, B, I = x.shape
-    H = weight_hh.shape[1]
-    if weight_ih.shape != (4 * H, I) or weight_hh.shape != (4 * H, H):
-        raise ValueError(
-            f"bnlstm_layer: expected weight_ih [{4 * H}, {I}] and weight_hh [{4 * H}, {H}], got "
-            f"{list(weight_ih.shape)} and {list(weight_hh.shape)}"
-        )
-    for name, state in (("h0", h0), ("c0", c0)):
-        if state.shape != (B, H):
-            raise ValueError(f"bnlstm_layer: expected {name} of shape [{B}, {H}], got {list(state.shape)}")
-    if lengths is not None:
-        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64 or lengths.is_cuda:
-            raise ValueError(f"bnlstm_layer: lengths must be a CPU int64 tensor of shape [{B}], got "
-                             f"{lengths.dtype} {list(lengths.shape)} on {lengths.device}")
-        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
-            raise ValueError(f"bnlstm_layer: every length must be in [1, T={T}], got min {int(lengths.min())} "
-                             f"and max {int(lengths.max())}")
-    if normalization not in ("frame", "sequence", None):
-        raise ValueError(f"bnlstm_layer: normalization must be 'frame', 'sequence' or None, got {normalization!r}")
-    if normalization is not None and population is None:
-        raise ValueError("bnlstm_layer: population statistics are required unless normalization is None")
+        return bnlstm_layer_naive
+    module_name, function_name = _FUSED[backend]
+    return getattr(importlib.import_module(f"fused_bnlstm.ops.{module_name}"), function_name)

@@ -1,4 +1,11 @@
-"""Types and small helpers shared by every backend of the BN-LSTM layer op."""
+"""The layer op's contract, shared by every backend: what goes in, what comes out, one validation.
+
+``bnlstm_layer`` (``ops/__init__.py``) takes the parameters as one bundle (``LayerParams``) and the
+configuration as another (``LayerConfig``), runs ``prepare_layer`` once, and calls the chosen backend with
+keywords: ``bnlstm_layer_<name>(inputs=LayerInput, params=LayerParams, config=LayerConfig) -> LayerOutput``.
+A backend only computes; ``finish_statistics`` applies the one convention for the statistics it returns.
+The table of these types is in ``ops/README.md``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,31 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+NORMALIZATIONS = ("frame", "sequence", None)
+# the parameters each normalization reads besides weight_ih, weight_hh and bias
+BN_PARAMETERS = {"frame": ("gamma_ih", "gamma_hh", "gamma_c", "beta_c"), "sequence": ("gamma_ih",), None: ()}
+
+
+class LayerParams(NamedTuple):
+    """One layer-direction's parameters (gate order i, f, g, o)."""
+
+    weight_ih: Tensor  # [4H, I]
+    weight_hh: Tensor  # [4H, H]
+    bias: Tensor | None = None  # [4H]: bias_ih + bias_hh, added after normalization
+    gamma_ih: Tensor | None = None  # [4H], frame and sequence
+    gamma_hh: Tensor | None = None  # [4H], frame
+    gamma_c: Tensor | None = None  # [H], frame
+    beta_c: Tensor | None = None  # [H], frame
+
+
+class LayerConfig(NamedTuple):
+    """How a call normalizes."""
+
+    normalization: str | None = "frame"  # "frame", "sequence" or None
+    eps: float = 1e-5
+    # normalize with the batch's statistics (training, or track_running_stats=False), else the population's
+    use_batch_stats: bool = True
 
 
 class Population(NamedTuple):
@@ -29,9 +61,9 @@ class BatchStatistics(NamedTuple):
     """Batch statistics a training call normalized with, detached, for the running-statistics update.
 
     ``counts`` [T] (int64, CPU) is the number of rows each step normalized over; a step with fewer than
-    two used its population statistics instead and its moments are meaningless (NaN in the reference).
-    Means and **biased** variances: frame-wise [T, 4H] / [T, H]; sequence-wise ``counts`` is [1] (all valid
-    frames) and only ``mean_ih``/``var_ih`` [1, 4H] are set.
+    two used its population statistics instead and its moments are NaN. Means and **biased** variances:
+    frame-wise [T, 4H] / [T, H]; sequence-wise ``counts`` is [1] (all valid frames) and only
+    ``mean_ih``/``var_ih`` [1, 4H] are set.
     """
 
     counts: Tensor
@@ -43,9 +75,104 @@ class BatchStatistics(NamedTuple):
     var_c: Tensor | None = None
 
 
-def step_counts(lengths: Tensor | None, T: int, B: int) -> list[int]:
-    """Rows still running at each step t (those with length > t), as python ints."""
+class LayerInput(NamedTuple):
+    """What ``prepare_layer`` hands a backend, validated once."""
+
+    x: Tensor  # [T, B, I], zero beyond each row's length
+    h0: Tensor  # [B, H]
+    c0: Tensor  # [B, H]
+    lengths: Tensor | None  # [B] int64 on the CPU, each in [1, T]; None: every row runs all T steps
+    counts: tuple[int, ...]  # [T] rows still running at each step (host ints: no device sync)
+    # frame: [T], whether step t normalizes with batch statistics (use_batch_stats and counts[t] >= 2);
+    # sequence: [1] (use_batch_stats and at least two valid frames); no normalization: ()
+    batch_stats: tuple[bool, ...]
+    population: Population | None  # set unless normalization is None
+
+
+class LayerOutput(NamedTuple):
+    output: Tensor  # [T, B, H], zeros where t >= length
+    h_n: Tensor  # [B, H], each row's state at its last valid step
+    c_n: Tensor  # [B, H]
+    stats: BatchStatistics | None  # None when no batch statistics were used
+
+
+def step_counts(lengths: Tensor | None, T: int, B: int) -> tuple[int, ...]:
+    """Rows still running at each step t (those with length > t), as host ints; ``lengths`` on the CPU."""
     if lengths is None:
-        return [B] * T
+        return (B,) * T
     steps = torch.arange(T).unsqueeze(1)  # [T, 1]
-    return (lengths.cpu().unsqueeze(0) > steps).sum(1).tolist()
+    return tuple((lengths.unsqueeze(0) > steps).sum(1).tolist())
+
+
+def prepare_layer(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, config: LayerConfig,
+                  lengths: Tensor | None, population: Population | None) -> LayerInput:
+    """Check one layer-direction's inputs (the one place they are checked) and derive the per-step plan."""
+    if x.dim() != 3:
+        raise ValueError(f"bnlstm_layer: expected x of shape [T, B, I], got {list(x.shape)}")
+    T, B, I = x.shape
+    H = params.weight_hh.shape[1]
+    if params.weight_ih.shape != (4 * H, I) or params.weight_hh.shape != (4 * H, H):
+        raise ValueError(
+            f"bnlstm_layer: expected weight_ih [{4 * H}, {I}] and weight_hh [{4 * H}, {H}], got "
+            f"{list(params.weight_ih.shape)} and {list(params.weight_hh.shape)}"
+        )
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state.shape != (B, H):
+            raise ValueError(f"bnlstm_layer: expected {name} of shape [{B}, {H}], got {list(state.shape)}")
+    if config.normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"bnlstm_layer: normalization must be 'frame', 'sequence' or None, got {config.normalization!r}"
+        )
+    widths = {"bias": 4 * H, "gamma_ih": 4 * H, "gamma_hh": 4 * H, "gamma_c": H, "beta_c": H}
+    for name in BN_PARAMETERS[config.normalization]:
+        if getattr(params, name) is None:
+            raise ValueError(f"bnlstm_layer: normalization={config.normalization!r} needs {name}")
+    for name, width in widths.items():
+        value = getattr(params, name)
+        if value is not None and value.shape != (width,):
+            raise ValueError(f"bnlstm_layer: expected {name} of shape [{width}], got {list(value.shape)}")
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64 or lengths.device.type != "cpu":
+            raise ValueError(f"bnlstm_layer: lengths must be a CPU int64 tensor of shape [{B}], got "
+                             f"{lengths.dtype} {list(lengths.shape)} on {lengths.device}")
+        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"bnlstm_layer: every length must be in [1, T={T}], got min {int(lengths.min())} "
+                             f"and max {int(lengths.max())}")
+    if config.normalization is not None:
+        if population is None:
+            raise ValueError("bnlstm_layer: population statistics are required unless normalization is None")
+        rows = T if config.normalization == "frame" else 1
+        if population.mean_ih.shape[0] != rows:
+            raise ValueError(f"bnlstm_layer: expected population statistics with {rows} rows, got "
+                             f"{population.mean_ih.shape[0]}")
+
+    counts = step_counts(lengths, T, B)
+    if config.normalization == "frame":
+        batch_stats = tuple(config.use_batch_stats and n >= 2 for n in counts)
+    elif config.normalization == "sequence":
+        batch_stats = (config.use_batch_stats and sum(counts) >= 2,)
+    else:
+        batch_stats = ()
+    return LayerInput(x=x, h0=h0, c0=c0, lengths=lengths, counts=counts, batch_stats=batch_stats,
+                      population=population)
+
+
+def finish_statistics(inputs: LayerInput, config: LayerConfig, moments, dtype: torch.dtype) -> BatchStatistics | None:
+    """The batch statistics a call returns: detached, in ``dtype``, NaN where a step used the population's.
+
+    ``moments``: frame-wise the six [T, F] tensors (mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c; biased
+    variances); sequence-wise the two [1, 4H] ones. Rows of steps that did not use batch statistics may hold
+    anything. None when the call normalized with population statistics only (eval, no normalization, or
+    fewer than two valid frames sequence-wise).
+    """
+    if config.normalization is None or not config.use_batch_stats:
+        return None
+    if config.normalization == "sequence":
+        if not inputs.batch_stats[0]:
+            return None
+        counts = torch.tensor([sum(inputs.counts)], dtype=torch.long)
+        return BatchStatistics(counts, *[m.detach().to(dtype) for m in moments])
+    counts = torch.tensor(inputs.counts, dtype=torch.long)
+    device = moments[0].device
+    fell_back = ~torch.tensor(inputs.batch_stats, dtype=torch.bool).to(device, non_blocking=True)[:, None]  # [T, 1]
+    return BatchStatistics(counts, *[m.detach().to(dtype).masked_fill(fell_back, float("nan")) for m in moments])
