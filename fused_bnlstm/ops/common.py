@@ -176,3 +176,44 @@ def finish_statistics(inputs: LayerInput, config: LayerConfig, moments, dtype: t
     device = moments[0].device
     fell_back = ~torch.tensor(inputs.batch_stats, dtype=torch.bool).to(device, non_blocking=True)[:, None]  # [T, 1]
     return BatchStatistics(counts, *[m.detach().to(dtype).masked_fill(fell_back, float("nan")) for m in moments])
+
+
+def needs_reference_backward(*cotangents: Tensor | None) -> bool:
+    """Whether a fused backward must hand over to ``reference_backward``: the caller asked for a graph of
+    the gradients (``create_graph=True``: double backward, gradient penalties), or the cotangents are
+    batched by a ``torch.func`` transform (``vmap``, ``is_grads_batched=True``, jacobians), which compiled
+    kernels cannot read."""
+    if torch.is_grad_enabled():
+        return True
+    return any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in cotangents)
+
+
+def reference_backward(*, inputs: LayerInput, params: LayerParams, config: LayerConfig, cotangents,
+                       needs_input_grad) -> tuple[Tensor | None, ...]:
+    """The layer's vector-Jacobian product through the reference, differentiable to any order.
+
+    A fused backend's ``backward`` calls this instead of its kernels when ``needs_reference_backward`` says
+    so. ``inputs`` and ``params`` must hold the tensors the fused forward received (its saved inputs, with
+    their autograd history), so the returned gradients stay connected to them. ``cotangents`` are those of
+    (output, h_n, c_n); ``needs_input_grad`` is over (x, h0, c0, *params). Returns one gradient per entry of
+    ``needs_input_grad`` (None where not needed).
+    """
+    from fused_bnlstm.ops.naive import bnlstm_layer_naive  # the reference imports this module
+
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        wanted = [t for t, need in zip((inputs.x, inputs.h0, inputs.c0, *params), needs_input_grad)
+                  if need and t is not None]
+        # leaves that do not require grad yet (a fused forward saves its inputs detached from autograd's view)
+        wanted = [t if t.requires_grad else t.detach().requires_grad_() for t in wanted]
+        tensors = iter(wanted)
+        rebuilt = [next(tensors) if need and t is not None else t
+                   for t, need in zip((inputs.x, inputs.h0, inputs.c0, *params), needs_input_grad)]
+        run = inputs._replace(x=rebuilt[0], h0=rebuilt[1], c0=rebuilt[2])
+        out = bnlstm_layer_naive(inputs=run, params=LayerParams(*rebuilt[3:]), config=config)
+        pairs = [(o, g) for o, g in zip(out[:3], cotangents) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                                    create_graph=create_graph)
+    grads = iter(grads)
+    return tuple(next(grads) if need and t is not None else None
+                 for t, need in zip((inputs.x, inputs.h0, inputs.c0, *params), needs_input_grad))
