@@ -15,6 +15,8 @@ Steps are applied in time order; only the last slot can be hit more than once in
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -35,9 +37,18 @@ class RunningStats:
         self.mean, self.var, self.count = mean, var, count
 
 
+# One lock for every module's buffer update: threads training one shared module must not interleave the
+# read-modify-write of a slot (each update is a few in-place ops, so contention is negligible).
+_UPDATE_LOCK = threading.Lock()
+
+
 @torch.no_grad()
 def apply_batch_statistics(running: RunningStats, slots: Tensor, batch: BatchStatistics, momentum):
-    """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would."""
+    """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would.
+
+    In place and without reading a device tensor back to the host: ``batch.counts`` and ``slots`` are CPU
+    tensors, the buffers may live anywhere (a CUDA graph, a meta-device model, shared memory).
+    """
     # Steps with fewer than two rows normalized with population statistics and update nothing. Rows only
     # ever stop running, so the steps that do update are a prefix [0, S) of the call.
     S = int((batch.counts >= 2).sum())
@@ -49,38 +60,39 @@ def apply_batch_statistics(running: RunningStats, slots: Tensor, batch: BatchSta
     once = min(S, last - first_slot) if first_slot < last else 0
     repeats = S - once
     device = running.count.device
-    n = batch.counts[:S].to(device=device, dtype=torch.float64).unsqueeze(1)  # [S, 1]
-    count_last = int(running.count[last])
-    if momentum is None:
-        # cumulative average: slot s's k-th update has factor 1 / k
-        factor = 1.0 / (running.count[first_slot:first_slot + once] + 1).unsqueeze(1)  # [once, 1]
-    else:
-        factor = float(momentum)
+    n = batch.counts[:S].to(dtype=torch.float64).unsqueeze(1).to(device, non_blocking=True)  # [S, 1]
+    with _UPDATE_LOCK:
+        count = running.count
+        if momentum is None:
+            # cumulative average: slot s's k-th update has factor 1 / k
+            factor = 1.0 / (count[first_slot:first_slot + once] + 1).unsqueeze(1)  # [once, 1]
+        else:
+            factor = float(momentum)
+        for q in running.mean:
+            mean, var = running.mean[q], running.var[q]
+            batch_mean = getattr(batch, f"mean_{q}")[:S].to(device)
+            # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
+            batch_var = getattr(batch, f"var_{q}")[:S].to(device) * (n / (n - 1)).to(mean.dtype)
+            if once:
+                weight = factor if momentum is not None else factor.to(mean.dtype)
+                mean[first_slot:first_slot + once].lerp_(batch_mean[:once].to(mean.dtype), weight)
+                var[first_slot:first_slot + once].lerp_(batch_var[:once].to(var.dtype), weight)
+            if repeats:
+                mean[last] = _fold_repeated(mean[last], batch_mean[once:].double(), momentum, count[last])
+                var[last] = _fold_repeated(var[last], batch_var[once:].double(), momentum, count[last])
+        count[first_slot:first_slot + once] += 1
+        count[last] += repeats
 
-    for q in running.mean:
-        mean, var = running.mean[q], running.var[q]
-        batch_mean = getattr(batch, f"mean_{q}")[:S].to(device)
-        # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
-        batch_var = getattr(batch, f"var_{q}")[:S].to(device) * (n / (n - 1)).to(mean.dtype)
-        if once:
-            weight = factor if momentum is not None else factor.to(mean.dtype)
-            mean[first_slot:first_slot + once].lerp_(batch_mean[:once].to(mean.dtype), weight)
-            var[first_slot:first_slot + once].lerp_(batch_var[:once].to(var.dtype), weight)
-        if repeats:
-            mean[last] = _fold_repeated(mean[last], batch_mean[once:].double(), momentum, count_last)
-            var[last] = _fold_repeated(var[last], batch_var[once:].double(), momentum, count_last)
 
-    running.count[first_slot:first_slot + once] += 1
-    running.count[last] += repeats
-
-
-def _fold_repeated(value: Tensor, batches: Tensor, momentum, count_before: int) -> Tensor:
-    """k sequential BatchNorm updates of one slot with ``batches`` [k, F], in closed form (float64)."""
+def _fold_repeated(value: Tensor, batches: Tensor, momentum, count_before: Tensor) -> Tensor:
+    """k sequential BatchNorm updates of one slot with ``batches`` [k, F], in closed form (float64);
+    ``count_before`` is the slot's num_batches_tracked (a 0-d tensor, never read to the host)."""
     k = batches.shape[0]
     start = value.to(torch.float64)
     if momentum is None:
         # cumulative average: (n0 * r0 + sum(b)) / (n0 + k)
-        folded = (count_before * start + batches.sum(0)) / (count_before + k)
+        n0 = count_before.to(torch.float64)
+        folded = (n0 * start + batches.sum(0)) / (n0 + k)
     else:
         m = float(momentum)
         # r_k = (1 - m)^k r_0 + sum_j m (1 - m)^(k - 1 - j) b_j
@@ -94,8 +106,7 @@ class ExactAccumulator:
 
     For each slot it keeps the number of rows N, the sum of values and the sum of squares (float64), so
     the result is the mean and the unbiased variance over every frame that reached that slot, as if the
-    whole pass had been one batch. Entries are keyed by the caller (one per module and direction), not by
-    the buffers, which a longer batch may grow (and so replace) during the pass.
+    whole pass had been one batch. Entries are keyed by the caller (one per module and direction).
     """
 
     def __init__(self):
@@ -118,10 +129,8 @@ class ExactAccumulator:
         entry = self.sums.setdefault(key, {})
         num_slots = running.count.shape[0]
         for name, value in columns.items():
-            total = entry.get(name, value.new_zeros(0, value.shape[1]))
-            if total.shape[0] < num_slots:  # the buffers grew since the last batch
-                total = torch.cat([total, total.new_zeros(num_slots - total.shape[0], total.shape[1])])
-            # a slot hit by several steps (past a fixed max_length) counts its batch once
+            total = entry.get(name, value.new_zeros(num_slots, value.shape[1]))
+            # a slot hit by several steps (past max_length) counts its batch once
             entry[name] = total.index_add_(0, idx, value if name != "batches" else value / _hits(idx))
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ takes: a padded time-major batch with per-row lengths. The math lives in ``fused
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 
@@ -18,6 +19,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fused_bnlstm import _stats
 from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams, Population, bnlstm_layer,
                               resolve_backend)
+
+# backends whose kernels have no projection (proj_size) yet: "auto" runs the reference for such a model
+_FUSED_WITHOUT_PROJECTION = ("triton", "cpp")
+# statistics slots per layer-direction unless max_length says otherwise (see _PopulationStatsMixin)
+DEFAULT_MAX_LENGTH = 256
 
 
 def _check_common_arguments(input_size, hidden_size, bias, momentum, eps, gamma_init, normalization,
@@ -45,10 +51,8 @@ def _check_common_arguments(input_size, hidden_size, bias, momentum, eps, gamma_
         raise TypeError(f"gamma_init should be a number, got: {type(gamma_init).__name__}")
     if not isinstance(track_running_stats, bool):
         raise TypeError(f"track_running_stats should be of type bool, got: {type(track_running_stats).__name__}")
-    if max_length is not None and (
-        not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0
-    ):
-        raise ValueError(f"max_length must be None or a positive int, got {max_length!r}")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
@@ -56,18 +60,21 @@ def _check_common_arguments(input_size, hidden_size, bias, momentum, eps, gamma_
 class _PopulationStatsMixin:
     """Per-time-step running statistics buffers, shared by BNLSTM and BNLSTMCell.
 
-    ``max_length=None`` (the default) makes the buffers grow in training to the longest step seen
-    (``T + time_offset``); new slots start fresh, as a new BatchNorm1d would. A fixed ``max_length`` keeps them at that size and steps past it share the last slot (the
-    paper's choice for sequences longer than those seen in training).
+    The buffers have ``max_length`` slots (default ``DEFAULT_MAX_LENGTH``), allocated once and only ever
+    updated in place: they keep their identity and storage, so ``share_memory()``, threads, DDP's buffer
+    broadcast and ``torch.inference_mode`` all see one set of tensors of one shape. Step ``t`` of a training
+    call reads and trains slot ``min(t + time_offset, max_length - 1)``: steps past the end share the last
+    slot (the paper's choice for long sequences). ``running_length`` is the longest training sequence seen
+    (``T + time_offset``, at most ``max_length``); eval reads slot ``min(t + time_offset, running_length - 1)``
+    (``max_length - 1`` before any training), so a sequence longer than any trained on reuses the statistics
+    of the last step trained (the paper's T_max), whatever ``max_length`` is.
     """
 
     def _register_stats(self, suffix: str, gate_width: int, cell_width: int, factory_kwargs):
         if self.normalization is None:
             return
-        slots = 1 if (self.normalization == "sequence" or self.max_length is None) else self.max_length
-        quantities = {"ih": gate_width} if self.normalization == "sequence" else {
-            "ih": gate_width, "hh": gate_width, "c": cell_width}
-        for q, width in quantities.items():
+        slots = 1 if self.normalization == "sequence" else self.max_length
+        for q, width in self._widths(gate_width, cell_width).items():
             tracked = self.track_running_stats
             self.register_buffer(
                 f"running_mean_{q}{suffix}", torch.zeros(slots, width, **factory_kwargs) if tracked else None
@@ -77,7 +84,15 @@ class _PopulationStatsMixin:
             )
         count = torch.zeros(slots, dtype=torch.long, device=factory_kwargs["device"])
         self.register_buffer(f"num_batches_tracked{suffix}", count if self.track_running_stats else None)
+        if not self._stats_suffixes and self.normalization == "frame" and self.track_running_stats:
+            # the longest training sequence seen, T + time_offset, capped at max_length: eval's last slot
+            self.register_buffer("running_length", torch.zeros((), dtype=torch.long, device=factory_kwargs["device"]))
         self._stats_suffixes.append(suffix)
+
+    def _widths(self, gate_width: int, cell_width: int) -> dict[str, int]:
+        if self.normalization == "sequence":
+            return {"ih": gate_width}
+        return {"ih": gate_width, "hh": gate_width, "c": cell_width}
 
     def _quantities(self):
         return ("ih",) if self.normalization == "sequence" else _stats.QUANTITIES
@@ -87,11 +102,12 @@ class _PopulationStatsMixin:
         var = {q: getattr(self, f"running_var_{q}{suffix}") for q in self._quantities()}
         return _stats.RunningStats(mean, var, getattr(self, f"num_batches_tracked{suffix}"))
 
-    def _num_slots(self) -> int:
-        return getattr(self, f"num_batches_tracked{self._stats_suffixes[0]}").shape[0]
+    def _buffer_names(self, suffix: str) -> list[str]:
+        names = [f"running_{s}_{q}{suffix}" for q in self._quantities() for s in ("mean", "var")]
+        return names + [f"num_batches_tracked{suffix}"]
 
     def reset_running_stats(self) -> None:
-        """Population means to 0, variances to 1, counts to 0 (grown buffers keep their size)."""
+        """Population means to 0, variances to 1, counts to 0."""
         if self.normalization is None or not self.track_running_stats:
             return
         for suffix in self._stats_suffixes:
@@ -100,22 +116,40 @@ class _PopulationStatsMixin:
                 running.mean[q].zero_()
                 running.var[q].fill_(1.0)
             running.count.zero_()
+        if self.normalization == "frame":
+            self.running_length.zero_()
+
+    def _slots(self, T: int, time_offset: int, training: bool, device) -> Tensor:
+        """[T] int64: the statistics slot each step reads (and, in training, updates).
+
+        Training: ``min(t + time_offset, max_length - 1)``, on the CPU (the update reads it on the host).
+        Otherwise: clamped to ``running_length - 1`` as well, on the buffers' device (no host sync).
+        """
+        if self.normalization != "frame":
+            return torch.zeros(1, dtype=torch.long)
+        if training or not self.track_running_stats:
+            return _stats.slot_indices(T, time_offset, self.max_length)
+        # never trained (0): every step its own slot
+        last = torch.where(self.running_length > 0, self.running_length, self.max_length) - 1
+        steps = torch.arange(time_offset, time_offset + T, device=last.device)
+        return torch.minimum(steps, last)
 
     @torch.no_grad()
-    def _grow_stats(self, num_slots: int) -> None:
-        """Grow every buffer to ``num_slots`` slots; new slots start fresh (mean 0, variance 1, count 0),
-        as a new BatchNorm1d would, so a chunked run fills them exactly as one full run does."""
-        current = self._num_slots()
-        if num_slots <= current:
-            return
-        for suffix in self._stats_suffixes:
-            for name in [f"running_{s}_{q}{suffix}" for q in self._quantities() for s in ("mean", "var")] + [
-                f"num_batches_tracked{suffix}"
-            ]:
-                old = getattr(self, name)
-                fill = 1 if name.startswith("running_var") else 0
-                tail = old.new_full((num_slots - current, *old.shape[1:]), fill)
-                setattr(self, name, torch.cat([old, tail]))
+    def _track_steps(self, steps: int) -> None:
+        """Record a training call that reached ``steps`` steps (in place, no host sync)."""
+        if self.normalization == "frame":
+            self.running_length.clamp_(min=min(steps, self.max_length))
+
+    def _warn_past_max_length(self, last_step: int) -> None:
+        if self.normalization == "frame" and last_step >= self.max_length and not getattr(self, "_warned_past_max_length", False):
+            self._warned_past_max_length = True
+            warnings.warn(
+                f"{type(self).__name__}: a training call reached step {last_step} (time_offset included) but "
+                f"max_length={self.max_length}: steps from {self.max_length - 1} on share the last statistics "
+                "slot (the paper's practice past T_max). Pass max_length= the longest sequence to give every "
+                "step its own statistics.",
+                stacklevel=3,
+            )
 
     def _population(self, suffix: str, slots: Tensor, like: Tensor) -> Population | None:
         """The statistics each step falls back on (or uses in eval), one row per step."""
@@ -123,7 +157,7 @@ class _PopulationStatsMixin:
             return None
         if self.track_running_stats:
             running = self._running(suffix)
-            idx = slots.to(running.count.device)
+            idx = slots.to(running.count.device, non_blocking=True)
             # a copy, not a view: the update after the call changes the buffers in place, and a backend's
             # backward may read what it normalized with
             rows = {f"{s}_{q}": getattr(running, s)[q].index_select(0, idx) for q in self._quantities()
@@ -132,12 +166,22 @@ class _PopulationStatsMixin:
         # No population statistics: the fallback for steps with fewer than two rows is the identity
         # normalization (mean 0, variance 1), the value fresh running statistics would hold.
         H = self.hidden_size
-        widths = {"ih": 4 * H, "hh": 4 * H, "c": H}
         rows = {}
-        for q in self._quantities():
-            rows[f"mean_{q}"] = like.new_zeros(slots.shape[0], widths[q])
-            rows[f"var_{q}"] = like.new_ones(slots.shape[0], widths[q])
+        for q, width in self._widths(4 * H, H).items():
+            rows[f"mean_{q}"] = like.new_zeros(slots.shape[0], width)
+            rows[f"var_{q}"] = like.new_ones(slots.shape[0], width)
         return Population(**rows)
+
+    @contextlib.contextmanager
+    def collecting_statistics(self, accumulator: _stats.ExactAccumulator):
+        """Within the block, training calls add their batch statistics to ``accumulator`` (keyed by this
+        module and each direction) instead of updating the running buffers; used by
+        ``update_population_statistics``."""
+        self._stats_accumulator = accumulator
+        try:
+            yield
+        finally:
+            self._stats_accumulator = None
 
     def _record_statistics(self, suffix: str, slots: Tensor, stats) -> None:
         """Fold a training call's batch statistics into the buffers (or into a re-estimation pass)."""
@@ -149,16 +193,20 @@ class _PopulationStatsMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Growable buffers take the incoming number of slots, so state dicts round-trip at any length.
-        if self.max_length is None and self.normalization == "frame" and self.track_running_stats:
-            for suffix in self._stats_suffixes:
-                key = f"{prefix}num_batches_tracked{suffix}"
-                if key in state_dict and state_dict[key].dim() == 1:
-                    slots = state_dict[key].shape[0]
-                    for name in [f"running_{s}_{q}{suffix}" for q in self._quantities()
-                                 for s in ("mean", "var")] + [f"num_batches_tracked{suffix}"]:
+        # A checkpoint with another number of slots (another max_length) takes its size: load it before
+        # sharing the module (share_memory, DDP), as loading replaces the buffers then.
+        if self.normalization == "frame" and self.track_running_stats:
+            key = f"{prefix}num_batches_tracked{self._stats_suffixes[0]}"
+            if key in state_dict and state_dict[key].dim() == 1 and state_dict[key].shape[0] != self.max_length:
+                slots = state_dict[key].shape[0]
+                for suffix in self._stats_suffixes:
+                    for name in self._buffer_names(suffix):
                         old = getattr(self, name)
                         setattr(self, name, old.new_empty(slots, *old.shape[1:]))
+                self.max_length = slots
+            # checkpoints from before running_length: their buffers had grown to the longest sequence trained
+            if f"{prefix}running_length" not in state_dict and key in state_dict:
+                state_dict[f"{prefix}running_length"] = torch.tensor(state_dict[key].shape[0])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -177,10 +225,13 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
 
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as ``nn.LSTM``.
-        proj_size: only 0 is supported (there for positional compatibility with ``nn.LSTM``).
-        max_length: number of per-step statistics slots. ``None`` (default): the buffers grow in training
-            to the longest ``T + time_offset`` seen, so nothing has to be chosen; an int fixes them, and
-            steps past it share the last slot (the paper's choice). Eval past the end uses the last slot.
+        proj_size: as ``nn.LSTM`` (LSTMP): ``h_t = W_hr (o_t * tanh(BN(c_t)))`` with ``weight_hr_l{k}``
+            [proj_size, hidden_size], the recurrence and the output on the projected state. The fused
+            backends do not have it yet: ``backend="auto"`` then runs the reference.
+        max_length: number of per-step statistics slots (default 256), allocated once. Training steps past
+            it share the last slot (the paper's choice; a training call that gets there warns once); eval
+            reads ``min(t + time_offset, last trained slot)``, so longer sequences than any trained on
+            reuse the last trained step's statistics.
         momentum: running-statistics momentum as ``BatchNorm1d`` (``None``: cumulative average).
         eps: added to every variance.
         gamma_init: initial value of every gamma (the paper's 0.1).
@@ -203,7 +254,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, *, max_length: int | None = None, momentum: float | None = 0.1,
+                 proj_size: int = 0, *, max_length: int = DEFAULT_MAX_LENGTH, momentum: float | None = 0.1,
                  eps: float = 1e-5, gamma_init: float = 0.1, normalization: str | None = "frame",
                  track_running_stats: bool = True, backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -230,8 +281,9 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size > 0:
-            raise NotImplementedError("BNLSTM does not support proj_size > 0")
+        if proj_size > 0 and backend in _FUSED_WITHOUT_PROJECTION:
+            raise NotImplementedError(f"the {backend!r} backend does not run proj_size > 0 yet; use "
+                                      "backend='auto' or 'reference'")
 
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -240,7 +292,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.proj_size = 0
+        self.proj_size = proj_size
         self.max_length = max_length
         self.momentum = momentum
         self.eps = float(eps)
@@ -250,6 +302,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self.backend = backend
         self._stats_accumulator = None
         self._stats_suffixes: list[str] = []
+        self._warned_past_max_length = False
 
         factory_kwargs = {"device": device, "dtype": dtype}
         num_directions = 2 if bidirectional else 1
@@ -258,11 +311,14 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self._all_weights: list[list[str]] = []
         for layer in range(num_layers):
             for direction in range(num_directions):
-                layer_input_size = input_size if layer == 0 else hidden_size * num_directions
+                real_hidden_size = proj_size if proj_size > 0 else hidden_size
+                layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = {"weight_ih": (gate_size, layer_input_size), "weight_hh": (gate_size, hidden_size)}
+                shapes = {"weight_ih": (gate_size, layer_input_size), "weight_hh": (gate_size, real_hidden_size)}
                 if bias:
                     shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+                if proj_size > 0:
+                    shapes.update(weight_hr=(proj_size, hidden_size))
                 names = []
                 for name, shape in shapes.items():
                     self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory_kwargs)))
@@ -311,8 +367,10 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
         s += ", normalization={normalization!r}"
-        if self.max_length is not None:
+        if self.max_length != DEFAULT_MAX_LENGTH:
             s += ", max_length={max_length}"
         if self.backend != "auto":
             s += ", backend={backend!r}"
@@ -349,19 +407,15 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                     "Expected more than 1 value per channel when training, got input size "
                     f"{torch.Size([rows, 4 * self.hidden_size])}"
                 )
-        backend = resolve_backend(self.backend, x.device)
-        if B == 0:
-            return self._empty_result(x, packing, is_batched, num_directions, input)
+        # an empty batch runs the reference: zero-sized outputs that still carry gradients, as nn.LSTM's do
+        fused_ok = B > 0 and self.proj_size == 0
+        backend = resolve_backend(self.backend, x.device) if fused_ok else "reference"
+        update_stats = update_stats and B > 0
 
         # Validation is over: from here on buffers may change.
-        if update_stats and self.max_length is None and self.normalization == "frame":
-            self._grow_stats(T + time_offset)
-        if self.normalization == "frame":
-            num_slots = self._num_slots() if self.track_running_stats else T + time_offset
-            slots = _stats.slot_indices(T, time_offset, num_slots)
-        else:
-            slots = torch.zeros(1, dtype=torch.long)
-
+        if update_stats:
+            self._warn_past_max_length(T + time_offset - 1)
+        slots = self._slots(T, time_offset, use_batch_stats, x.device)
         config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
         reverse_index = _reverse_index(T, lengths, x.device) if self.bidirectional else None
         layer_input = x
@@ -387,6 +441,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
 
         for suffix, stats in pending:
             self._record_statistics(suffix, slots, stats)
+        if update_stats:
+            self._track_steps(T + time_offset)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
 
     def _as_padded(self, input):
@@ -410,10 +466,10 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         return x, None, None, is_batched
 
     def _check_hidden(self, hx, is_batched, is_packed, B, x, num_directions):
-        expected = (self.num_layers * num_directions, B, self.hidden_size)
+        expected_c = (self.num_layers * num_directions, B, self.hidden_size)
+        expected = (*expected_c[:2], self.proj_size) if self.proj_size > 0 else expected_c
         if hx is None:
-            zeros = x.new_zeros(expected)
-            return zeros, zeros
+            return x.new_zeros(expected), x.new_zeros(expected_c)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError("BNLSTM: hx must be a tuple (h_0, c_0) of tensors")
         h0, c0 = hx
@@ -433,19 +489,12 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         if h0.shape != expected:
             raise RuntimeError(f"Expected hidden[0] size {expected}, got {list(h0.shape)}")
-        if c0.shape != expected:
-            raise RuntimeError(f"Expected hidden[1] size {expected}, got {list(c0.shape)}")
+        if c0.shape != expected_c:
+            raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(c0.shape)}")
         for name, value in (("hx", h0), ("cx", c0)):
             if value.dtype != x.dtype:
                 raise ValueError(f"BNLSTM: {name} dtype ({value.dtype}) does not match input dtype ({x.dtype})")
         return h0, c0
-
-    def _empty_result(self, x, packing, is_batched, num_directions, input):
-        T = x.shape[0]
-        H = self.hidden_size
-        output = x.new_zeros(T, 0, num_directions * H)
-        state = x.new_zeros(self.num_layers * num_directions, 0, H)
-        return self._pack_result(output, state, state.clone(), packing, is_batched, input)
 
     def _pack_result(self, output, h_n, c_n, packing, is_batched, input):
         if packing is not None:
@@ -472,7 +521,7 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
     normalization (or None) makes sense for a single step. Runs the reference op.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, max_length: int | None = None,
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, max_length: int = DEFAULT_MAX_LENGTH,
                  momentum: float | None = 0.1, eps: float = 1e-5, gamma_init: float = 0.1,
                  normalization: str | None = "frame", track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
@@ -486,6 +535,7 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
         self.track_running_stats = track_running_stats
         self._stats_accumulator = None
         self._stats_suffixes: list[str] = []
+        self._warned_past_max_length = False
         factory_kwargs = {"device": device, "dtype": dtype}
         G = 4 * hidden_size
         shapes = {"weight_ih": (G, input_size), "weight_hh": (G, hidden_size)}
@@ -529,18 +579,21 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
             h0 = c0 = x.new_zeros(B, self.hidden_size)
         else:
             h0, c0 = (hx[0], hx[1]) if is_batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+            # nn.LSTMCell's checks, in its order and words
             for idx, value in enumerate((h0, c0)):
-                if value.shape != (B, self.hidden_size):
-                    raise RuntimeError(f"Expected hidden[{idx}] size {(B, self.hidden_size)}, got {list(value.shape)}")
+                if value.size(0) != B or value.dim() != 2:
+                    raise RuntimeError(f"Input batch size {B} doesn't match hidden{idx} batch size {value.size(0)}")
+                if value.size(1) != self.hidden_size:
+                    raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {value.size(1)}, "
+                                       f"expected {self.hidden_size}")
         use_batch_stats = self.training or not self.track_running_stats
         if self.normalization is not None and use_batch_stats and B == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input size "
                              f"{torch.Size([1, 4 * self.hidden_size])}")
         update_stats = self.training and self.track_running_stats and self.normalization is not None
-        if update_stats and self.max_length is None:
-            self._grow_stats(time_step + 1)
-        num_slots = self._num_slots() if (self.normalization and self.track_running_stats) else time_step + 1
-        slots = _stats.slot_indices(1, time_step, num_slots)
+        if update_stats:
+            self._warn_past_max_length(time_step)
+        slots = self._slots(1, time_step, use_batch_stats, x.device)
         config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
         _, h, c, stats = bnlstm_layer(
             x.unsqueeze(0), h0, c0, _layer_parameters(self, ""), population=self._population("", slots, x),
@@ -548,6 +601,8 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
         )
         if update_stats and stats is not None and B > 0:
             self._record_statistics("", slots, stats)
+        if update_stats:
+            self._track_steps(time_step + 1)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -558,7 +613,7 @@ def _layer_parameters(module: nn.Module, suffix: str) -> LayerParams:
         bias = getattr(module, "bias_ih" + suffix) + getattr(module, "bias_hh" + suffix)
     bn = {name: getattr(module, name + suffix, None) for name in ("gamma_ih", "gamma_hh", "gamma_c", "beta_c")}
     return LayerParams(weight_ih=getattr(module, "weight_ih" + suffix), weight_hh=getattr(module, "weight_hh" + suffix),
-                       bias=bias, **bn)
+                       bias=bias, weight_hr=getattr(module, "weight_hr" + suffix, None), **bn)
 
 
 def _reset_lstm_weights(module: nn.Module, suffix: str, H: int, gamma_init: float) -> None:
@@ -568,6 +623,9 @@ def _reset_lstm_weights(module: nn.Module, suffix: str, H: int, gamma_init: floa
         for block in weight.split(H, dim=0):
             # orthogonal_ needs a QR, which half precision lacks on the CPU: draw in float32, then copy
             block.copy_(nn.init.orthogonal_(torch.empty(block.shape, device=block.device)))
+    if getattr(module, "weight_hr" + suffix, None) is not None:
+        weight_hr = getattr(module, "weight_hr" + suffix)
+        weight_hr.copy_(nn.init.orthogonal_(torch.empty(weight_hr.shape, device=weight_hr.device)))
     if getattr(module, "bias_ih" + suffix, None) is not None:
         getattr(module, "bias_ih" + suffix).zero_()
         getattr(module, "bias_ih" + suffix)[H:2 * H] = 1.0

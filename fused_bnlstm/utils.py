@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -36,23 +37,22 @@ def update_population_statistics(loader: Iterable, model: nn.Module, device: tor
         return
     was_training = model.training
     accumulator = _stats.ExactAccumulator()
+    with contextlib.ExitStack() as collecting:
+        for layer in layers:
+            collecting.enter_context(layer.collecting_statistics(accumulator))
+        try:
+            model.train()
+            for batch in loader:
+                if forward is not None:
+                    forward(model, _to(batch, device))
+                    continue
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(_to(inputs, device))
+        finally:
+            model.train(was_training)
     for layer in layers:
-        layer._stats_accumulator = accumulator
-    try:
-        model.train()
-        for batch in loader:
-            if forward is not None:
-                forward(model, _to(batch, device))
-                continue
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(_to(inputs, device))
-        for layer in layers:
-            for suffix in layer._stats_suffixes:
-                accumulator.write((id(layer), suffix), layer._running(suffix))
-    finally:
-        for layer in layers:
-            layer._stats_accumulator = None
-        model.train(was_training)
+        for suffix in layer._stats_suffixes:
+            accumulator.write((id(layer), suffix), layer._running(suffix))
 
 
 def _to(batch, device):

@@ -209,7 +209,7 @@ def test_eval_past_max_length_uses_last_slot():
     state = model.state_dict()
     slots = torch.tensor([min(t, L - 1) for t in range(T)])
     for key, value in state.items():
-        if key.startswith(("running_", "num_batches")):
+        if key.startswith(("running_", "num_batches")) and value.dim():
             state[key] = value[slots]
     explicit.load_state_dict(state)
     explicit.eval()
@@ -222,17 +222,31 @@ def test_eval_past_max_length_uses_last_slot():
     assert not torch.allclose(moved[L - 1:], out[L - 1:])
 
 
-def test_growing_buffers_follow_the_longest_training_sequence():
-    model = BNLSTM(2, 3, dtype=DTYPE, backend="reference")
-    assert model.running_mean_ih_l0.shape == (1, 12)
+def test_buffers_keep_their_size_and_identity_and_eval_reuses_the_longest_trained_step():
+    model = BNLSTM(2, 3, max_length=8, dtype=DTYPE, backend="reference")
+    buffers = {name: (b, b.data_ptr()) for name, b in model.named_buffers()}
+    assert model.running_mean_ih_l0.shape == (8, 12) and int(model.running_length) == 0
     model(torch.randn(5, 2, 2, dtype=DTYPE))
-    assert model.running_mean_ih_l0.shape == (5, 12) and model.num_batches_tracked_l0.tolist() == [1] * 5
+    assert model.num_batches_tracked_l0.tolist() == [1] * 5 + [0] * 3 and int(model.running_length) == 5
     model(torch.randn(3, 2, 2, dtype=DTYPE), time_offset=4)
-    assert model.running_mean_c_l0.shape == (7, 3)
-    assert model.num_batches_tracked_l0.tolist() == [1, 1, 1, 1, 2, 1, 1]
-    model.eval()
-    out, _ = model(torch.randn(12, 2, 2, dtype=DTYPE))  # past the end in eval: last slot, no growth
-    assert model.running_mean_ih_l0.shape == (7, 12) and torch.isfinite(out).all()
+    assert model.num_batches_tracked_l0.tolist() == [1, 1, 1, 1, 2, 1, 1, 0] and int(model.running_length) == 7
+    with pytest.warns(UserWarning, match="max_length=8: steps from 7 on share the last statistics slot"):
+        model(torch.randn(3, 2, 2, dtype=DTYPE), time_offset=7)  # steps 7, 8, 9 all train slot 7
+    assert model.num_batches_tracked_l0.tolist() == [1, 1, 1, 1, 2, 1, 1, 3] and int(model.running_length) == 8
+    for name, b in model.named_buffers():
+        assert b is buffers[name][0] and b.data_ptr() == buffers[name][1], name
+    # eval past the longest trained sequence reads its last slot
+    short = BNLSTM(2, 3, max_length=8, dtype=DTYPE, backend="reference")
+    short(torch.randn(3, 4, 2, dtype=DTYPE))
+    short.eval()
+    x = torch.randn(6, 2, 2, dtype=DTYPE)
+    explicit = copy.deepcopy(short)
+    with torch.no_grad():
+        for name, b in explicit.named_buffers():
+            if name.startswith("running_") and b.dim() == 2:
+                b[3:] = b[2]
+    explicit.running_length.fill_(0)  # untrained: every step its own slot
+    torch.testing.assert_close(short(x)[0], explicit(x)[0])
 
 
 def test_eval_and_empty_batches_leave_buffers_alone():
@@ -379,15 +393,15 @@ def test_update_population_statistics_is_exact():
         a = torch.cat([x[t] for x in batches]) @ W.t()  # every frame of the pass, pooled
         torch.testing.assert_close(model.running_mean_ih_l0[t], a.mean(0))
         torch.testing.assert_close(model.running_var_ih_l0[t], a.var(0, unbiased=True))
-    assert model.num_batches_tracked_l0.tolist() == [2] * T
+    assert model.num_batches_tracked_l0.tolist()[:T + 1] == [2] * T + [0]
 
 
-def test_update_population_statistics_pools_batches_that_grow_the_buffers():
+def test_update_population_statistics_pools_batches_of_different_lengths():
     torch.manual_seed(0)
     model = _randomize(BNLSTM(2, 3, dtype=DTYPE, backend="reference"))
-    batches = [torch.randn(3, 4, 2, dtype=DTYPE), torch.randn(6, 5, 2, dtype=DTYPE)]  # the second grows them
+    batches = [torch.randn(3, 4, 2, dtype=DTYPE), torch.randn(6, 5, 2, dtype=DTYPE)]
     update_population_statistics(batches, model)
-    assert model.num_batches_tracked_l0.tolist() == [2, 2, 2, 1, 1, 1]
+    assert model.num_batches_tracked_l0.tolist()[:7] == [2, 2, 2, 1, 1, 1, 0]
     W = model.weight_ih_l0.detach()
     for t in range(6):
         a = torch.cat([x[t] for x in batches if x.shape[0] > t]) @ W.t()
@@ -441,7 +455,7 @@ def test_plain_cell_equals_nn_lstm_cell():
         pytest.param(dict(proj_size=2), NotImplementedError, "does not support proj_size > 0", id="proj"),
         pytest.param(dict(eps=0.0), ValueError, "eps must be a number greater than zero", id="eps0"),
         pytest.param(dict(momentum=1.5), ValueError, "momentum must be None or a number in [0, 1]", id="momentum"),
-        pytest.param(dict(max_length=0), ValueError, "max_length must be None or a positive int", id="max-length"),
+        pytest.param(dict(max_length=0), ValueError, "max_length must be a positive int", id="max-length"),
         pytest.param(dict(normalization="layer"), ValueError, "normalization must be one of", id="normalization"),
         pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),
     ],

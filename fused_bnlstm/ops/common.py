@@ -23,12 +23,13 @@ class LayerParams(NamedTuple):
     """One layer-direction's parameters (gate order i, f, g, o)."""
 
     weight_ih: Tensor  # [4H, I]
-    weight_hh: Tensor  # [4H, H]
+    weight_hh: Tensor  # [4H, P]: P = H, or proj_size with a projection
     bias: Tensor | None = None  # [4H]: bias_ih + bias_hh, added after normalization
     gamma_ih: Tensor | None = None  # [4H], frame and sequence
     gamma_hh: Tensor | None = None  # [4H], frame
     gamma_c: Tensor | None = None  # [H], frame
     beta_c: Tensor | None = None  # [H], frame
+    weight_hr: Tensor | None = None  # [P, H]: nn.LSTM's proj_size, h_t = W_hr (o * tanh(BN(c_t)))
 
 
 class LayerConfig(NamedTuple):
@@ -79,7 +80,7 @@ class LayerInput(NamedTuple):
     """What ``prepare_layer`` hands a backend, validated once."""
 
     x: Tensor  # [T, B, I], zero beyond each row's length
-    h0: Tensor  # [B, H]
+    h0: Tensor  # [B, P] (P = H without a projection)
     c0: Tensor  # [B, H]
     lengths: Tensor | None  # [B] int64 on the CPU, each in [1, T]; None: every row runs all T steps
     counts: tuple[int, ...]  # [T] rows still running at each step (host ints: no device sync)
@@ -90,8 +91,8 @@ class LayerInput(NamedTuple):
 
 
 class LayerOutput(NamedTuple):
-    output: Tensor  # [T, B, H], zeros where t >= length
-    h_n: Tensor  # [B, H], each row's state at its last valid step
+    output: Tensor  # [T, B, P], zeros where t >= length
+    h_n: Tensor  # [B, P], each row's state at its last valid step
     c_n: Tensor  # [B, H]
     stats: BatchStatistics | None  # None when no batch statistics were used
 
@@ -110,15 +111,18 @@ def prepare_layer(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, config
     if x.dim() != 3:
         raise ValueError(f"bnlstm_layer: expected x of shape [T, B, I], got {list(x.shape)}")
     T, B, I = x.shape
-    H = params.weight_hh.shape[1]
-    if params.weight_ih.shape != (4 * H, I) or params.weight_hh.shape != (4 * H, H):
+    H = params.weight_hh.shape[0] // 4
+    P = params.weight_hr.shape[0] if params.weight_hr is not None else H
+    if params.weight_ih.shape != (4 * H, I) or params.weight_hh.shape != (4 * H, P):
         raise ValueError(
-            f"bnlstm_layer: expected weight_ih [{4 * H}, {I}] and weight_hh [{4 * H}, {H}], got "
+            f"bnlstm_layer: expected weight_ih [{4 * H}, {I}] and weight_hh [{4 * H}, {P}], got "
             f"{list(params.weight_ih.shape)} and {list(params.weight_hh.shape)}"
         )
-    for name, state in (("h0", h0), ("c0", c0)):
-        if state.shape != (B, H):
-            raise ValueError(f"bnlstm_layer: expected {name} of shape [{B}, {H}], got {list(state.shape)}")
+    if params.weight_hr is not None and (params.weight_hr.dim() != 2 or params.weight_hr.shape[1] != H):
+        raise ValueError(f"bnlstm_layer: expected weight_hr [{P}, {H}], got {list(params.weight_hr.shape)}")
+    for name, state, width in (("h0", h0, P), ("c0", c0, H)):
+        if state.shape != (B, width):
+            raise ValueError(f"bnlstm_layer: expected {name} of shape [{B}, {width}], got {list(state.shape)}")
     if config.normalization not in NORMALIZATIONS:
         raise ValueError(
             f"bnlstm_layer: normalization must be 'frame', 'sequence' or None, got {config.normalization!r}"

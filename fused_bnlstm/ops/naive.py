@@ -11,6 +11,7 @@ part of each sequence for the backward direction before calling, so a backend on
     gates = BN(a_hh; gamma_hh) + BN(a_ih; gamma_ih) + b                               # [B, 4H]
     c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)                                 # [B, H]
     h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))                                 # [B, H]
+    h_t = W_hr h_t  (with a projection, nn.LSTM's proj_size; the recurrence runs on it) # [B, P]
 
 BN statistics are taken over the rows still running at step t (lengths > t). A finished row keeps its
 (h, c) and writes zeros to the output. Batch norms compute in float32 for half-precision tensors (as the
@@ -105,13 +106,15 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
             h_new = torch.sigmoid(o) * torch.tanh(_normalize(c_new, mean_c, var_c, params.gamma_c, params.beta_c, eps))
         else:
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if params.weight_hr is not None:
+            h_new = h_new @ params.weight_hr.t()  # [B, P]
 
         keep = active.unsqueeze(1)  # [B, 1]
         outputs.append(torch.where(keep, h_new, torch.zeros_like(h_new)))
         h = torch.where(keep, h_new, h)
         c = torch.where(keep, c_new, c)
 
-    output = torch.stack(outputs) if T > 0 else x.new_zeros(0, B, weight_hh.shape[1])
+    output = torch.stack(outputs) if T > 0 else x.new_zeros(0, B, inputs.h0.shape[1])
     if config.normalization == "frame" and config.use_batch_stats:
         # [T, F] per quantity; finish_statistics puts NaN on the steps that used population statistics
         moments = [torch.stack([step[k].to(x.dtype) for step in moments]) for k in range(6)]
