@@ -303,6 +303,9 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self._stats_accumulator = None
         self._stats_suffixes: list[str] = []
         self._warned_past_max_length = False
+        # synchronized statistics across a torch.distributed group (fused_bnlstm.convert_sync_bnlstm)
+        self.sync_statistics = False
+        self.process_group = None
 
         factory_kwargs = {"device": device, "dtype": dtype}
         num_directions = 2 if bidirectional else 1
@@ -407,16 +410,19 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                     "Expected more than 1 value per channel when training, got input size "
                     f"{torch.Size([rows, 4 * self.hidden_size])}"
                 )
-        # an empty batch runs the reference: zero-sized outputs that still carry gradients, as nn.LSTM's do
-        fused_ok = B > 0 and self.proj_size == 0
+        group = self._sync_group(use_batch_stats)
+        # the reference runs what the fused kernels do not: an empty batch (zero-sized outputs that still
+        # carry gradients, as nn.LSTM's do), a projection, and synchronized statistics
+        fused_ok = B > 0 and self.proj_size == 0 and group is None
         backend = resolve_backend(self.backend, x.device) if fused_ok else "reference"
-        update_stats = update_stats and B > 0
+        update_stats = update_stats and (B > 0 or group is not None)
 
         # Validation is over: from here on buffers may change.
         if update_stats:
             self._warn_past_max_length(T + time_offset - 1)
         slots = self._slots(T, time_offset, use_batch_stats, x.device)
-        config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
+        config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats,
+                             process_group=group)
         reverse_index = _reverse_index(T, lengths, x.device) if self.bidirectional else None
         layer_input = x
         h_n, c_n, pending = [], [], []
@@ -444,6 +450,15 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         if update_stats:
             self._track_steps(T + time_offset)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
+
+    def _sync_group(self, use_batch_stats: bool):
+        """The process group every batch norm of this call spans (sync mode, see ``convert_sync_bnlstm``),
+        or None to normalize over this process's rows only."""
+        if not (self.sync_statistics and use_batch_stats and self.normalization is not None):
+            return None
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
 
     def _as_padded(self, input):
         """Any input form -> (x [T, B, I] time-major, lengths [B] CPU int64 or None, packing, is_batched)."""

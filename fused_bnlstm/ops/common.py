@@ -39,6 +39,9 @@ class LayerConfig(NamedTuple):
     eps: float = 1e-5
     # normalize with the batch's statistics (training, or track_running_stats=False), else the population's
     use_batch_stats: bool = True
+    # synchronized statistics: batch statistics over the whole torch.distributed process group (the
+    # module's sync mode; None = this process's rows only). Only the reference runs it.
+    process_group: object | None = None
 
 
 class Population(NamedTuple):
