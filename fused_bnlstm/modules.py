@@ -238,6 +238,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         normalization: ``"frame"`` (per-step statistics, the paper), ``"sequence"`` (one BN of W_ih x over
             every valid frame, the paper's BN-e*), or ``None`` (a plain LSTM through the same code).
         track_running_stats: as ``BatchNorm1d``; ``False`` always normalizes with batch statistics.
+        weight_dropout: DropConnect on every ``weight_hh`` in training (AWD-LSTM's weight drop): a fresh
+            mask per forward call, shared by every step; the state dict is unchanged.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpp"`` (see ``fused_bnlstm.ops``).
 
     Forward: ``output, (h_n, c_n) = bnlstm(input, hx=None, *, time_offset=0)``. ``time_offset`` is the
@@ -256,7 +258,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, *, max_length: int = DEFAULT_MAX_LENGTH, momentum: float | None = 0.1,
                  eps: float = 1e-5, gamma_init: float = 0.1, normalization: str | None = "frame",
-                 track_running_stats: bool = True, backend: str = "auto", device=None, dtype=None):
+                 track_running_stats: bool = True, weight_dropout: float = 0.0, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
             raise ValueError(
@@ -273,6 +276,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
         _check_common_arguments(input_size, hidden_size, bias, momentum, eps, gamma_init, normalization,
                                 track_running_stats, max_length, backend)
+        if not isinstance(weight_dropout, numbers.Real) or isinstance(weight_dropout, bool) or not 0 <= weight_dropout < 1:
+            raise ValueError(f"weight_dropout must be a number in [0, 1), got {weight_dropout!r}")
         if not isinstance(num_layers, int) or isinstance(num_layers, bool):
             raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
         if num_layers <= 0:
@@ -300,6 +305,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self.normalization = normalization
         self.track_running_stats = track_running_stats
         self.backend = backend
+        self.weight_dropout = float(weight_dropout)
         self._stats_accumulator = None
         self._stats_suffixes: list[str] = []
         self._warned_past_max_length = False
@@ -375,6 +381,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         s += ", normalization={normalization!r}"
         if self.max_length != DEFAULT_MAX_LENGTH:
             s += ", max_length={max_length}"
+        if self.weight_dropout != 0:
+            s += ", weight_dropout={weight_dropout}"
         if self.backend != "auto":
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
@@ -433,7 +441,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                 k = layer * num_directions + direction
                 seq = layer_input if direction == 0 else _gather_time(layer_input, reverse_index)
                 out, h, c, stats = bnlstm_layer(
-                    seq, h0[k], c0[k], _layer_parameters(self, suffix), lengths=lengths,
+                    seq, h0[k], c0[k], self._call_parameters(suffix), lengths=lengths,
                     population=self._population(suffix, slots, x), config=config, backend=backend,
                 )
                 directions.append(out if direction == 0 else _gather_time(out, reverse_index))
@@ -450,6 +458,27 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         if update_stats:
             self._track_steps(T + time_offset)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
+
+    def _call_parameters(self, suffix: str) -> LayerParams:
+        """One layer-direction's parameters for this call: DropConnect on W_hh in training (AWD-LSTM's
+        weight drop: one mask per call, shared by every step)."""
+        params = _layer_parameters(self, suffix)
+        if self.weight_dropout > 0 and self.training:
+            params = params._replace(weight_hh=F.dropout(params.weight_hh, p=self.weight_dropout, training=True))
+        return params
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """nn.LSTM's flat weight list, for code that reads it (weights in ``_flat_weights_names`` order)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @_flat_weights.setter
+    def _flat_weights(self, value) -> None:
+        raise AttributeError(
+            "BNLSTM has no flat weight buffer to replace (it reads its parameters by name on every call). "
+            "For DropConnect on the recurrent weights use BNLSTM(..., weight_dropout=p), or assign the dropped "
+            "weight by name (e.g. module.weight_hh_l0 = dropped, after removing the parameter)."
+        )
 
     def _sync_group(self, use_batch_stats: bool):
         """The process group every batch norm of this call spans (sync mode, see ``convert_sync_bnlstm``),

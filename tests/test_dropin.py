@@ -179,3 +179,41 @@ def test_cell_hidden_errors_follow_nn_lstm_cell(hx, message):
     for cell in (nn.LSTMCell(4, 20), BNLSTMCell(4, 20)):
         with pytest.raises(RuntimeError, match=re.escape(message)):
             cell(torch.randn(3, 4), hx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_dropout_is_dropconnect_on_weight_hh(backend):
+    model = _model(backend, weight_dropout=0.5)
+    assert set(model.state_dict()) == set(_model(backend).state_dict()) and "weight_dropout=0.5" in repr(model)
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    torch.manual_seed(7)
+    out, _ = model(x)
+    # the same draw by hand: one mask on W_hh for the whole call, as AWD-LSTM's weight drop
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(model.weight_hh_l0, p=0.5, training=True)
+    plain = _model(backend)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        plain.weight_hh_l0.copy_(dropped)
+    torch.testing.assert_close(out, plain(x)[0])
+    (g,) = torch.autograd.grad(out.sum(), model.weight_hh_l0)
+    assert (g[dropped == 0] == 0).all() and (g[dropped != 0] != 0).any()
+    model.eval()
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    torch.testing.assert_close(model(x)[0], plain(x)[0])
+
+
+def test_awd_lstm_style_weight_drop_wrapper_works_and_flat_weights_reads():
+    """AWD-LSTM's WeightDrop: remove the parameter, keep a raw copy, assign the dropped tensor each call."""
+    model = _model("reference")
+    assert [w.shape for w in model._flat_weights] == [w.shape for w in nn.LSTM(3, 4)._flat_weights]
+    raw = model.weight_hh_l0
+    del model._parameters["weight_hh_l0"]
+    model.register_parameter("weight_hh_l0_raw", nn.Parameter(raw.detach().clone()))
+    setattr(model, "weight_hh_l0", torch.nn.functional.dropout(model.weight_hh_l0_raw, p=0.3, training=True))
+    out, _ = model(torch.randn(4, 3, 3, dtype=torch.float64))
+    out.sum().backward()
+    assert model.weight_hh_l0_raw.grad is not None
+    with pytest.raises(AttributeError, match="weight_dropout=p"):
+        model._flat_weights = []
