@@ -20,9 +20,9 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
-from fused_bnlstm.ops import Population, backend_available, bnlstm_layer
-from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, op_inputs,
-                         population, run_layer)
+from fused_bnlstm.ops import Population, backend_available
+from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, call_layer,
+                         compare_with_reference, op_inputs, population, run_layer)
 
 _cpu_ok, _cpu_reason = backend_available("triton", CPU)
 requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
@@ -32,19 +32,6 @@ requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or not backend_available("triton", torch.device("cuda"))[0],
     reason="needs a CUDA GPU with the Triton backend",
 )
-
-
-def compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, dtype, device=CPU, bias=True,
-                     tolerance=None):
-    tolerance = tolerance or TOLERANCES[dtype]
-    pop = population(T, H, normalization, dtype, device)
-    inputs = op_inputs(T, B, I, H, lengths, dtype, device, bias)
-    ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
-    tri, tri_stats = run_layer("triton", inputs, lengths, pop, use_batch_stats, normalization)
-    assert ref.keys() == tri.keys()
-    for name in ref:
-        assert_close_by_name(tri[name], ref[name], name, **tolerance)
-    assert_same_statistics(ref_stats, tri_stats, **tolerance)
 
 
 LAYER_CASES = [
@@ -84,13 +71,13 @@ def nan_poisoned_empty(monkeypatch):
 @pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LAYER_CASES)
 def test_bnlstm_layer_triton_matches_reference(nan_poisoned_empty, T, B, I, H, lengths, normalization,
                                                use_batch_stats, dtype):
-    compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, dtype)
+    compare_with_reference("triton", T, B, I, H, lengths, normalization, use_batch_stats, dtype)
 
 
 @requires_interpreter
 @pytest.mark.parametrize("normalization", ["frame", "sequence", None], ids=["frame", "sequence", "plain"])
 def test_bnlstm_layer_triton_without_bias(normalization):
-    compare_backends(4, 3, 5, 8, [4, 3, 1], normalization, True, torch.float32, bias=False)
+    compare_with_reference("triton", 4, 3, 5, 8, [4, 3, 1], normalization, True, torch.float32, bias=False)
 
 
 @requires_interpreter
@@ -107,15 +94,12 @@ def test_bnlstm_layer_triton_gradcheck_float64(normalization, use_batch_stats, l
     T, B, I, H = 3, 3, 2, 3
     inputs = op_inputs(T, B, I, H, lengths, torch.float64)
     pop = population(T, H, normalization, torch.float64)
-    lengths_t = None if lengths is None else torch.tensor(lengths)
     names = list(USED[normalization])
     fixed = {n: v.detach() for n, v in inputs.items() if n not in names}
 
     def run(*tensors):
-        out, h_n, c_n, _ = bnlstm_layer(
-            **dict(zip(names, tensors)), **fixed, lengths=lengths_t, population=pop,
-            use_batch_stats=use_batch_stats, normalization=normalization, backend="triton",
-        )
+        out, h_n, c_n, _ = call_layer({**dict(zip(names, tensors)), **fixed}, backend="triton", lengths=lengths,
+                                      population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(run, [inputs[n] for n in names], fast_mode=True, atol=1e-6)
@@ -159,7 +143,7 @@ def test_bnlstm_layer_triton_deterministic():
 def test_bnlstm_layer_triton_rejects_bfloat16_under_interpreter():
     inputs = {n: v.detach().to(torch.bfloat16) for n, v in op_inputs(2, 2, 1, 3, None, torch.float32).items()}
     with pytest.raises(TypeError, match="no bfloat16"):
-        bnlstm_layer(**inputs, population=population(2, 3, "frame", torch.bfloat16), backend="triton")
+        call_layer(inputs, backend="triton", population=population(2, 3, "frame", torch.bfloat16))
 
 
 class _CountingKernel:
@@ -187,8 +171,8 @@ def _count_launches(monkeypatch, T, normalization):
         monkeypatch.setattr(triton_kernels, name, _CountingKernel(getattr(triton_kernels, name), counter, name))
     B, I, H = 3, 2, 3
     inputs = op_inputs(T, B, I, H, None, torch.float32)
-    out, h_n, c_n, _ = bnlstm_layer(**inputs, population=population(T, H, normalization, torch.float32),
-                                    normalization=normalization, backend="triton")
+    out, h_n, c_n, _ = call_layer(inputs, backend="triton", population=population(T, H, normalization, torch.float32),
+                                  normalization=normalization)
     forward = sum(counter.values())
     (out.sum() + h_n.sum() + c_n.sum()).backward()
     return forward, sum(counter.values()) - forward
@@ -336,7 +320,7 @@ def no_tf32():
 @requires_cuda
 @pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES)
 def test_bnlstm_layer_triton_cuda_float32(no_tf32, T, B, I, H, lengths, normalization, use_batch_stats):
-    compare_backends(T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, device=CUDA)
+    compare_with_reference("triton", T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, device=CUDA)
 
 
 def compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, dtype, device):
@@ -415,41 +399,47 @@ def test_bnlstm_module_triton_cuda_bidirectional(no_tf32):
 
 _COMPILE_SCRIPT = textwrap.dedent("""
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction
 
+    from fused_bnlstm.ops import fused_triton as F
     from fused_bnlstm.ops import triton_kernels as K
 
-    def signature(fn, dtype, acc, constexprs):
-        state = ("p_c", "p_a_hh", "p_dh", "p_dc", "p_dgamma", "p_dgamma_ih", "p_dgamma_hh", "p_dbias",
-                 "p_dgamma_c", "p_dbeta_c", "p_mean", "p_var") + tuple(
-            f"p_{s}_{q}" for s in ("mean", "var") for q in ("ih", "hh", "c"))
-        types = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                types[name] = "constexpr"
-            elif name == "p_lengths":
-                types[name] = "*i64"
-            elif name.startswith("p_"):
-                types[name] = f"*{acc}" if name in state else f"*{dtype}"
-            else:
-                types[name] = "fp32" if name == "eps" else "i32"
-        return types
+    TARGET = GPUTarget("cuda", 90, 32)
+    BACKEND = make_backend(TARGET)
+    # buffers in the accumulation dtype; the other pointers are in the input's dtype
+    ACC_BUFFERS = ("p_c", "p_a_hh", "p_stats", "p_dstate", "p_dparams", "p_dgamma")
 
-    target = GPUTarget("cuda", 90, 32)
-    for dtype, acc, precision in (("fp32", "fp32", "ieee"), ("bf16", "fp32", None)):
-        tl_acc = tl.float32
-        for frame in (True, False):
-            constexprs = dict(H=100, FRAME=frame, HAS_BIAS=True, ACC=tl_acc, PRECISION=precision, BB=64, BH=16,
-                              BK=32)
-            for fn in (K.bnlstm_fwd_step_kernel, K.bnlstm_bwd_step_kernel):
-                triton.compile(ASTSource(fn, signature(fn, dtype, acc, constexprs), constexprs), target=target)
-        constexprs = dict(ACC=tl_acc, BR=64, BF=32)
-        for fn in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
-            triton.compile(ASTSource(fn, signature(fn, dtype, acc, constexprs), constexprs), target=target)
+    def compile_for_sm90(kernel, dtype, constexprs, num_warps):
+        # as a launch specializes: 16-byte-aligned pointers, None pointers and flags as constexprs
+        fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # the JITFunction under @triton.heuristics
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.startswith("p_"):
+                signature[name] = "*i64" if name == "p_lengths" else "*fp32" if name in ACC_BUFFERS else f"*{dtype}"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "fp32" if name == "eps" else "i32"
+        options = BACKEND.parse_options({"num_warps": num_warps})
+        return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+    B = 64
+    tiles = dict(H=100, BB=F._block_rows(B), BH=F._BLOCK_H, BK=F._BLOCK_K)
+    for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", None)):
+        frame = dict(FRAME=True, HAS_BIAS=True, PRECISION=precision, **tiles)
+        plain = dict(FRAME=False, HAS_BIAS=False, PRECISION=precision, p_bias=None, p_affine=None, **tiles)
+        for constexprs in (dict(frame, SAVE=True), dict(plain, SAVE=False, p_pop=None, p_a_hh=None, p_stats=None)):
+            compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, constexprs, F._num_warps(B))
+        for constexprs in (frame, dict(plain, p_stats=None, p_dparams=None)):
+            compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, constexprs, F._num_warps(B))
+        for kernel in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
+            compile_for_sm90(kernel, dtype, dict(BR=F._BLOCK_ROWS, BF=F._BLOCK_FEATURES), 4)
     print("compiled")
 """)
+
 
 
 def _has_nvidia_toolchain():

@@ -1,17 +1,25 @@
-"""Triton kernels of the fused BN-LSTM layer (launched from ``fused_triton.py``, which documents the buffers).
+"""Triton kernels of the fused BN-LSTM layer (launched from ``fused_triton.py``, which documents the calls).
 
 Every kernel is time-major and one layer-direction. A step kernel owns a block of BH hidden units j for
-all four gates (columns j, H + j, 2H + j, 3H + j of the gate axis) and **all** batch rows, so every batch
-norm reduction over the rows stays inside the program. Statistics and accumulation are in ``ACC``
-(float32, or float64 for float64 tensors); stores go out in each buffer's dtype. The BN backward used here
-is derived in ``README.md`` beside this file.
+all four gates and **all** batch rows, so every batch-norm reduction over the rows stays inside the
+program. Its gate columns (j, H + j, 2H + j, 3H + j of the gate axis) form one gate-strided [BB, 4*BH]
+tile: one dot per reduction chunk, and the moments, normalization, bias, gamma and activations run once
+over the tile; the cell update splits it into its i, f, g, o blocks. Statistics and accumulation are in
+the cell state's dtype (float32, or float64 for float64 tensors); stores go out in each buffer's dtype.
+The BN backward used here is derived in ``README.md`` beside this file.
 
 Buffers (C-contiguous; "state" buffers hold the state *after* each step, index 0 the initial one):
 
-    x_gates  [T, B, 4H]   frame: W_ih x_t (raw); otherwise the finished input branch u_t
-    w_hh     [4H, H]      h     [T+1, B, H] (input dtype)     c [T+1, B, H] (ACC)
-    a_hh     [T, B, 4H]   W_hh h_{t-1}, saved for backward (ACC)
-    mean_*, var_* [T, 4H] / [T, H]   the moments each step normalized with (ACC)
+    x_gates   [T, B, 4H]  frame: W_ih x_t (raw); otherwise the finished input branch u_t
+    w_hh      [4H, H]     h [T+1, B, H] (input dtype)       c [T+1, B, H] (accumulation dtype)
+                          (without SAVE: [2, B, H] each, step t reads slot t % 2 and writes the other)
+    a_hh      [T, B, 4H]  W_hh h_{t-1}, saved for backward; None when nothing is saved
+    affine    [10H]       gamma_ih | gamma_hh | gamma_c | beta_c (frame only)
+    pop       [T, 18H]    a step's population moments: means of ih | hh | c ([4H | 4H | H]), then the
+    stats     [T, 18H]    variances 9H further; stats: the moments each step normalized with
+    dstate    [2, B, H]   the h and c state gradients the backward launches carry from step to step
+    da        [., T, B, 4H]  da_hh, then (frame) da_ih
+    dparams   [T, 14H]    per-step partial sums: d(affine) [10H] | dbias [4H], summed over T afterwards
 """
 
 from __future__ import annotations
@@ -21,248 +29,213 @@ import triton.language as tl
 
 
 @triton.jit
-def _moments(b_v, m_run2, n, use_batch, p_pop_mean, p_pop_var, o_col, m_col):
-    """Per-column mean and biased variance of b_v [BB, BH] over the running rows, or the population's."""
-    n_f = tl.maximum(n, 1).to(b_v.dtype)
-    b_mean = tl.sum(tl.where(m_run2, b_v, 0.0), axis=0) / n_f  # [BH]
-    b_dev = tl.where(m_run2, b_v - b_mean[None, :], 0.0)  # [BB, BH]
-    b_var = tl.sum(b_dev * b_dev, axis=0) / n_f  # [BH]
-    b_pop_mean = tl.load(p_pop_mean + o_col, mask=m_col, other=0.0).to(b_v.dtype)
-    b_pop_var = tl.load(p_pop_var + o_col, mask=m_col, other=1.0).to(b_v.dtype)
-    b_mean = tl.where(use_batch != 0, b_mean, b_pop_mean)
-    b_var = tl.where(use_batch != 0, b_var, b_pop_var)
-    return b_mean, b_var
+def _gate_columns(i_h, H, BH: tl.constexpr):
+    """The [4*BH] gate-axis columns of hidden units [i_h * BH, (i_h + 1) * BH): gate k's block at k * H.
+
+    Returns the columns, whether each is inside the [4H] gate axis, and each column's gate k (0..3).
+    """
+    o_j = tl.arange(0, 4 * BH)
+    o_h = i_h * BH + o_j % BH
+    return (o_j // BH) * H + o_h, o_h < H, o_j // BH
 
 
 @triton.jit
-def _bn_backward(b_dxhat, b_xhat, b_rstd, m_run2, n, use_batch):
-    """d(input) of xhat = (v - mean) * rstd given d(xhat) [BB, BH]; batch moments couple the running rows."""
+def _running_rows(p_lengths, B, t, BB: tl.constexpr):
+    """A program's BB rows: offsets, inside the batch, and [BB, 1] still running at step t (t < length)."""
+    o_b = tl.arange(0, BB)
+    m_b = o_b < B
+    return o_b, m_b, (m_b & (tl.load(p_lengths + o_b, mask=m_b, other=0) > t))[:, None]
+
+
+@triton.jit
+def _split_gates(b_tile, BB: tl.constexpr, BH: tl.constexpr):
+    """A [BB, 4*BH] gate tile as its i, f, g, o blocks [BB, BH]."""
+    # [BB, BH, 2, 2]: gate k = 2p + q sits at [:, :, p, q]; split takes q, then p
+    b_tile = tl.permute(tl.reshape(b_tile, [BB, 2, 2, BH]), (0, 3, 1, 2))
+    b_even, b_odd = tl.split(b_tile)
+    b_i, b_g = tl.split(b_even)
+    b_f, b_o = tl.split(b_odd)
+    return b_i, b_f, b_g, b_o
+
+
+@triton.jit
+def _join_gates(b_i, b_f, b_g, b_o, BB: tl.constexpr, BH: tl.constexpr):
+    """The inverse of ``_split_gates``: four [BB, BH] blocks as one [BB, 4*BH] gate tile."""
+    b_tile = tl.join(tl.join(b_i, b_g), tl.join(b_f, b_o))  # [BB, BH, p, q]
+    return tl.reshape(tl.permute(b_tile, (0, 2, 3, 1)), [BB, 4 * BH])
+
+
+@triton.jit
+def _activate(b_z, o_gate):
+    """sigmoid on the i, f, o columns, tanh on g's (tanh(z) = 2 sigmoid(2z) - 1): one sigmoid per tile."""
+    b_s = tl.where(o_gate == 2, 2.0, 1.0)[None, :]
+    return b_s * tl.sigmoid(b_s * b_z) - (b_s - 1.0)
+
+
+@triton.jit
+def _tanh(b_v):
+    return 2.0 * tl.sigmoid(2.0 * b_v) - 1.0
+
+
+@triton.jit
+def _load_vector(p_v, o_col, m_col, dtype):
+    """[1, W] a parameter vector's columns o_col, as a row to broadcast over a tile."""
+    return tl.load(p_v + o_col, mask=m_col, other=0.0).to(dtype)[None, :]
+
+
+@triton.jit
+def _batch_norm(b_v, m_run, n, use_batch, eps, p_pop, p_stats, o_col, m_col, V):
+    """xhat [BB, W] of b_v normalized over the running rows, or with the population's moments.
+
+    ``p_pop`` / ``p_stats`` point at one step's moments row (means at o_col, variances V further); the
+    moments used are stored to ``p_stats``.
+    """
+    n_f = tl.maximum(n, 1).to(b_v.dtype)
+    b_mean = tl.sum(tl.where(m_run, b_v, 0.0), axis=0) / n_f  # [W]
+    b_dev = tl.where(m_run, b_v - b_mean[None, :], 0.0)
+    b_var = tl.sum(b_dev * b_dev, axis=0) / n_f  # [W]
+    b_mean = tl.where(use_batch != 0, b_mean, tl.load(p_pop + o_col, mask=m_col, other=0.0).to(b_v.dtype))
+    b_var = tl.where(use_batch != 0, b_var, tl.load(p_pop + V + o_col, mask=m_col, other=1.0).to(b_v.dtype))
+    tl.store(p_stats + o_col, b_mean, mask=m_col)
+    tl.store(p_stats + V + o_col, b_var, mask=m_col)
+    return (b_v - b_mean[None, :]) / tl.sqrt(b_var + eps)[None, :]
+
+
+@triton.jit
+def _xhat(b_v, p_stats, o_col, m_col, V, eps):
+    """(v - mean) * rstd [BB, W] and rstd [W] with the saved moments of one step (layout as ``_batch_norm``)."""
+    b_rstd = 1.0 / tl.sqrt(tl.load(p_stats + V + o_col, mask=m_col, other=1.0) + eps)
+    return (b_v - tl.load(p_stats + o_col, mask=m_col, other=0.0)[None, :]) * b_rstd[None, :], b_rstd
+
+
+@triton.jit
+def _bn_backward(b_dxhat, b_xhat, b_rstd, m_run, n, use_batch):
+    """d(input) of xhat = (v - mean) * rstd given d(xhat) [BB, W]; batch moments couple the running rows."""
     n_f = tl.maximum(n, 1).to(b_dxhat.dtype)
-    b_dxhat = tl.where(m_run2, b_dxhat, 0.0)
-    # [BH] means over the running rows of dxhat and dxhat * xhat
+    b_dxhat = tl.where(m_run, b_dxhat, 0.0)
+    # [W] means over the running rows of dxhat and dxhat * xhat
     b_mean_d = tl.sum(b_dxhat, axis=0) / n_f
     b_mean_dx = tl.sum(b_dxhat * b_xhat, axis=0) / n_f
     b_batch = b_rstd[None, :] * (b_dxhat - b_mean_d[None, :] - b_xhat * b_mean_dx[None, :])
     b_pop = b_rstd[None, :] * b_dxhat
-    return tl.where(m_run2, tl.where(use_batch != 0, b_batch, b_pop), 0.0)
+    return tl.where(m_run, tl.where(use_batch != 0, b_batch, b_pop), 0.0)
 
 
 @triton.jit
-def _bn_gate_fwd(b_a_hh, b_a_ih, k, t, m_run2, n, use_batch, eps, H, o_h, m_h, p_gamma_ih, p_gamma_hh,
-                 p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh):
-    """Gate k's gamma_hh * BN(a_hh) + gamma_ih * BN(a_ih) [BB, BH]; stores the moments it used at step t."""
-    # [BH] offsets of gate k's columns in a [T, 4H] statistics row
-    o_m = t * 4 * H + k * H + o_h
-    b_mean, b_var = _moments(b_a_hh, m_run2, n, use_batch, p_pop_mean_hh + t * 4 * H + k * H,
-                             p_pop_var_hh + t * 4 * H + k * H, o_h, m_h)
-    tl.store(p_mean_hh + o_m, b_mean, mask=m_h)
-    tl.store(p_var_hh + o_m, b_var, mask=m_h)
-    b_gamma = tl.load(p_gamma_hh + k * H + o_h, mask=m_h, other=0.0).to(b_a_hh.dtype)
-    b_gate = (b_gamma / tl.sqrt(b_var + eps))[None, :] * (b_a_hh - b_mean[None, :])
-    b_mean, b_var = _moments(b_a_ih, m_run2, n, use_batch, p_pop_mean_ih + t * 4 * H + k * H,
-                             p_pop_var_ih + t * 4 * H + k * H, o_h, m_h)
-    tl.store(p_mean_ih + o_m, b_mean, mask=m_h)
-    tl.store(p_var_ih + o_m, b_var, mask=m_h)
-    b_gamma = tl.load(p_gamma_ih + k * H + o_h, mask=m_h, other=0.0).to(b_a_ih.dtype)
-    return b_gate + (b_gamma / tl.sqrt(b_var + eps))[None, :] * (b_a_ih - b_mean[None, :])
+def _state_offset(t, B, H, SAVE: tl.constexpr):
+    """Where the state after step t - 1 sits: row t of the [T+1, B, H] history, or slot t % 2 of two."""
+    return t * B * H if SAVE else (t % 2) * B * H
 
 
-@triton.jit
-def _xhat(b_v, p_mean, p_var, o_m, m_h, eps):
-    """(v - mean) * rstd [BB, BH] and rstd [BH] with the saved moments at offsets o_m."""
-    b_rstd = 1.0 / tl.sqrt(tl.load(p_var + o_m, mask=m_h, other=1.0) + eps)
-    return (b_v - tl.load(p_mean + o_m, mask=m_h, other=0.0)[None, :]) * b_rstd[None, :], b_rstd
-
-
-@triton.jit
-def _gate_pre(p_a_hh, p_x_gates, o_g, m_bh, k, t, eps, H, o_h, m_h, p_bias, p_gamma_ih, p_gamma_hh,
-              p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, FRAME: tl.constexpr, HAS_BIAS: tl.constexpr,
-              ACC: tl.constexpr):
-    """Gate k's pre-activation [BB, BH] at step t, recomputed from the saved a_hh, input branch and moments."""
-    b_a_hh = tl.load(p_a_hh + o_g + k * H, mask=m_bh, other=0.0)
-    b_a_ih = tl.load(p_x_gates + o_g + k * H, mask=m_bh, other=0.0).to(ACC)
-    if FRAME:
-        o_m = t * 4 * H + k * H + o_h
-        b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_mean_hh, p_var_hh, o_m, m_h, eps)
-        b_xhat_ih, b_rstd_ih = _xhat(b_a_ih, p_mean_ih, p_var_ih, o_m, m_h, eps)
-        b_pre = (tl.load(p_gamma_hh + k * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :] * b_xhat_hh
-                 + tl.load(p_gamma_ih + k * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :] * b_xhat_ih)
-    else:
-        b_pre = b_a_hh + b_a_ih
-    if HAS_BIAS:
-        b_pre += tl.load(p_bias + k * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
-    return b_pre
-
-
-@triton.jit
-def _gate_bwd(b_dgate, p_a_hh, p_x_gates, o_g, m_bh, m_run2, n, use_batch, k, t, eps, H, o_h, m_h,
-              p_gamma_ih, p_gamma_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh,
-              p_da_hh, p_da_ih, p_dgamma_ih, p_dgamma_hh, p_dbias,
-              FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    """From gate k's d(pre-activation) [BB, BH]: da_hh, da_ih at step t and the parameter partial sums."""
-    # [BH] this program's columns of gate k in the [4H] parameter vectors
-    o_p = k * H + o_h
-    if HAS_BIAS:
-        tl.store(p_dbias + o_p, tl.load(p_dbias + o_p, mask=m_h, other=0.0) + tl.sum(b_dgate, axis=0), mask=m_h)
-    if FRAME:
-        o_m = t * 4 * H + o_p
-        b_xhat, b_rstd = _xhat(tl.load(p_a_hh + o_g + k * H, mask=m_bh, other=0.0), p_mean_hh, p_var_hh, o_m, m_h,
-                               eps)
-        tl.store(p_dgamma_hh + o_p,
-                 tl.load(p_dgamma_hh + o_p, mask=m_h, other=0.0) + tl.sum(b_dgate * b_xhat, axis=0), mask=m_h)
-        b_gamma = tl.load(p_gamma_hh + o_p, mask=m_h, other=0.0).to(ACC)
-        b_da_hh = _bn_backward(b_dgate * b_gamma[None, :], b_xhat, b_rstd, m_run2, n, use_batch)
-        b_xhat, b_rstd = _xhat(tl.load(p_x_gates + o_g + k * H, mask=m_bh, other=0.0).to(ACC), p_mean_ih, p_var_ih,
-                               o_m, m_h, eps)
-        tl.store(p_dgamma_ih + o_p,
-                 tl.load(p_dgamma_ih + o_p, mask=m_h, other=0.0) + tl.sum(b_dgate * b_xhat, axis=0), mask=m_h)
-        b_gamma = tl.load(p_gamma_ih + o_p, mask=m_h, other=0.0).to(ACC)
-        b_da_ih = _bn_backward(b_dgate * b_gamma[None, :], b_xhat, b_rstd, m_run2, n, use_batch)
-    else:
-        b_da_hh = b_dgate
-        b_da_ih = b_dgate
-    tl.store(p_da_hh + o_g + k * H, b_da_hh.to(p_da_hh.dtype.element_ty), mask=m_bh)
-    tl.store(p_da_ih + o_g + k * H, b_da_ih.to(p_da_ih.dtype.element_ty), mask=m_bh)
-
-
+@triton.heuristics({
+    "FRAME": lambda args: args["p_affine"] is not None,
+    "HAS_BIAS": lambda args: args["p_bias"] is not None,
+    "SAVE": lambda args: args["p_a_hh"] is not None,
+})
 @triton.jit(do_not_specialize=["t", "n", "use_batch", "B"])
 def bnlstm_fwd_step_kernel(
-    p_x_gates, p_w_hh, p_bias, p_gamma_ih, p_gamma_hh, p_gamma_c, p_beta_c,
-    p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh, p_pop_mean_c, p_pop_var_c,
-    p_lengths, p_h, p_c, p_out, p_a_hh,
-    p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_mean_c, p_var_c,
+    p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats,
     t, n, use_batch, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    """One time step t for hidden units [i_h * BH, (i_h + 1) * BH): gates, cell, BN(c), h."""
+    """One time step t for hidden units [i_h * BH, (i_h + 1) * BH): gates, cell, BN(c), h.
+
+    ``n`` rows run at step t; ``use_batch`` says whether the step normalizes with their batch moments.
+    """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
-    o_b = tl.arange(0, BB)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_b = o_b < B
-    m_h = o_h < H
-    b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
-    # [BB, 1] rows still running at step t; [BB, BH] valid tile
-    m_run2 = (m_b & (b_len > t))[:, None]
-    m_bh = m_b[:, None] & m_h[None, :]
+    o_b, m_b, m_run = _running_rows(p_lengths, B, t, BB)
+    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
+    o_prev = _state_offset(t, B, H, SAVE)
+    o_next = _state_offset(t + 1, B, H, SAVE)
 
-    # [BB, BH] per gate: a_hh = h_{t-1} W_hh^T for this program's columns of each gate
-    b_a_i = tl.zeros([BB, BH], dtype=ACC)
-    b_a_f = tl.zeros([BB, BH], dtype=ACC)
-    b_a_g = tl.zeros([BB, BH], dtype=ACC)
-    b_a_o = tl.zeros([BB, BH], dtype=ACC)
-    p_h_prev = p_h + t * B * H
+    # [BB, 4*BH] a_hh = h_{t-1} W_hh^T on the tile's gate columns: one dot per reduction chunk
+    b_a_hh = tl.zeros([BB, 4 * BH], dtype=p_c.dtype.element_ty)
     for i_k in range(0, H, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < H
-        # [BB, BK] h_{t-1}; [BK, BH] W_hh^T of gate i (the other gates sit H * H further each)
-        b_hk = tl.load(p_h_prev + o_b[:, None] * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
-        p_w = p_w_hh + o_h[None, :] * H + o_k[:, None]
-        m_w = m_k[:, None] & m_h[None, :]
-        b_a_i += tl.dot(b_hk, tl.load(p_w, mask=m_w, other=0.0), input_precision=PRECISION, out_dtype=ACC)
-        b_a_f += tl.dot(b_hk, tl.load(p_w + H * H, mask=m_w, other=0.0), input_precision=PRECISION, out_dtype=ACC)
-        b_a_g += tl.dot(b_hk, tl.load(p_w + 2 * H * H, mask=m_w, other=0.0), input_precision=PRECISION,
-                        out_dtype=ACC)
-        b_a_o += tl.dot(b_hk, tl.load(p_w + 3 * H * H, mask=m_w, other=0.0), input_precision=PRECISION,
-                        out_dtype=ACC)
+        # [BB, BK] h_{t-1}; [BK, 4*BH] W_hh^T
+        b_h = tl.load(p_h + o_prev + o_b[:, None] * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_g[None, :], other=0.0)
+        b_a_hh += tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=b_a_hh.dtype)
 
-    # [BB, BH] offsets of gate i in a [B, 4H] row block at step t
-    o_g = t * B * 4 * H + o_b[:, None] * 4 * H + o_h[None, :]
-    tl.store(p_a_hh + o_g, b_a_i, mask=m_bh)
-    tl.store(p_a_hh + o_g + H, b_a_f, mask=m_bh)
-    tl.store(p_a_hh + o_g + 2 * H, b_a_g, mask=m_bh)
-    tl.store(p_a_hh + o_g + 3 * H, b_a_o, mask=m_bh)
-    b_x_i = tl.load(p_x_gates + o_g, mask=m_bh, other=0.0).to(ACC)
-    b_x_f = tl.load(p_x_gates + o_g + H, mask=m_bh, other=0.0).to(ACC)
-    b_x_g = tl.load(p_x_gates + o_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-    b_x_o = tl.load(p_x_gates + o_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
-
+    # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    if SAVE:
+        tl.store(p_a_hh + o_tile, b_a_hh, mask=m_tile)
+    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(b_a_hh.dtype)
     if FRAME:
-        # gates = gamma_hh * BN(a_hh) + gamma_ih * BN(a_ih); each step's moments are saved
-        b_pre_i = _bn_gate_fwd(b_a_i, b_x_i, 0, t, m_run2, n, use_batch, eps, H, o_h, m_h, p_gamma_ih, p_gamma_hh,
-                               p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh)
-        b_pre_f = _bn_gate_fwd(b_a_f, b_x_f, 1, t, m_run2, n, use_batch, eps, H, o_h, m_h, p_gamma_ih, p_gamma_hh,
-                               p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh)
-        b_pre_g = _bn_gate_fwd(b_a_g, b_x_g, 2, t, m_run2, n, use_batch, eps, H, o_h, m_h, p_gamma_ih, p_gamma_hh,
-                               p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh)
-        b_pre_o = _bn_gate_fwd(b_a_o, b_x_o, 3, t, m_run2, n, use_batch, eps, H, o_h, m_h, p_gamma_ih, p_gamma_hh,
-                               p_pop_mean_ih, p_pop_var_ih, p_pop_mean_hh, p_pop_var_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh)
+        # gates = gamma_hh * BN(a_hh) + gamma_ih * BN(a_ih), with the moments each step used saved
+        p_pop_t = p_pop + t * 18 * H
+        p_stats_t = p_stats + t * 18 * H
+        b_z = _load_vector(p_affine + 4 * H, o_g, m_g, b_x.dtype) * _batch_norm(
+            b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H, p_stats_t + 4 * H, o_g, m_g, 9 * H)
+        b_z += _load_vector(p_affine, o_g, m_g, b_x.dtype) * _batch_norm(
+            b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H)
     else:
-        b_pre_i = b_a_i + b_x_i
-        b_pre_f = b_a_f + b_x_f
-        b_pre_g = b_a_g + b_x_g
-        b_pre_o = b_a_o + b_x_o
+        b_z = b_a_hh + b_x
     if HAS_BIAS:
-        b_pre_i += tl.load(p_bias + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
-        b_pre_f += tl.load(p_bias + H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
-        b_pre_g += tl.load(p_bias + 2 * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
-        b_pre_o += tl.load(p_bias + 3 * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
+        b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
+    b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
 
-    # [BB, BH] gate activations and the cell update
-    b_i = tl.sigmoid(b_pre_i)
-    b_f = tl.sigmoid(b_pre_f)
-    b_g = 2.0 * tl.sigmoid(2.0 * b_pre_g) - 1.0
-    b_o = tl.sigmoid(b_pre_o)
-    o_s = t * B * H + o_b[:, None] * H + o_h[None, :]
-    b_c_prev = tl.load(p_c + o_s, mask=m_bh, other=0.0)
+    # [BB, BH] the cell update on the program's hidden units
+    o_h = i_h * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    o_s = o_b[:, None] * H + o_h[None, :]
+    m_s = m_b[:, None] & m_h[None, :]
+    b_c_prev = tl.load(p_c + o_prev + o_s, mask=m_s, other=0.0)
     b_c = b_f * b_c_prev + b_i * b_g
     if FRAME:
-        b_mean, b_var = _moments(b_c, m_run2, n, use_batch, p_pop_mean_c + t * H, p_pop_var_c + t * H, o_h, m_h)
-        tl.store(p_mean_c + t * H + o_h, b_mean, mask=m_h)
-        tl.store(p_var_c + t * H + o_h, b_var, mask=m_h)
-        b_gamma = tl.load(p_gamma_c + o_h, mask=m_h, other=0.0).to(ACC)
-        b_beta = tl.load(p_beta_c + o_h, mask=m_h, other=0.0).to(ACC)
-        b_y = b_gamma[None, :] * (b_c - b_mean[None, :]) / tl.sqrt(b_var[None, :] + eps) + b_beta[None, :]
+        b_y = _load_vector(p_affine + 8 * H, o_h, m_h, b_c.dtype) * _batch_norm(
+            b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H)
+        b_y += _load_vector(p_affine + 9 * H, o_h, m_h, b_c.dtype)
     else:
         b_y = b_c
-    b_h = b_o * (2.0 * tl.sigmoid(2.0 * b_y) - 1.0)
+    b_h = b_o * _tanh(b_y)
 
     # finished rows keep their state and output zeros
-    b_h_prev = tl.load(p_h + o_s, mask=m_bh, other=0.0)
-    tl.store(p_h + o_s + B * H, tl.where(m_run2, b_h.to(b_h_prev.dtype), b_h_prev), mask=m_bh)
-    tl.store(p_c + o_s + B * H, tl.where(m_run2, b_c, b_c_prev), mask=m_bh)
-    tl.store(p_out + o_s, tl.where(m_run2, b_h, 0.0).to(p_out.dtype.element_ty), mask=m_bh)
+    b_h_prev = tl.load(p_h + o_prev + o_s, mask=m_s, other=0.0)
+    tl.store(p_h + o_next + o_s, tl.where(m_run, b_h.to(b_h_prev.dtype), b_h_prev), mask=m_s)
+    tl.store(p_c + o_next + o_s, tl.where(m_run, b_c, b_c_prev), mask=m_s)
+    tl.store(p_out + t * B * H + o_s, tl.where(m_run, b_h, 0.0).to(p_out.dtype.element_ty), mask=m_s)
 
 
+@triton.heuristics({
+    "FRAME": lambda args: args["p_affine"] is not None,
+    "HAS_BIAS": lambda args: args["p_bias"] is not None,
+})
 @triton.jit(do_not_specialize=["t", "T", "n", "use_batch", "B"])
 def bnlstm_bwd_step_kernel(
-    p_x_gates, p_w_hh, p_bias, p_gamma_ih, p_gamma_hh, p_gamma_c, p_beta_c,
-    p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_mean_c, p_var_c,
-    p_lengths, p_c, p_a_hh, p_dout, p_dh, p_dc, p_da_hh, p_da_ih,
-    p_dgamma_ih, p_dgamma_hh, p_dbias, p_dgamma_c, p_dbeta_c,
+    p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da, p_dparams,
     t, T, n, use_batch, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
     """Step t in reverse for hidden units [i_h * BH, (i_h + 1) * BH): dgates, BN backward, dc_{t-1}.
 
-    ``p_dh`` / ``p_dc`` [B, H] (ACC) hold the gradient of the h / c state after step t + 1 on entry and
-    after step t on exit, each program touching only its columns. The h-state gradient of rows still
-    running at t + 1 comes from that step's da_hh [B, 4H] (written by the previous launch) times W_hh.
-    Parameter gradients accumulate into the program's own columns: deterministic, no atomics.
+    ``p_dstate`` [2, B, H] holds the gradients of the h and c states after step t + 1 on entry and after
+    step t on exit, each program touching only its columns. The h-state gradient of rows still running at
+    t + 1 comes from that step's da_hh [B, 4H] (written by the previous launch) times W_hh. Parameter
+    gradients go to the step's row of ``p_dparams``, each program writing its own columns: deterministic,
+    no atomics.
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
-    o_b = tl.arange(0, BB)
+    o_b, m_b, m_run = _running_rows(p_lengths, B, t, BB)
+    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
     o_h = i_h * BH + tl.arange(0, BH)
-    m_b = o_b < B
     m_h = o_h < H
-    b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
-    m_run2 = (m_b & (b_len > t))[:, None]
-    m_next2 = (m_b & (b_len > t + 1))[:, None]
-    m_bh = m_b[:, None] & m_h[None, :]
     o_s = o_b[:, None] * H + o_h[None, :]
+    m_s = m_b[:, None] & m_h[None, :]
+    p_dc = p_dstate + B * H
 
     # [BB, BH] gradient of the h state after step t
-    b_dh = tl.load(p_dh + o_s, mask=m_bh, other=0.0)
+    b_dh = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
     if t + 1 < T:
-        b_acc = tl.zeros([BB, BH], dtype=ACC)
-        p_da_next = p_da_hh + (t + 1) * B * 4 * H
+        b_acc = tl.zeros([BB, BH], dtype=b_dh.dtype)
+        p_da_next = p_da + (t + 1) * B * 4 * H
         for i_k in range(0, 4 * H, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < 4 * H
@@ -270,149 +243,164 @@ def bnlstm_bwd_step_kernel(
             b_da = tl.load(p_da_next + o_b[:, None] * 4 * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :],
                            other=0.0)
             b_w = tl.load(p_w_hh + o_k[:, None] * H + o_h[None, :], mask=m_k[:, None] & m_h[None, :], other=0.0)
-            b_acc += tl.dot(b_da, b_w, input_precision=PRECISION, out_dtype=ACC)
-        b_dh = tl.where(m_next2, b_acc, b_dh)
-    tl.store(p_dh + o_s, b_dh, mask=m_bh)
-    b_dout = tl.load(p_dout + t * B * H + o_s, mask=m_bh, other=0.0).to(ACC)
-    b_dh = tl.where(m_run2, b_dh + b_dout, 0.0)
+            b_acc += tl.dot(b_da, b_w, input_precision=PRECISION, out_dtype=b_acc.dtype)
+        _, _, m_next = _running_rows(p_lengths, B, t + 1, BB)
+        b_dh = tl.where(m_next, b_acc, b_dh)
+    tl.store(p_dstate + o_s, b_dh, mask=m_s)
+    b_dh = tl.where(m_run, b_dh + tl.load(p_dout + t * B * H + o_s, mask=m_s, other=0.0).to(b_dh.dtype), 0.0)
 
-    # recompute the forward step from what it saved
-    o_g = t * B * 4 * H + o_b[:, None] * 4 * H + o_h[None, :]
-    b_i = tl.sigmoid(_gate_pre(p_a_hh, p_x_gates, o_g, m_bh, 0, t, eps, H, o_h, m_h, p_bias, p_gamma_ih, p_gamma_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, FRAME, HAS_BIAS, ACC))
-    b_f = tl.sigmoid(_gate_pre(p_a_hh, p_x_gates, o_g, m_bh, 1, t, eps, H, o_h, m_h, p_bias, p_gamma_ih, p_gamma_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, FRAME, HAS_BIAS, ACC))
-    b_g = 2.0 * tl.sigmoid(2.0 * _gate_pre(p_a_hh, p_x_gates, o_g, m_bh, 2, t, eps, H, o_h, m_h, p_bias, p_gamma_ih,
-                                           p_gamma_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, FRAME, HAS_BIAS,
-                                           ACC)) - 1.0
-    b_o = tl.sigmoid(_gate_pre(p_a_hh, p_x_gates, o_g, m_bh, 3, t, eps, H, o_h, m_h, p_bias, p_gamma_ih, p_gamma_hh,
-                               p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, FRAME, HAS_BIAS, ACC))
-    b_c_prev = tl.load(p_c + t * B * H + o_s, mask=m_bh, other=0.0)
-    b_c = tl.load(p_c + (t + 1) * B * H + o_s, mask=m_bh, other=0.0)
+    # recompute the step's [BB, 4*BH] gate tile from what forward saved
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
+    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(b_a_hh.dtype)
     if FRAME:
-        b_xhat_c, b_rstd_c = _xhat(b_c, p_mean_c, p_var_c, t * H + o_h, m_h, eps)
-        b_gamma_c = tl.load(p_gamma_c + o_h, mask=m_h, other=0.0).to(ACC)
-        b_y = b_gamma_c[None, :] * b_xhat_c + tl.load(p_beta_c + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
+        p_stats_t = p_stats + t * 18 * H
+        b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
+        b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
+        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, b_x.dtype)
+        b_gamma_ih = _load_vector(p_affine, o_g, m_g, b_x.dtype)
+        b_z = b_gamma_hh * b_xhat_hh + b_gamma_ih * b_xhat_ih
+    else:
+        b_z = b_a_hh + b_x
+    if HAS_BIAS:
+        b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
+    b_act = _activate(b_z, o_gate)
+    b_i, b_f, b_g, b_o = _split_gates(b_act, BB, BH)
+    b_c_prev = tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0)
+    b_c = tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0)
+    if FRAME:
+        b_xhat_c, b_rstd_c = _xhat(b_c, p_stats_t + 8 * H, o_h, m_h, 9 * H, eps)
+        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, b_c.dtype)
+        b_y = b_gamma_c * b_xhat_c + _load_vector(p_affine + 9 * H, o_h, m_h, b_c.dtype)
     else:
         b_y = b_c
-    b_tanh_y = 2.0 * tl.sigmoid(2.0 * b_y) - 1.0
+    b_tanh_y = _tanh(b_y)
 
-    # [BB, BH] h = o * tanh(y): gradients of o's pre-activation and of y
-    b_do = b_dh * b_tanh_y * b_o * (1.0 - b_o)
+    # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
     b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
     if FRAME:
-        tl.store(p_dgamma_c + o_h, tl.load(p_dgamma_c + o_h, mask=m_h, other=0.0) + tl.sum(b_dy * b_xhat_c, axis=0),
-                 mask=m_h)
-        tl.store(p_dbeta_c + o_h, tl.load(p_dbeta_c + o_h, mask=m_h, other=0.0) + tl.sum(b_dy, axis=0), mask=m_h)
-        b_dc_new = _bn_backward(b_dy * b_gamma_c[None, :], b_xhat_c, b_rstd_c, m_run2, n, use_batch)
+        b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
     else:
         b_dc_new = b_dy
-    b_dc_state = tl.load(p_dc + o_s, mask=m_bh, other=0.0)
-    b_dc = tl.where(m_run2, b_dc_new + b_dc_state, 0.0)
-    tl.store(p_dc + o_s, tl.where(m_run2, b_dc * b_f, b_dc_state), mask=m_bh)
+    b_dc_state = tl.load(p_dc + o_s, mask=m_s, other=0.0)
+    b_dc = tl.where(m_run, b_dc_new + b_dc_state, 0.0)
+    tl.store(p_dc + o_s, tl.where(m_run, b_dc * b_f, b_dc_state), mask=m_s)
 
-    # [BB, BH] gradients of the four gate pre-activations (zero on finished rows), then per gate BN backward
-    _gate_bwd(b_dc * b_g * b_i * (1.0 - b_i), p_a_hh, p_x_gates, o_g, m_bh, m_run2, n, use_batch, 0, t, eps, H, o_h,
-              m_h, p_gamma_ih, p_gamma_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_da_hh, p_da_ih, p_dgamma_ih,
-              p_dgamma_hh, p_dbias, FRAME, HAS_BIAS, ACC)
-    _gate_bwd(b_dc * b_c_prev * b_f * (1.0 - b_f), p_a_hh, p_x_gates, o_g, m_bh, m_run2, n, use_batch, 1, t, eps, H,
-              o_h, m_h, p_gamma_ih, p_gamma_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_da_hh, p_da_ih,
-              p_dgamma_ih, p_dgamma_hh, p_dbias, FRAME, HAS_BIAS, ACC)
-    _gate_bwd(b_dc * b_i * (1.0 - b_g * b_g), p_a_hh, p_x_gates, o_g, m_bh, m_run2, n, use_batch, 2, t, eps, H, o_h,
-              m_h, p_gamma_ih, p_gamma_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_da_hh, p_da_ih, p_dgamma_ih,
-              p_dgamma_hh, p_dbias, FRAME, HAS_BIAS, ACC)
-    _gate_bwd(b_do, p_a_hh, p_x_gates, o_g, m_bh, m_run2, n, use_batch, 3, t, eps, H, o_h, m_h, p_gamma_ih,
-              p_gamma_hh, p_mean_ih, p_var_ih, p_mean_hh, p_var_hh, p_da_hh, p_da_ih, p_dgamma_ih, p_dgamma_hh,
-              p_dbias, FRAME, HAS_BIAS, ACC)
+    # [BB, 4*BH] gradient of each gate's activation, then of its pre-activation
+    b_dact = _join_gates(b_dc * b_g, b_dc * b_c_prev, b_dc * b_i, b_dh * b_tanh_y, BB, BH)
+    b_dz = b_dact * tl.where((o_gate == 2)[None, :], 1.0 - b_act * b_act, b_act * (1.0 - b_act))
+    if HAS_BIAS:
+        tl.store(p_dparams + t * 14 * H + 10 * H + o_g, tl.sum(b_dz, axis=0), mask=m_g)
+    if FRAME:
+        p_dparams_t = p_dparams + t * 14 * H
+        tl.store(p_dparams_t + o_g, tl.sum(b_dz * b_xhat_ih, axis=0), mask=m_g)
+        tl.store(p_dparams_t + 4 * H + o_g, tl.sum(b_dz * b_xhat_hh, axis=0), mask=m_g)
+        tl.store(p_dparams_t + 8 * H + o_h, tl.sum(b_dy * b_xhat_c, axis=0), mask=m_h)
+        tl.store(p_dparams_t + 9 * H + o_h, tl.sum(b_dy, axis=0), mask=m_h)
+        b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
+        b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
+        tl.store(p_da + T * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
+    else:
+        b_da_hh = b_dz
+    tl.store(p_da + o_tile, b_da_hh.to(p_da.dtype.element_ty), mask=m_tile)
+
+
+@triton.jit
+def _frame_rows(i_r, p_lengths, T, B, BR: tl.constexpr):
+    """Block i_r of the [T*B] frame axis: row offsets (int64), in range, and valid (t < length)."""
+    o_r = i_r * BR + tl.arange(0, BR).to(tl.int64)
+    m_r = o_r < T * B
+    return o_r, m_r, m_r & (tl.load(p_lengths + o_r % B, mask=m_r, other=0) > o_r // B)
 
 
 @triton.jit(do_not_specialize=["n", "use_batch", "T", "B"])
 def sequence_bn_fwd_kernel(
-    p_a, p_u, p_gamma, p_pop_mean, p_pop_var, p_lengths, p_mean, p_var,
+    p_a, p_u, p_gamma, p_pop, p_lengths, p_stats,
     n, use_batch, eps, T, B, F,
-    ACC: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr,
+    BR: tl.constexpr, BF: tl.constexpr,
 ):
-    """u = gamma * BN(a) for a [T*B, F] with one set of statistics over every valid frame (t < length)."""
+    """u = gamma * BN(a) for a [T*B, F] with one set of statistics over every valid frame (t < length).
+
+    ``p_pop`` / ``p_stats`` [2, F]: the population's means and variances, and the ones used (stored).
+    """
     i_f = tl.program_id(0).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
     m_f = o_f < F
-    n_f = tl.maximum(n, 1).to(ACC)
+    n_f = tl.maximum(n, 1).to(p_stats.dtype.element_ty)
     # [BF] two passes over the frames: the mean, then the centred sum of squares
-    b_sum = tl.zeros([BF], dtype=ACC)
+    b_sum = tl.zeros([BF], dtype=p_stats.dtype.element_ty)
     i_r = 0
     while i_r * BR < T * B:
-        o_r = i_r * BR + tl.arange(0, BR)
+        o_r, _, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
+        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_valid[:, None] & m_f[None, :], other=0.0)
+        b_sum += tl.sum(b_a.to(b_sum.dtype), axis=0)
         i_r += 1
-        m_r = (o_r < T * B) & (tl.load(p_lengths + o_r % B, mask=o_r < T * B, other=0) > o_r // B)
-        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.0).to(ACC)
-        b_sum += tl.sum(b_a, axis=0)
     b_mean = b_sum / n_f
-    b_sq = tl.zeros([BF], dtype=ACC)
+    b_sq = tl.zeros([BF], dtype=b_sum.dtype)
     i_r = 0
     while i_r * BR < T * B:
-        o_r = i_r * BR + tl.arange(0, BR)
-        i_r += 1
-        m_r = (o_r < T * B) & (tl.load(p_lengths + o_r % B, mask=o_r < T * B, other=0) > o_r // B)
-        m_rf = m_r[:, None] & m_f[None, :]
-        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(ACC)
+        o_r, _, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
+        m_rf = m_valid[:, None] & m_f[None, :]
+        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_sum.dtype)
         b_dev = tl.where(m_rf, b_a - b_mean[None, :], 0.0)
         b_sq += tl.sum(b_dev * b_dev, axis=0)
+        i_r += 1
     b_var = b_sq / n_f
-    b_mean = tl.where(use_batch != 0, b_mean, tl.load(p_pop_mean + o_f, mask=m_f, other=0.0).to(ACC))
-    b_var = tl.where(use_batch != 0, b_var, tl.load(p_pop_var + o_f, mask=m_f, other=1.0).to(ACC))
-    tl.store(p_mean + o_f, b_mean, mask=m_f)
-    tl.store(p_var + o_f, b_var, mask=m_f)
-    b_scale = tl.load(p_gamma + o_f, mask=m_f, other=0.0).to(ACC) / tl.sqrt(b_var + eps)
+    b_mean = tl.where(use_batch != 0, b_mean, tl.load(p_pop + o_f, mask=m_f, other=0.0).to(b_sum.dtype))
+    b_var = tl.where(use_batch != 0, b_var, tl.load(p_pop + F + o_f, mask=m_f, other=1.0).to(b_sum.dtype))
+    tl.store(p_stats + o_f, b_mean, mask=m_f)
+    tl.store(p_stats + F + o_f, b_var, mask=m_f)
+    b_scale = tl.load(p_gamma + o_f, mask=m_f, other=0.0).to(b_sum.dtype) / tl.sqrt(b_var + eps)
     i_r = 0
     while i_r * BR < T * B:
-        o_r = i_r * BR + tl.arange(0, BR)
-        i_r += 1
-        m_rf = (o_r < T * B)[:, None] & m_f[None, :]
-        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(ACC)
+        o_r, m_r, _ = _frame_rows(i_r, p_lengths, T, B, BR)
+        m_rf = m_r[:, None] & m_f[None, :]
+        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_sum.dtype)
         b_u = (b_a - b_mean[None, :]) * b_scale[None, :]
         tl.store(p_u + o_r[:, None] * F + o_f[None, :], b_u.to(p_u.dtype.element_ty), mask=m_rf)
+        i_r += 1
 
 
 @triton.jit(do_not_specialize=["n", "use_batch", "T", "B"])
 def sequence_bn_bwd_kernel(
-    p_a, p_du, p_da, p_gamma, p_mean, p_var, p_lengths, p_dgamma,
+    p_a, p_du, p_da, p_gamma, p_stats, p_lengths, p_dgamma,
     n, use_batch, eps, T, B, F,
-    ACC: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr,
+    BR: tl.constexpr, BF: tl.constexpr,
 ):
     """da and dgamma of u = gamma * BN(a) over the valid frames, from du [T*B, F] (zero on padding)."""
     i_f = tl.program_id(0).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
     m_f = o_f < F
-    n_f = tl.maximum(n, 1).to(ACC)
-    b_mean = tl.load(p_mean + o_f, mask=m_f, other=0.0)
-    b_rstd = 1.0 / tl.sqrt(tl.load(p_var + o_f, mask=m_f, other=1.0) + eps)
-    b_gamma = tl.load(p_gamma + o_f, mask=m_f, other=0.0).to(ACC)
+    n_f = tl.maximum(n, 1).to(p_stats.dtype.element_ty)
+    b_mean = tl.load(p_stats + o_f, mask=m_f, other=0.0)
+    b_rstd = 1.0 / tl.sqrt(tl.load(p_stats + F + o_f, mask=m_f, other=1.0) + eps)
+    b_gamma = tl.load(p_gamma + o_f, mask=m_f, other=0.0).to(b_mean.dtype)
     # [BF] sums over the valid frames of du and du * xhat
-    b_sum_du = tl.zeros([BF], dtype=ACC)
-    b_sum_dux = tl.zeros([BF], dtype=ACC)
+    b_sum_du = tl.zeros([BF], dtype=b_mean.dtype)
+    b_sum_dux = tl.zeros([BF], dtype=b_mean.dtype)
     i_r = 0
     while i_r * BR < T * B:
-        o_r = i_r * BR + tl.arange(0, BR)
-        i_r += 1
-        m_r = (o_r < T * B) & (tl.load(p_lengths + o_r % B, mask=o_r < T * B, other=0) > o_r // B)
-        m_rf = m_r[:, None] & m_f[None, :]
-        b_xhat = (tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(ACC)
+        o_r, _, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
+        m_rf = m_valid[:, None] & m_f[None, :]
+        b_xhat = (tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_mean.dtype)
                   - b_mean[None, :]) * b_rstd[None, :]
-        b_du = tl.load(p_du + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(ACC)
+        b_du = tl.load(p_du + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_mean.dtype)
         b_sum_du += tl.sum(b_du, axis=0)
         b_sum_dux += tl.sum(tl.where(m_rf, b_du * b_xhat, 0.0), axis=0)
+        i_r += 1
     tl.store(p_dgamma + o_f, b_sum_dux, mask=m_f)
     b_mean_d = tl.where(use_batch != 0, b_gamma * b_sum_du / n_f, 0.0)
     b_mean_dx = tl.where(use_batch != 0, b_gamma * b_sum_dux / n_f, 0.0)
     i_r = 0
     while i_r * BR < T * B:
-        o_r = i_r * BR + tl.arange(0, BR)
-        i_r += 1
-        m_r = (o_r < T * B) & (tl.load(p_lengths + o_r % B, mask=o_r < T * B, other=0) > o_r // B)
-        m_rf = m_r[:, None] & m_f[None, :]
-        b_xhat = (tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(ACC)
+        o_r, m_r, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
+        m_rf = m_valid[:, None] & m_f[None, :]
+        b_xhat = (tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_mean.dtype)
                   - b_mean[None, :]) * b_rstd[None, :]
-        b_dxhat = b_gamma[None, :] * tl.load(p_du + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(ACC)
+        b_dxhat = b_gamma[None, :] * tl.load(p_du + o_r[:, None] * F + o_f[None, :], mask=m_rf,
+                                             other=0.0).to(b_mean.dtype)
         b_da = tl.where(m_rf, b_rstd[None, :] * (b_dxhat - b_mean_d[None, :] - b_xhat * b_mean_dx[None, :]), 0.0)
         tl.store(p_da + o_r[:, None] * F + o_f[None, :], b_da.to(p_da.dtype.element_ty),
-                 mask=(o_r < T * B)[:, None] & m_f[None, :])
+                 mask=m_r[:, None] & m_f[None, :])
+        i_r += 1
