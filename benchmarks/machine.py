@@ -24,6 +24,57 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the /proc/cpuinfo flags that decide which kernels oneDNN and the cpp extension pick
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``ISA_FLAGS`` the CPU reports (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def cpp_kernels() -> dict:
+    """The ISA the cpp extension's kernels run with on this CPU (``kernel_isa()``: the same build picks
+    different kernels on different CPUs) and whether they use oneDNN's brgemm; read from
+    ``fused_bnlstm.ops.fused_cpp`` if it exposes them, else from ``fused_bnlstm._C``. ``isa`` is None, with
+    ``error`` saying why, when neither can be read."""
+    sources = []
+    try:
+        from fused_bnlstm.ops import fused_cpp
+
+        sources += [fused_cpp, getattr(fused_cpp, "_C", None)]
+    except ImportError:
+        pass
+    try:
+        from fused_bnlstm import _C
+
+        sources.append(_C)
+    except ImportError as error:
+        reason = f"fused_bnlstm._C not importable ({error})"
+    else:
+        reason = "no kernel_isa() in fused_bnlstm.ops.fused_cpp or fused_bnlstm._C"
+    for source in sources:
+        if source is not None and callable(getattr(source, "kernel_isa", None)):
+            brgemm = getattr(source, "uses_brgemm", None)
+            return {"isa": str(source.kernel_isa()), "brgemm": bool(brgemm()) if callable(brgemm) else None,
+                    "error": None}
+    return {"isa": None, "brgemm": None, "error": reason}
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
 def _git(*args: str) -> str | None:
     try:
         result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -67,6 +118,12 @@ def extension_build() -> dict | None:
             "sha256_12": digest}
 
 
+def _aten_capability() -> str | None:
+    """The vector ISA ATen's own CPU kernels dispatch to (AVX2, AVX512, ...)."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if callable(get) else None
+
+
 def machine_record(device: torch.device) -> dict:
     """Everything a reader needs to compare two records."""
     try:
@@ -83,7 +140,11 @@ def machine_record(device: torch.device) -> dict:
         "cpu_affinity": affinity,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_flags": cpu_flags(),
+        "aten_cpu_capability": _aten_capability(),
+        "cpp_kernels": cpp_kernels(),
+        "load_average_1min": (load_average() or (None,))[0],
+        "load_average": load_average(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -15,17 +15,21 @@ MIB = 2**20
 # One CSV row per (mode, implementation); the machine columns repeat so that CSVs from many runs and
 # machines can be concatenated and still be read.
 CSV_FIELDS = [
-    "date", "commit", "device_type", "device_name", "torch_threads", "torch", "triton", "tf32",
-    "preset", "T", "B", "I", "H", "dtype", "mode", "implementation", "key", "backend", "normalization",
-    "status", "repeats", "warmup", "median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "max_ms", "mean_ms",
-    "per_step_us", "sequences_per_s", "tokens_per_s", "peak_mem_mib", "mem_method", "peak_rss_mib", "ratio_vs_lstm",
-    "ratio_vs_reference", "first_call_s", "warmup_calls", "error",
+    "date", "commit", "device_type", "device_name", "cpp_isa", "torch_threads", "load_1min", "torch", "triton",
+    "preset", "T", "B", "I", "H", "mode", "implementation", "key", "backend", "variant", "normalization",
+    "precision", "dtype", "tf32", "status", "repeats", "warmup", "median_ms", "p25_ms", "p75_ms", "iqr_ms",
+    "min_ms", "max_ms", "mean_ms", "cpu_ms", "per_step_us", "sequences_per_s", "tokens_per_s", "peak_mem_mib",
+    "mem_method", "peak_rss_mib", "ratio_vs_lstm", "ratio_vs_reference", "first_call_s", "warmup_calls",
+    "kernels", "error",
 ]
 
 
-def summarize(times_s: list[float], shape: Shape) -> dict:
-    """Median, quartiles, extremes (ms), time per step, throughput, from per-call times in seconds."""
-    ms = np.asarray(times_s) * 1e3
+def summarize(samples: list, shape: Shape) -> dict:
+    """Median, quartiles, extremes (ms), time per step, throughput, from ``timing.Sample``s (or seconds);
+    ``cpu_ms``: the median CPU time per call where measured (CPU runs)."""
+    walls = [getattr(s, "wall_s", s) for s in samples]
+    cpus = [s.cpu_s for s in samples if getattr(s, "cpu_s", None) is not None]
+    ms = np.asarray(walls) * 1e3
     median = float(np.median(ms))
     p25, p75 = (float(v) for v in np.percentile(ms, [25, 75]))
     return {
@@ -37,17 +41,18 @@ def summarize(times_s: list[float], shape: Shape) -> dict:
         "min_ms": float(ms.min()),
         "max_ms": float(ms.max()),
         "mean_ms": float(ms.mean()),
+        "cpu_ms": float(np.median(cpus)) * 1e3 if cpus else None,
         "per_step_us": median * 1e3 / shape.T,
         "sequences_per_s": shape.B / (median / 1e3),
         "tokens_per_s": shape.T * shape.B / (median / 1e3),
     }
 
 
-def add_ratios(results: list[dict], tf32: bool | None = None) -> None:
-    """ratio_vs_lstm: median / nn.LSTM's median in the same mode (on GPU the nn.LSTM row with the run's
-    TF32 setting, so the other nn.LSTM row shows what TF32 buys). ratio_vs_reference: median / the
-    reference BNLSTM's median in the same mode with the same normalization (nn.LSTM against the reference
-    with normalization=None). Above 1 is slower."""
+def add_ratios(results: list[dict]) -> None:
+    """ratio_vs_lstm: median / nn.LSTM's median in the same mode at the same precision. ratio_vs_reference:
+    median / the reference BNLSTM's median in the same mode with the same normalization, at the same
+    precision where the reference ran at it, else at the reference's precision (it runs at the first only);
+    nn.LSTM against the reference with normalization=None. Above 1 is slower."""
     ok = [r for r in results if r["status"] == "ok"]
     for row in results:
         row["ratio_vs_lstm"] = None
@@ -55,13 +60,39 @@ def add_ratios(results: list[dict], tf32: bool | None = None) -> None:
         if row["status"] != "ok":
             continue
         lstm = [r for r in ok if r["mode"] == row["mode"] and r["kind"] == "lstm"
-                and (r["tf32"] is None or r["tf32"] == bool(tf32))]
+                and r["precision"] == row["precision"]]
         if lstm:
             row["ratio_vs_lstm"] = row["median_ms"] / lstm[0]["median_ms"]
         reference = [r for r in ok if r["mode"] == row["mode"] and r["kind"] == "bnlstm"
                      and r["backend"] == "reference" and r["normalization"] == row["normalization"]]
+        reference.sort(key=lambda r: r["precision"] != row["precision"])
         if reference:
             row["ratio_vs_reference"] = row["median_ms"] / reference[0]["median_ms"]
+
+
+def _math_of(name: str) -> str | None:
+    """The math one kernel's name says it does (cuBLAS/cuDNN/CUTLASS name theirs by it), or None."""
+    if "bf16" in name:
+        return "bf16 tensor cores"
+    if "tf32" in name or "s1688" in name or "s16816" in name:
+        return "TF32 tensor cores"
+    if any(tag in name for tag in ("h884", "h1688", "h16816", "f16f16", "fp16")):
+        return "fp16 tensor cores"
+    if "sgemm" in name or "f32f32_f32" in name:
+        return "fp32 FMA GEMM"
+    return None
+
+
+def kernel_notes(kernels: list[dict] | None) -> str:
+    """What a row's kernel names say, read by pattern: "cuDNN persistent RNN" for cuDNN's persistent
+    kernels, and the GEMM math seen (a guess from names; the names themselves are printed beside it)."""
+    names = [k["name"].lower() for k in kernels or []]
+    notes = ["cuDNN persistent RNN"] if any("persist" in name for name in names) else []
+    for name in names:
+        math = _math_of(name)
+        if math and math not in notes:
+            notes.append(math)
+    return ", ".join(notes)
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -69,29 +100,39 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def format_table(record: dict) -> str:
-    """A Markdown table per mode (readable in a terminal, pasteable into a README)."""
+    """A Markdown table per mode (readable in a terminal, pasteable into a README), then the kernels each
+    row ran where they were read, then what was not measured."""
     lines = []
     cpu = record["machine"]["device_type"] == "cpu"
-    header = ("| implementation | norm | median ms | IQR ms | min ms | us/step | tokens/s | peak MiB "
-              + ("| RSS MiB " if cpu else "") + "| x nn.LSTM | x reference |")
-    rule = "| --- | --- |" + " ---: |" * (9 if cpu else 8)
+    columns = (["implementation", "norm", "precision", "median ms", "IQR ms", "min ms"] + (["CPU ms"] if cpu else [])
+               + ["us/step", "tokens/s", "peak MiB"] + (["RSS MiB"] if cpu else []) + ["x nn.LSTM", "x reference"])
+    header = "| " + " | ".join(columns) + " |"
+    rule = "| --- | --- | --- |" + " ---: |" * (len(columns) - 3)
     for mode in MODES:
         rows = [r for r in record["results"] if r["mode"] == mode]
         if not rows:
             continue
         lines += ["", f"{mode}:", "", header, rule]
         for r in rows:
+            lead = f"| {r['implementation']} | {r['normalization_label']} | {r.get('precision', '-')} | "
             if r["status"] != "ok":
-                lines.append(f"| {r['implementation']} | {r['normalization_label']} | failed: "
-                             f"{r['error']} |" + " |" * (8 if cpu else 7))
+                lines.append(lead + f"{r['status']}: {r['error']} |" + " |" * (len(columns) - 4))
                 continue
-            lines.append(
-                f"| {r['implementation']} | {r['normalization_label']} | {r['median_ms']:.2f} | "
-                f"{r['iqr_ms']:.2f} | {r['min_ms']:.2f} | {r['per_step_us']:.1f} | "
-                f"{r['tokens_per_s']:,.0f} | {_fmt(r['peak_mem_mib'], '.1f')} | "
-                + (f"{_fmt(r.get('peak_rss_mib'), '.1f')} | " if cpu else "") +
-                f"{_fmt(r['ratio_vs_lstm'], '.2f')} | {_fmt(r['ratio_vs_reference'], '.2f')} |"
-            )
+            cells = [f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['min_ms']:.2f}"]
+            cells += [_fmt(r.get("cpu_ms"), ".2f")] if cpu else []
+            cells += [f"{r['per_step_us']:.1f}", f"{r['tokens_per_s']:,.0f}", _fmt(r["peak_mem_mib"], ".1f")]
+            cells += [_fmt(r.get("peak_rss_mib"), ".1f")] if cpu else []
+            cells += [_fmt(r["ratio_vs_lstm"], ".2f"), _fmt(r["ratio_vs_reference"], ".2f")]
+            lines.append(lead + " | ".join(cells) + " |")
+    kernel_rows = [r for r in record["results"] if r.get("kernels")]
+    if kernel_rows:
+        lines += ["", "kernels (one profiled call; the top by self time, share of it):"]
+        for r in kernel_rows:
+            names = "; ".join(f"{k['name'][:70]}" + (f" {k['share']:.0%}" if k.get("share") is not None else "")
+                              for k in r["kernels"])
+            notes = kernel_notes(r["kernels"])
+            lines.append(f"- {r['mode']} {r['implementation']} [{r['normalization_label']}, {r['precision']}]: "
+                         + (f"({notes}) " if notes else "") + names)
     if record["skipped"]:
         lines += ["", "not measured:"]
         lines += [f"- {s['implementation']}: {s['reason']}" for s in record["skipped"]]
@@ -99,18 +140,40 @@ def format_table(record: dict) -> str:
 
 
 def header_line(record: dict) -> str:
+    """The run in one line: shape, precisions, device, threads, load, versions, repeats, date, commit."""
     m, c = record["machine"], record["config"]
-    tf32 = "" if m["device_type"] != "cuda" else f", TF32 for BNLSTM rows {'on' if c['tf32'] else 'off'}"
+    precisions = ", ".join(c.get("precisions") or [c.get("dtype", "float32")])
+    threads = f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}"
     load = m.get("load_average_1min_start")
     load = "" if load is None else f", load {load:.1f}/{m['load_average_1min']:.1f} (start/end)"
+    triton = f", triton {m['triton']}" if m.get("triton") and any(
+        r.get("backend") == "triton" for r in record["results"]) else ""
+    return (f"{c['preset']}: {Shape(**c['shape'])} {precisions} on {m['device_name']} "
+            f"({m['device_type']}, {threads}{load}), torch {m['torch']}{triton}, "
+            f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}")
+
+
+def machine_line(record: dict) -> str:
+    """The machine details that decide which kernels ran: on CPU the model, ISA flags, the ISA the cpp
+    kernels picked and ATen's, the load averages; on CUDA the card, capability, CUDA and cuDNN versions."""
+    m = record["machine"]
+    if m["device_type"] == "cuda":
+        return (f"machine: {m['device_name']} (sm {m.get('gpu_capability')}, {m.get('gpu_sms')} SMs), CUDA "
+                f"{m.get('cuda')}, cuDNN {m.get('cudnn')}; host {m.get('cpu_model')}")
+    kernels = m.get("cpp_kernels") or {}
+    if kernels.get("isa"):
+        brgemm = {True: ", brgemm", False: ", no brgemm"}.get(kernels.get("brgemm"), "")
+        cpp = f"cpp kernels {kernels['isa']}{brgemm}"
+    else:
+        cpp = f"cpp kernels: ISA unknown ({kernels.get('error', 'not recorded')})"
     built = m.get("extension")
-    cpp = any(r.get("backend") == "cpp" for r in record["results"])
-    extension = f", cpp extension built {built['built']}" if built and cpp else ""
-    return (f"{c['preset']}: {Shape(**c['shape'])} {c['dtype']} on {m['device_name']} "
-            f"({m['device_type']}, {m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}{load}), "
-            f"torch {m['torch']}{tf32}, "
-            f"{c['repeats']} repeats after {c['warmup']} warm-up, {m['date']}, commit {m['commit']}"
-            + extension)
+    cpp += f" (extension built {built['built']})" if built else ""
+    flags = ("not recorded" if "cpu_flags" not in m
+             else " ".join(m["cpu_flags"]) or "none of avx2/avx512 reported")
+    loads = [("start", m.get("load_average_start")), ("end", m.get("load_average"))]
+    load = "; ".join(f"{name} {' '.join(f'{v:.2f}' for v in values)}" for name, values in loads if values)
+    return (f"machine: {m['cpu_model']}, {m.get('cpu_affinity')} cores, flags {flags}; {cpp}; ATen "
+            f"{m.get('aten_cpu_capability')}; {m['torch_threads']} torch threads; load average 1/5/15 min {load}")
 
 
 def load_warning(record: dict) -> str | None:
@@ -139,10 +202,12 @@ def write_csv(record: dict, path: str) -> None:
         for r in record["results"]:
             row = {k: m.get(k) for k in ("date", "commit", "device_type", "device_name", "torch_threads",
                                          "torch", "triton")}
-            row.update(c["shape"], preset=c["preset"], dtype=c["dtype"], warmup=c["warmup"])
+            row.update(c["shape"], preset=c["preset"], warmup=c["warmup"],
+                       cpp_isa=(m.get("cpp_kernels") or {}).get("isa"), load_1min=m.get("load_average_1min"))
             row.update({k: v for k, v in r.items() if k in CSV_FIELDS})
             row["implementation"] = r["implementation"]
             row["normalization"] = r["normalization_label"]
+            row["kernels"] = "; ".join(k["name"] for k in r.get("kernels") or [])
             writer.writerow(row)
 
 
@@ -155,11 +220,13 @@ def write_chart(record: dict, path: str) -> None:
     from matplotlib import ticker
 
     modes = [mode for mode in MODES if any(r["mode"] == mode for r in record["results"])]
+    def label_of(r: dict) -> str:
+        return f"{r['implementation']} [{r['normalization_label']}, {r.get('precision', '')}]"
+
     labels = []
     for r in record["results"]:
-        label = f"{r['implementation']} [{r['normalization_label']}]"
-        if label not in labels:
-            labels.append(label)
+        if label_of(r) not in labels:
+            labels.append(label_of(r))
     finite = [r["ratio_vs_lstm"] for r in record["results"] if r.get("ratio_vs_lstm")]
     low = min(finite + [1.0]) / 1.6
     high = max(finite + [1.0]) * 1.6
@@ -167,8 +234,7 @@ def write_chart(record: dict, path: str) -> None:
                              sharey=True, squeeze=False)
     colors = {"frame": "tab:blue", "none": "tab:orange"}
     for ax, mode in zip(axes[0], modes):
-        by_label = {f"{r['implementation']} [{r['normalization_label']}]": r
-                    for r in record["results"] if r["mode"] == mode}
+        by_label = {label_of(r): r for r in record["results"] if r["mode"] == mode}
         y = np.arange(len(labels))
         values = [by_label[l]["ratio_vs_lstm"] if l in by_label and by_label[l]["ratio_vs_lstm"] else np.nan
                   for l in labels]
@@ -219,6 +285,7 @@ def main(argv=None) -> int:
         with open(path) as handle:
             record = json.load(handle)
         print(f"`{record['config']['command']}`: {header_line(record)}")
+        print(machine_line(record))
         print(format_table(record))
         warning = load_warning(record)
         if warning:

@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from benchmarks.candidates import Runner, discover
-from benchmarks.shapes import MODES, Shape
+from benchmarks.shapes import MODES, PYTEST_SHAPES as SHAPES
 from benchmarks.timing import warm_up
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SHAPES = {
-    "T16-B8-I16-H32": Shape(T=16, B=8, I=16, H=32),
-    "T50-B32-I64-H128": Shape(T=50, B=32, I=64, H=128),
-}
 
 
 def pytest_generate_tests(metafunc):

@@ -1,6 +1,10 @@
-"""Clocks, warm-up, interleaved repeats and peak memory.
+"""Clocks, warm-up, interleaved repeats, peak memory and which kernels a call ran: the one timer of the
+benchmark, for CPU and GPU alike.
 
-CPU: ``time.perf_counter`` (monotonic) around one call. GPU: a CUDA event pair around one call, with the
+CPU: ``time.perf_counter`` (monotonic) around one call, and beside it the process's CPU time
+(``time.process_time``: every thread of this process, so with one thread it is what the call computed, which
+other processes on a shared machine disturb much less than the wall clock; OpenMP threads spinning between
+parallel regions count too). GPU: a CUDA event pair around one call, with the
 device synchronized before the first event (so earlier work never overlaps) and after the last (so the
 elapsed time is read only when both have completed); events measure device time, and because the queue is
 empty at the start event, the launch gaps of a per-step kernel loop count too, as they should.
@@ -31,7 +35,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -180,8 +184,13 @@ def settle_cpu(max_seconds: float = 15.0) -> float:
     return time.perf_counter() - begin
 
 
-def time_one(before: Callable[[], None], call: Callable[[], None], device: torch.device) -> float:
-    """Seconds one call takes (``before`` runs outside the timed region)."""
+class Sample(NamedTuple):
+    wall_s: float  # CUDA events on GPU, perf_counter on CPU
+    cpu_s: float | None  # CPU: process CPU time over the call; GPU: None
+
+
+def time_one(before: Callable[[], None], call: Callable[[], None], device: torch.device) -> Sample:
+    """One call's time (``before`` runs outside the timed region)."""
     before()
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
@@ -191,10 +200,11 @@ def time_one(before: Callable[[], None], call: Callable[[], None], device: torch
         call()
         end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
+        return Sample(start.elapsed_time(end) / 1e3, None)
+    cpu_begin, begin = time.process_time(), time.perf_counter()
     call()
-    return time.perf_counter() - begin
+    wall = time.perf_counter() - begin
+    return Sample(wall, time.process_time() - cpu_begin)
 
 
 def warm_up(before, call, device, min_calls: int, *, max_calls: int = 30, max_seconds: float = 10.0,
@@ -212,7 +222,7 @@ def warm_up(before, call, device, min_calls: int, *, max_calls: int = 30, max_se
     times: list[float] = []
     first_done = 0.0
     while len(times) < max_calls:
-        times.append(time_one(before, call, device))
+        times.append(time_one(before, call, device).wall_s)
         tick(len(times) - 1)
         if len(times) == 1:
             first_done = time.perf_counter()
@@ -226,15 +236,22 @@ def warm_up(before, call, device, min_calls: int, *, max_calls: int = 30, max_se
 
 
 def interleaved_times(runners: Sequence, repeats: int, device: torch.device,
-                      tick: Callable[[], None] = lambda: None) -> list[list[float] | BaseException]:
+                      tick: Callable[[], None] = lambda: None, *, every: Sequence[int] | None = None,
+                      deadline: float | None = None) -> list[list[Sample] | BaseException]:
     """``repeats`` timed calls of every runner, round-robin in a rotating order; a runner that raises is
-    reported by its exception and not called again."""
-    times: list[list[float] | BaseException] = [[] for _ in runners]
+    reported by its exception and not called again.
+
+    ``every[i] = k`` times runner i only in every k-th round (a slow reference among fast kernels);
+    ``deadline`` (``time.monotonic()``) ends the rounds early once passed, after at least one."""
+    times: list[list[Sample] | BaseException] = [[] for _ in runners]
+    every = every or [1] * len(runners)
     for round_index in range(repeats):
+        if deadline is not None and round_index > 0 and time.monotonic() > deadline:
+            break
         count = len(runners)
         for offset in range(count):
             index = (round_index + offset) % count
-            if isinstance(times[index], BaseException):
+            if isinstance(times[index], BaseException) or round_index % every[index]:
                 tick()
                 continue
             runner = runners[index]
@@ -244,3 +261,33 @@ def interleaved_times(runners: Sequence, repeats: int, device: torch.device,
                 times[index] = error
             tick()
     return times
+
+
+def _self_time(event, device_type: str) -> float:
+    if device_type == "cuda":
+        value = getattr(event, "self_device_time_total", None)
+        return value if value is not None else getattr(event, "self_cuda_time_total", 0.0)
+    return event.self_cpu_time_total
+
+
+def kernels_of(before: Callable[[], None], call: Callable[[], None], device: torch.device,
+               top: int = 4) -> list[dict]:
+    """What one call ran, from ``torch.profiler``: on CUDA the device kernels, on CPU the operators, the
+    ``top`` by self time, as ``{"name", "share"}`` (share of the call's total self time). On CUDA the
+    names say which cuDNN algorithm and which math (TF32, bf16 tensor cores or fp32 FMA) a row used."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    before()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with _quiet_stderr(), profile(activities=activities) as prof:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wanted = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == wanted and _self_time(e, device.type) > 0]
+    total = sum(_self_time(e, device.type) for e in events) or 1.0
+    events.sort(key=lambda e: _self_time(e, device.type), reverse=True)
+    return [{"name": e.key, "share": round(_self_time(e, device.type) / total, 3)} for e in events[:top]]
