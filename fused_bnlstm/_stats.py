@@ -43,61 +43,63 @@ _UPDATE_LOCK = threading.Lock()
 
 
 @torch.no_grad()
-def apply_batch_statistics(running: RunningStats, slots: Tensor, batch: BatchStatistics, momentum):
+def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchStatistics, momentum):
     """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would.
 
-    In place and without reading a device tensor back to the host: ``batch.counts`` and ``slots`` are CPU
-    tensors, the buffers may live anywhere (a CUDA graph, a meta-device model, shared memory).
+    Step t of the call updates slot ``min(first_slot + t, last)`` if it normalized over at least two rows
+    (``batch.counts[t] >= 2``; its moments are NaN otherwise). In place, and without reading any tensor back
+    to the host (the masks are tensors; only shapes and ``first_slot`` steer Python), so it runs the same on a
+    CUDA graph, a meta-device model, shared memory and under ``torch.compile``.
     """
-    # Steps with fewer than two rows normalized with population statistics and update nothing. Rows only
-    # ever stop running, so the steps that do update are a prefix [0, S) of the call.
-    S = int((batch.counts >= 2).sum())
-    if S == 0:
-        return
+    T = batch.mean_ih.shape[0]
     last = running.count.shape[0] - 1
-    # Slot t + offset for t < last - offset (each hit once, a contiguous range); the last slot after that.
-    first_slot = int(slots[0])
-    once = min(S, last - first_slot) if first_slot < last else 0
-    repeats = S - once
+    # Steps [0, once) each hit their own slot, a contiguous range; the rest all hit the last slot.
+    once = max(0, min(T, last - first_slot))
     device = running.count.device
-    n = batch.counts[:S].to(dtype=torch.float64).unsqueeze(1).to(device, non_blocking=True)  # [S, 1]
+    n = batch.counts.to(device, torch.float64, non_blocking=True).unsqueeze(1)  # [T, 1]
+    updates = n >= 2  # [T, 1]
     with _UPDATE_LOCK:
         count = running.count
+        head = count[first_slot:first_slot + once]
         if momentum is None:
-            # cumulative average: slot s's k-th update has factor 1 / k
-            factor = 1.0 / (count[first_slot:first_slot + once] + 1).unsqueeze(1)  # [once, 1]
+            # cumulative average: a slot's k-th update has factor 1 / k
+            factor = 1.0 / (head + 1).unsqueeze(1).to(torch.float64)  # [once, 1]
         else:
-            factor = float(momentum)
+            factor = torch.full((once, 1), float(momentum), dtype=torch.float64, device=device)
+        factor = factor * updates[:once]
         for q in running.mean:
             mean, var = running.mean[q], running.var[q]
-            batch_mean = getattr(batch, f"mean_{q}")[:S].to(device)
+            batch_mean = getattr(batch, f"mean_{q}").to(device, torch.float64)
             # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
-            batch_var = getattr(batch, f"var_{q}")[:S].to(device) * (n / (n - 1)).to(mean.dtype)
-            if once:
-                weight = factor if momentum is not None else factor.to(mean.dtype)
-                mean[first_slot:first_slot + once].lerp_(batch_mean[:once].to(mean.dtype), weight)
-                var[first_slot:first_slot + once].lerp_(batch_var[:once].to(var.dtype), weight)
-            if repeats:
-                mean[last] = _fold_repeated(mean[last], batch_mean[once:].double(), momentum, count[last])
-                var[last] = _fold_repeated(var[last], batch_var[once:].double(), momentum, count[last])
-        count[first_slot:first_slot + once] += 1
-        count[last] += repeats
+            batch_var = getattr(batch, f"var_{q}").to(device, torch.float64) * n / (n - 1)
+            for value, batch_value in ((mean, batch_mean), (var, batch_var)):
+                # steps that did not update hold NaN: replace them before they meet a zero factor
+                batch_value = torch.where(updates, batch_value, 0.0)
+                if once:
+                    start = value[first_slot:first_slot + once].to(torch.float64)
+                    value[first_slot:first_slot + once] = torch.lerp(start, batch_value[:once], factor).to(value.dtype)
+                if T > once:
+                    value[last] = _fold_repeated(value[last], batch_value[once:], updates[once:, 0], momentum, count[last])
+        head += updates[:once, 0]
+        count[last] += updates[once:, 0].sum()
 
 
-def _fold_repeated(value: Tensor, batches: Tensor, momentum, count_before: Tensor) -> Tensor:
-    """k sequential BatchNorm updates of one slot with ``batches`` [k, F], in closed form (float64);
-    ``count_before`` is the slot's num_batches_tracked (a 0-d tensor, never read to the host)."""
-    k = batches.shape[0]
+def _fold_repeated(value: Tensor, batches: Tensor, updates: Tensor, momentum, count_before: Tensor) -> Tensor:
+    """Sequential BatchNorm updates of one slot with the rows of ``batches`` [k, F] where ``updates`` [k] is
+    set, in closed form (float64); ``count_before`` is the slot's num_batches_tracked (a 0-d tensor)."""
     start = value.to(torch.float64)
+    u = updates.to(torch.float64)  # [k]
     if momentum is None:
         # cumulative average: (n0 * r0 + sum(b)) / (n0 + k)
         n0 = count_before.to(torch.float64)
-        folded = (n0 * start + batches.sum(0)) / (n0 + k)
+        total = n0 + u.sum()
+        folded = (n0 * start + (u.unsqueeze(1) * batches).sum(0)) / total.clamp(min=1)
+        folded = torch.where(u.sum() > 0, folded, start)
     else:
-        m = float(momentum)
-        # r_k = (1 - m)^k r_0 + sum_j m (1 - m)^(k - 1 - j) b_j
-        powers = (1.0 - m) ** torch.arange(k - 1, -1, -1, dtype=torch.float64, device=batches.device)
-        folded = (1.0 - m) ** k * start + (m * powers.unsqueeze(1) * batches).sum(0)
+        # r <- (1 - m u_j) r + m u_j b_j for j = 1..k:  r_k = prod_j (1 - m u_j) r_0 + sum_j m u_j b_j prod_{l>j} (1 - m u_l)
+        keep = 1.0 - float(momentum) * u  # [k]
+        after = torch.cat([keep.flip(0).cumprod(0).flip(0)[1:], keep.new_ones(1)])  # prod_{l>j} keep_l
+        folded = keep.prod() * start + ((float(momentum) * u * after).unsqueeze(1) * batches).sum(0)
     return folded.to(value.dtype)
 
 

@@ -189,7 +189,7 @@ class _PopulationStatsMixin:
         if self._stats_accumulator is not None:
             self._stats_accumulator.add((id(self), suffix), running, slots, stats)
         else:
-            _stats.apply_batch_statistics(running, slots, stats, self.momentum)
+            _stats.apply_batch_statistics(running, int(slots[0]), stats, self.momentum)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
