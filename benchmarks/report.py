@@ -273,17 +273,59 @@ def write_records(record: dict, out_dir: str, stem: str) -> dict[str, str]:
     return paths
 
 
+def _row_id(row: dict) -> tuple:
+    # records before schema 2 have no precision: they ran at their config's one dtype
+    return row["mode"], row["implementation"], row["normalization_label"], row.get("precision", "fp32")
+
+
+def format_comparison(records: list[dict], names: list[str]) -> str:
+    """One Markdown table per mode with every record's median and x nn.LSTM side by side, rows matched by
+    implementation, normalization and precision (e.g. the same preset before and after a change)."""
+    columns = ["implementation", "norm", "precision"]
+    for name in names:
+        columns += [f"{name} median ms", f"{name} x nn.LSTM"]
+    lines = []
+    by_record = [{_row_id(r): r for r in record["results"]} for record in records]
+    for mode in MODES:
+        ids = list(dict.fromkeys(i for rows in by_record for i in rows if i[0] == mode))
+        if not ids:
+            continue
+        lines += ["", f"{mode}:", "", "| " + " | ".join(columns) + " |",
+                  "| --- | --- | --- |" + " ---: |" * (len(columns) - 3)]
+        for row_id in ids:
+            cells = list(row_id[1:])
+            for rows in by_record:
+                row = rows.get(row_id)
+                ok = row is not None and row["status"] == "ok"
+                cells += [f"{row['median_ms']:.2f}" if ok else "-", _fmt(row["ratio_vs_lstm"] if ok else None, ".2f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """``python -m benchmarks.report RECORD.json ...``: print each record's header and tables again
-    (Markdown, for benchmarks/README.md)."""
+    (Markdown, for benchmarks/README.md); with ``--compare``, one side-by-side table of them all."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
     parser.add_argument("records", nargs="+", help="JSON records written by python -m benchmarks")
+    parser.add_argument("--compare", action="store_true", help="medians and ratios side by side, one column "
+                        "pair per record (named by --names, else by commit)")
+    parser.add_argument("--names", nargs="+", help="column names for --compare, one per record")
     args = parser.parse_args(argv)
+    records = []
     for path in args.records:
         with open(path) as handle:
-            record = json.load(handle)
+            records.append(json.load(handle))
+    if args.compare:
+        names = args.names or [r["machine"]["commit"][:7] for r in records]
+        if len(names) != len(records):
+            parser.error(f"--names: {len(names)} names for {len(records)} records")
+        for name, record in zip(names, records):
+            print(f"{name}: {header_line(record)}")
+        print(format_comparison(records, names))
+        return 0
+    for record in records:
         print(f"`{record['config']['command']}`: {header_line(record)}")
         print(machine_line(record))
         print(format_table(record))

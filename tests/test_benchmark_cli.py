@@ -198,3 +198,22 @@ def test_kernel_notes_read_cudnn_and_cublas_names():
     assert "bf16" in kernel_notes([{"name": "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_tn"}])
     assert kernel_notes([{"name": "ampere_sgemm_128x64_tn"}]) == "fp32 FMA GEMM"
     assert kernel_notes(None) == ""
+
+
+def test_report_compare_puts_records_side_by_side(tmp_path):
+    """``python -m benchmarks.report --compare``: rows matched by implementation, normalization and
+    precision; a row one record lacks shows '-'."""
+    def record(commit, medians):
+        rows = [{"mode": "eval-forward", "implementation": name, "normalization_label": "none", "precision": "fp32",
+                 "status": "ok", "median_ms": median, "ratio_vs_lstm": median / medians["nn.LSTM (oneDNN)"]}
+                for name, median in medians.items()]
+        return {"machine": {"commit": commit}, "config": {}, "results": rows}
+
+    records = [record("aaaaaaa", {"nn.LSTM (oneDNN)": 2.0, "BNLSTM cpp": 3.0}),
+               record("bbbbbbb", {"nn.LSTM (oneDNN)": 2.0, "BNLSTM cpp": 2.0, "BNLSTM triton": 8.0})]
+    from benchmarks.report import format_comparison
+
+    table = format_comparison(records, ["before", "after"])
+    assert "| implementation | norm | precision | before median ms | before x nn.LSTM | after median ms |" in table
+    assert "| BNLSTM cpp | none | fp32 | 3.00 | 1.50 | 2.00 | 1.00 |" in table
+    assert "| BNLSTM triton | none | fp32 | - | - | 8.00 | 4.00 |" in table
