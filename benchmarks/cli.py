@@ -111,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--threads must be at least 1, got {min(args.threads)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    known = [v.name for v in VARIANTS["triton"]]
+    unknown = [name for name in args.triton_variants or [] if name not in known]
+    if unknown:
+        parser.error(f"--triton-variants: unknown variant {unknown[0]!r}; registered: {', '.join(known)}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch.cuda.is_available() is False")

@@ -155,6 +155,12 @@ def test_presets_threads_and_time_budget(tmp_path):
     assert "skipped: not reached within --time-budget" in result.stdout
 
 
+def test_unknown_triton_variant_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--triton-variants", "nope", "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown variant 'nope'; registered: " in result.stderr
+
+
 def test_reference_every_times_the_reference_in_fewer_rounds(tmp_path):
     _run_cli(TINY + ["--modes", "eval-forward", "--repeats", "4", "--reference-every", "2", "--no-memory",
                      "--backends", "reference"], tmp_path)
