@@ -1,11 +1,17 @@
-// fused_bnlstm._C: input checks, buffer allocation and dispatch for the fused BN-LSTM layer, and the
-// Python bindings. The kernels are in bnlstm_cpu.cpp; every buffer's shape is documented in bnlstm.h.
+// fused_bnlstm._C: the layer ops torch.ops.fused_bnlstm.bnlstm_forward and bnlstm_backward (schemas below,
+// registered with TORCH_LIBRARY; their fake implementations and autograd formula are registered in
+// fused_bnlstm/ops/fused_cpp.py), and a pybind11 module with the small helpers. This file checks what the
+// kernels index with, allocates the buffers and fills the parameter structs; the time loops are in
+// bnlstm_cpu.cpp, every buffer's shape in bnlstm.h.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 
-#include <cstdlib>
+#include <ATen/OpMathType.h>
+
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bnlstm.h"
@@ -27,341 +33,304 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-void* mutable_ptr_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// A checked, contiguous copy (or the tensor itself) of an optional argument; undefined when absent.
-at::Tensor checked(const OptTensor& value, const char* name, const at::Tensor& like, at::IntArrayRef shape) {
-    if (!value.has_value() || !value->defined()) return at::Tensor();
-    const at::Tensor& v = *value;
-    TORCH_CHECK(v.device().is_cpu(), "bnlstm: ", name, " must be a CPU tensor, got ", v.device());
-    TORCH_CHECK(v.scalar_type() == like.scalar_type(), "bnlstm: ", name, " has dtype ", v.scalar_type(),
-                ", expected ", like.scalar_type(), " (the dtype of x)");
-    TORCH_CHECK(v.sizes() == shape, "bnlstm: ", name, " has shape ", v.sizes(), ", expected ", shape);
-    return v.contiguous();
+// A [0]-sized stand-in for a result a mode does not have (op results are never undefined).
+at::Tensor absent(const at::TensorOptions& options) { return at::empty({0}, options); }
+at::Tensor or_absent(const at::Tensor& t, const at::TensorOptions& options) {
+    return t.defined() ? t : absent(options);
 }
 
-at::Tensor required(const OptTensor& value, const char* name, const at::Tensor& like, at::IntArrayRef shape,
-                    const char* why) {
-    at::Tensor v = checked(value, name, like, shape);
-    TORCH_CHECK(v.defined(), "bnlstm: ", name, " is required ", why);
-    return v;
+// A contiguous CPU tensor of the given dtype and shape, or an error naming the argument.
+at::Tensor expect(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape,
+                "fused_bnlstm: ", name, " must be a CPU ", dtype, " tensor of shape ", shape, ", got ",
+                t.defined() ? t.toString() : std::string("None"), " of shape ",
+                t.defined() ? t.sizes() : at::IntArrayRef{});
+    return t.contiguous();
 }
 
-Normalization to_normalization(int64_t mode) {
-    TORCH_CHECK(mode >= 0 && mode <= 2, "bnlstm: normalization code must be 0 (None), 1 (frame) or 2 "
-                "(sequence), got ", mode);
-    return static_cast<Normalization>(mode);
+Normalization to_normalization(const std::optional<c10::string_view>& name) {
+    if (!name.has_value()) return Normalization::kNone;
+    if (*name == "frame") return Normalization::kFrame;
+    TORCH_CHECK(*name == "sequence", "fused_bnlstm: normalization must be 'frame', 'sequence' or None, got ",
+                std::string(*name));
+    return Normalization::kSequence;
 }
 
-// Rows running at each step ([T] int64) and the lengths as a contiguous int64 tensor (or undefined).
-std::pair<at::Tensor, at::Tensor> step_counts(const OptTensor& lengths, int64_t T, int64_t B) {
-    at::Tensor len;
-    at::Tensor counts = at::full({T}, B, at::kLong);
-    if (lengths.has_value() && lengths->defined()) {
-        TORCH_CHECK(lengths->device().is_cpu() && lengths->scalar_type() == at::kLong && lengths->dim() == 1 &&
-                        lengths->size(0) == B,
-                    "bnlstm: lengths must be a [B] int64 CPU tensor, got ", lengths->scalar_type(), " ",
-                    lengths->sizes(), " on ", lengths->device());
-        len = lengths->contiguous();
-        const int64_t* l = len.data_ptr<int64_t>();
-        int64_t* c = counts.data_ptr<int64_t>();
-        for (int64_t t = 0; t < T; ++t) {
-            int64_t n = 0;
-            for (int64_t b = 0; b < B; ++b) n += l[b] > t;
-            c[t] = n;
+// What both ops read: the input, the weights, the per-step plan (from fused_bnlstm.ops.prepare_layer).
+struct Layer {
+    at::Tensor x, w_ih, w_hh, gamma_ih, gamma_hh, gamma_c, beta_c, lengths;
+    int64_t T, B, I, H, G;
+    Normalization norm;
+    at::IntArrayRef counts;            // [T]
+    std::vector<uint8_t> batch_stats;  // frame [T], sequence [1], None empty
+    bool frame() const { return norm == Normalization::kFrame; }
+    bool sequence() const { return norm == Normalization::kSequence; }
+};
+
+// weights: weight_ih [4H, I], weight_hh [4H, H], then the normalization's batch-norm scales in LayerParams
+// order (frame: gamma_ih, gamma_hh, gamma_c, beta_c; sequence: gamma_ih).
+Layer parse_layer(const at::Tensor& x, at::TensorList weights, const OptTensor& lengths, at::IntArrayRef counts,
+                  const c10::List<bool>& batch_stats, const std::optional<c10::string_view>& normalization) {
+    Layer l;
+    l.norm = to_normalization(normalization);
+    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                    x.dim() == 3,
+                "fused_bnlstm (cpp): x must be a float32 or float64 CPU tensor [T, B, I], got ", x.toString(),
+                " of shape ", x.sizes());
+    const size_t n_weights = l.frame() ? 6 : l.sequence() ? 3 : 2;
+    TORCH_CHECK(weights.size() == n_weights, "fused_bnlstm: expected ", n_weights, " weights, got ", weights.size());
+    l.T = x.size(0);
+    l.B = x.size(1);
+    l.I = x.size(2);
+    l.H = weights[1].dim() == 2 ? weights[1].size(1) : 0;
+    l.G = 4 * l.H;
+    const at::ScalarType dtype = x.scalar_type();
+    l.x = x.contiguous();
+    l.w_ih = expect(weights[0], "weight_ih", dtype, {l.G, l.I});
+    l.w_hh = expect(weights[1], "weight_hh", dtype, {l.G, l.H});
+    if (l.frame() || l.sequence()) l.gamma_ih = expect(weights[2], "gamma_ih", dtype, {l.G});
+    if (l.frame()) {
+        l.gamma_hh = expect(weights[3], "gamma_hh", dtype, {l.G});
+        l.gamma_c = expect(weights[4], "gamma_c", dtype, {l.H});
+        l.beta_c = expect(weights[5], "beta_c", dtype, {l.H});
+    }
+    if (lengths.has_value()) l.lengths = expect(*lengths, "lengths", at::kLong, {l.B});
+    TORCH_CHECK(int64_t(counts.size()) == l.T, "fused_bnlstm: expected ", l.T, " counts, got ", counts.size());
+    l.counts = counts;
+    const size_t n_flags = l.frame() ? size_t(l.T) : l.sequence() ? 1 : 0;
+    TORCH_CHECK(batch_stats.size() == n_flags, "fused_bnlstm: expected ", n_flags, " batch_stats flags, got ",
+                batch_stats.size());
+    for (const bool flag : batch_stats) l.batch_stats.push_back(flag);
+    return l;
+}
+
+// What forward keeps for backward, in the order of the forward op's `saved` result (named in
+// fused_cpp.SavedBuffers; shapes in bnlstm.h). Undefined where a mode has none.
+struct Saved {
+    at::Tensor hs, cs, gates, xhat_ih, xhat_hh, xhat_c, tanh_c, rstd_ih, rstd_hh, rstd_c, seq_rstd;
+
+    std::vector<at::Tensor> to_list(const at::TensorOptions& options) const {
+        std::vector<at::Tensor> out;
+        for (const at::Tensor* t : {&hs, &cs, &gates, &xhat_ih, &xhat_hh, &xhat_c, &tanh_c, &rstd_ih, &rstd_hh,
+                                    &rstd_c, &seq_rstd}) {
+            out.push_back(or_absent(*t, options));
         }
+        return out;
     }
-    return {len, counts};
+};
+
+// The saved list handed back to backward, checked against the shapes forward gave it.
+Saved parse_saved(at::TensorList list, const Layer& l) {
+    TORCH_CHECK(list.size() == 11, "fused_bnlstm: expected the 11 saved buffers of forward, got ", list.size());
+    const at::ScalarType dtype = l.x.scalar_type(), acc = at::toOpMathType(dtype);
+    const int64_t T = l.T, B = l.B, H = l.H, G = l.G;
+    Saved s;
+    s.hs = expect(list[0], "saved hs", dtype, {T + 1, B, H});
+    s.cs = expect(list[1], "saved cs", dtype, {T + 1, B, H});
+    s.gates = expect(list[2], "saved gates", dtype, {T, B, G});
+    s.tanh_c = expect(list[6], "saved tanh_c", dtype, {T, B, H});
+    if (l.frame() || l.sequence()) s.xhat_ih = expect(list[3], "saved xhat_ih", dtype, {T, B, G});
+    if (l.frame()) {
+        s.xhat_hh = expect(list[4], "saved xhat_hh", dtype, {T, B, G});
+        s.xhat_c = expect(list[5], "saved xhat_c", dtype, {T, B, H});
+        s.rstd_ih = expect(list[7], "saved rstd_ih", acc, {T, G});
+        s.rstd_hh = expect(list[8], "saved rstd_hh", acc, {T, G});
+        s.rstd_c = expect(list[9], "saved rstd_c", acc, {T, H});
+    }
+    if (l.sequence()) s.seq_rstd = expect(list[10], "saved seq_rstd", acc, {G});
+    return s;
 }
 
-at::Tensor step_batch_flags(const at::Tensor& counts, bool frame, bool use_batch_stats) {
-    at::Tensor flags = at::zeros({counts.size(0)}, at::kByte);
-    if (frame && use_batch_stats) flags.copy_(counts.ge(2));
-    return flags;
+// The fields forward and backward share (causal-conv1d's set_conv_params style).
+void set_common_params(StepParamsBase& p, const Layer& l, const Saved& s) {
+    p.T = l.T;
+    p.B = l.B;
+    p.I = l.I;
+    p.H = l.H;
+    p.norm = l.norm;
+    p.running = RowMask{l.lengths.defined() ? l.lengths.data_ptr<int64_t>() : nullptr};
+    p.counts = l.counts.data();
+    p.batch_stats = l.batch_stats.data();
+    p.gamma_ih = ptr_or_null(l.gamma_ih);
+    p.gamma_hh = ptr_or_null(l.gamma_hh);
+    p.gamma_c = ptr_or_null(l.gamma_c);
+    p.hs = ptr_or_null(s.hs);
+    p.cs = ptr_or_null(s.cs);
+    p.gates = ptr_or_null(s.gates);
+    p.xhat_ih = ptr_or_null(s.xhat_ih);
+    p.xhat_hh = ptr_or_null(s.xhat_hh);
+    p.xhat_c = ptr_or_null(s.xhat_c);
+    p.tanh_c = ptr_or_null(s.tanh_c);
+    p.rstd_ih = ptr_or_null(s.rstd_ih);
+    p.rstd_hh = ptr_or_null(s.rstd_hh);
+    p.rstd_c = ptr_or_null(s.rstd_c);
+    p.seq_rstd = ptr_or_null(s.seq_rstd);
 }
 
-void check_main(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh) {
-    TORCH_CHECK(x.device().is_cpu(), "bnlstm (cpp backend): expected CPU tensors, got x on ", x.device());
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                "bnlstm (cpp backend): expected float32 or float64 tensors, got ", x.scalar_type());
-    TORCH_CHECK(x.dim() == 3, "bnlstm: x must be [T, B, I], got ", x.sizes());
-    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1),
-                "bnlstm: weight_hh must be [4H, H], got ", w_hh.sizes());
-    TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == w_hh.size(0) && w_ih.size(1) == x.size(2),
-                "bnlstm: weight_ih must be [4H, I] = [", w_hh.size(0), ", ", x.size(2), "], got ", w_ih.sizes());
-    for (const at::Tensor* w : {&w_ih, &w_hh}) {
-        TORCH_CHECK(w->device().is_cpu() && w->scalar_type() == x.scalar_type(),
-                    "bnlstm: weights must be CPU tensors of x's dtype ", x.scalar_type());
+bool any_flag(const std::vector<uint8_t>& flags) {
+    for (const uint8_t f : flags) {
+        if (f) return true;
     }
+    return false;
 }
 
 }  // namespace
 
-// Returns [output, h_n, c_n, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c,
-//          hs, cs, gates, xhat_ih, xhat_hh, xhat_c, tanh_c, rstd_ih, rstd_hh, rstd_c, seq_rstd];
-// statistics are undefined (None) where not returned, saved buffers where not kept.
-std::vector<at::Tensor> forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
-                                const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const OptTensor& bias_in,
-                                const OptTensor& gamma_ih_in, const OptTensor& gamma_hh_in,
-                                const OptTensor& gamma_c_in, const OptTensor& beta_c_in, const OptTensor& lengths_in,
-                                const OptTensor& pop_mean_ih_in, const OptTensor& pop_var_ih_in,
-                                const OptTensor& pop_mean_hh_in, const OptTensor& pop_var_hh_in,
-                                const OptTensor& pop_mean_c_in, const OptTensor& pop_var_c_in, bool use_batch_stats,
-                                double eps, int64_t normalization, bool save) {
-    check_main(x_in, w_ih_in, w_hh_in);
-    const Normalization norm = to_normalization(normalization);
-    const bool frame = norm == Normalization::kFrame, sequence = norm == Normalization::kSequence;
-    const at::Tensor x = x_in.contiguous();
-    const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-    const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
-    const at::Tensor h0 = required(h0_in, "h0", x, {B, H}, "");
-    const at::Tensor c0 = required(c0_in, "c0", x, {B, H}, "");
-    const at::Tensor bias = checked(bias_in, "bias", x, {G});
-    at::Tensor gamma_ih, gamma_hh, gamma_c, beta_c;
-    if (frame || sequence) gamma_ih = required(gamma_ih_in, "gamma_ih", x, {G}, "when normalizing");
-    if (frame) {
-        gamma_hh = required(gamma_hh_in, "gamma_hh", x, {G}, "for frame-wise normalization");
-        gamma_c = required(gamma_c_in, "gamma_c", x, {H}, "for frame-wise normalization");
-        beta_c = required(beta_c_in, "beta_c", x, {H}, "for frame-wise normalization");
-    }
-    auto [lengths, counts] = step_counts(lengths_in, T, B);
-    const at::Tensor step_batch = step_batch_flags(counts, frame, use_batch_stats);
-    const int64_t frames = counts.sum().item<int64_t>();
-    const bool seq_batch = sequence && use_batch_stats && frames >= 2;
+// bnlstm_forward: see the schema in TORCH_LIBRARY below and fused_cpp.py.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
+    const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, at::TensorList weights,
+    const OptTensor& bias_in, const OptTensor& lengths, at::IntArrayRef counts, const c10::List<bool>& batch_stats,
+    at::TensorList population, double eps, std::optional<c10::string_view> normalization, bool save) {
+    const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
+    const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
+    const at::ScalarType dtype = l.x.scalar_type();
+    const auto opts = l.x.options();
+    const auto acc_opts = opts.dtype(at::toOpMathType(dtype));
+    const at::Tensor h0 = expect(h0_in, "h0", dtype, {B, H}), c0 = expect(c0_in, "c0", dtype, {B, H});
+    const at::Tensor bias = bias_in.has_value() ? expect(*bias_in, "bias", dtype, {G}) : at::Tensor();
 
-    // Population statistics, where some step reads them.
-    at::Tensor pop_mean_ih, pop_var_ih, pop_mean_hh, pop_var_hh, pop_mean_c, pop_var_c;
-    const bool frame_needs_pop = frame && (!use_batch_stats || counts.lt(2).any().item<bool>());
-    if (frame_needs_pop) {
-        const char* why = "(population statistics) for steps normalized without batch statistics";
-        pop_mean_ih = required(pop_mean_ih_in, "population.mean_ih", x, {T, G}, why);
-        pop_var_ih = required(pop_var_ih_in, "population.var_ih", x, {T, G}, why);
-        pop_mean_hh = required(pop_mean_hh_in, "population.mean_hh", x, {T, G}, why);
-        pop_var_hh = required(pop_var_hh_in, "population.var_hh", x, {T, G}, why);
-        pop_mean_c = required(pop_mean_c_in, "population.mean_c", x, {T, H}, why);
-        pop_var_c = required(pop_var_c_in, "population.var_c", x, {T, H}, why);
+    // Population statistics: frame [T, 4H] x 4 and [T, H] x 2, sequence [1, 4H] x 2 (means, variances).
+    const size_t n_population = l.frame() ? 6 : l.sequence() ? 2 : 0;
+    TORCH_CHECK(population.size() == n_population, "fused_bnlstm: expected ", n_population,
+                " population tensors, got ", population.size());
+    std::vector<at::Tensor> pop;
+    for (size_t k = 0; k < n_population; ++k) {
+        const int64_t rows = l.frame() ? T : 1, width = k < 4 ? G : H;
+        pop.push_back(expect(population[k], "population statistics", dtype, {rows, width}));
     }
-    if (sequence && !seq_batch) {
-        const char* why = "(population statistics) when not normalizing with batch statistics";
-        pop_mean_ih = required(pop_mean_ih_in, "population.mean_ih", x, {1, G}, why);
-        pop_var_ih = required(pop_var_ih_in, "population.var_ih", x, {1, G}, why);
-    }
+    pop.resize(6);
 
-    const auto opts = x.options();
     // The input branch W_ih x. Either one GEMM over all steps, or (float32 with brgemm) inside the step's
     // pass next to the recurrent GEMM, where it stays in cache instead of a [T, B, 4H] round trip through
-    // memory: faster for a small input (I <= 16: the big GEMM has almost no work per byte) or when the step
-    // runs on one thread; with the step split over threads the big GEMM scaled better (README.md).
-    // Sequence-wise needs its statistics over every frame before the loop: always the one GEMM.
-    const bool input_per_step = x.scalar_type() == at::kFloat && !sequence && use_brgemm() &&
+    // memory: for a small input (I <= 16: the big GEMM has almost no work per byte) or when the step runs on
+    // one thread (README.md). Sequence-wise needs its statistics over every frame before the loop.
+    const bool input_per_step = dtype == at::kFloat && !l.sequence() && use_brgemm() &&
                                 (I <= 16 || step_on_one_thread(B, H, I));
     at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
-    const at::Tensor w_ih_t = w_ih.t().contiguous();  // [I, 4H]
+    const at::Tensor w_ih_t = l.w_ih.t().contiguous();  // [I, 4H]
     if (!input_per_step) {
         at::Tensor a_ih_rows = a_ih.view({T * B, G});
-        gemm_nn_out(a_ih_rows, x.view({T * B, I}), w_ih_t);
+        gemm_nn_out(a_ih_rows, l.x.view({T * B, I}), w_ih_t);
     }
-    at::Tensor a_hh = at::empty({B, G}, opts);
-    at::Tensor hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
-    at::Tensor cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
-    hs.select(0, 0).copy_(h0);
-    cs.select(0, 0).copy_(c0);
+    at::Tensor a_hh = empty_workspace({B, G}, opts);
+
+    Saved s;
+    s.hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
+    s.cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
+    s.hs.select(0, 0).copy_(h0);
+    s.cs.select(0, 0).copy_(c0);
+    if (l.norm == Normalization::kNone) {
+        s.gates = a_ih;  // the activations are written over the input branch
+    } else {
+        s.gates = empty_workspace({save ? T : 1, B, G}, opts);
+        s.xhat_ih = a_ih;  // the normalized input branch is written over it
+    }
+    if (save) s.tanh_c = empty_workspace({T, B, H}, opts);
+    if (l.frame() && save) {
+        s.xhat_hh = empty_workspace({T, B, G}, opts);
+        s.xhat_c = empty_workspace({T, B, H}, opts);
+        s.rstd_ih = empty_workspace({T, G}, acc_opts);
+        s.rstd_hh = empty_workspace({T, G}, acc_opts);
+        s.rstd_c = empty_workspace({T, H}, acc_opts);
+    }
+    at::Tensor seq_mean;
+    if (l.sequence()) {
+        seq_mean = empty_workspace({G}, acc_opts);
+        s.seq_rstd = empty_workspace({G}, acc_opts);
+    }
+    // Batch statistics (acc_t): frame [T, 4H] x 4, [T, H] x 2 where some step uses them; sequence [1, 4H] x 2.
+    std::vector<at::Tensor> moments;
+    if (l.frame() && any_flag(l.batch_stats)) {
+        for (const int64_t width : {G, G, G, G, H, H}) moments.push_back(empty_workspace({T, width}, acc_opts));
+    } else if (l.sequence() && l.batch_stats[0]) {
+        for (int k = 0; k < 2; ++k) moments.push_back(empty_workspace({1, G}, acc_opts));
+    }
     at::Tensor output = empty_workspace({T, B, H}, opts);
-    at::Tensor gates, xhat_hh, xhat_c, tanh_c, rstd_ih, rstd_hh, rstd_c, seq_mean, seq_rstd;
-    if (norm != Normalization::kNone) gates = empty_workspace({save ? T : 1, B, G}, opts);
-    if (save) tanh_c = empty_workspace({T, B, H}, opts);
-    if (frame && save) {
-        xhat_hh = empty_workspace({T, B, G}, opts);
-        xhat_c = empty_workspace({T, B, H}, opts);
-        rstd_ih = empty_workspace({T, G}, opts);
-        rstd_hh = empty_workspace({T, G}, opts);
-        rstd_c = empty_workspace({T, H}, opts);
-    }
-    if (sequence) {
-        seq_mean = at::empty({G}, opts);
-        seq_rstd = at::empty({G}, opts);
-    }
-    at::Tensor mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c;
-    if (frame && use_batch_stats) {
-        mean_ih = empty_workspace({T, G}, opts);
-        var_ih = empty_workspace({T, G}, opts);
-        mean_hh = empty_workspace({T, G}, opts);
-        var_hh = empty_workspace({T, G}, opts);
-        mean_c = empty_workspace({T, H}, opts);
-        var_c = empty_workspace({T, H}, opts);
-    } else if (seq_batch) {
-        mean_ih = empty_workspace({1, G}, opts);
-        var_ih = empty_workspace({1, G}, opts);
-    }
 
     ForwardParams p{};
-    p.T = T;
-    p.B = B;
-    p.I = I;
-    p.H = H;
-    p.norm = norm;
+    set_common_params(p, l, s);
     p.eps = eps;
     p.save = save;
-    p.running = RowMask{lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-    p.counts = counts.data_ptr<int64_t>();
-    p.step_batch = step_batch.data_ptr<uint8_t>();
-    p.seq_batch = seq_batch;
     p.bias = ptr_or_null(bias);
-    p.gamma_ih = ptr_or_null(gamma_ih);
-    p.gamma_hh = ptr_or_null(gamma_hh);
-    p.gamma_c = ptr_or_null(gamma_c);
-    p.beta_c = ptr_or_null(beta_c);
-    p.pop_mean_ih = ptr_or_null(pop_mean_ih);
-    p.pop_var_ih = ptr_or_null(pop_var_ih);
-    p.pop_mean_hh = ptr_or_null(pop_mean_hh);
-    p.pop_var_hh = ptr_or_null(pop_var_hh);
-    p.pop_mean_c = ptr_or_null(pop_mean_c);
-    p.pop_var_c = ptr_or_null(pop_var_c);
+    p.beta_c = ptr_or_null(l.beta_c);
+    p.pop_mean_ih = ptr_or_null(pop[0]);
+    p.pop_var_ih = ptr_or_null(pop[1]);
+    p.pop_mean_hh = ptr_or_null(pop[2]);
+    p.pop_var_hh = ptr_or_null(pop[3]);
+    p.pop_mean_c = ptr_or_null(pop[4]);
+    p.pop_var_c = ptr_or_null(pop[5]);
     p.a_ih = a_ih.data_ptr();
     p.a_ih_step = (input_per_step && !save) ? 0 : B * G;
     p.input_per_step = input_per_step;
-    p.x = x.data_ptr();
-    p.w_ih_t = ptr_or_null(w_ih_t);
+    p.x = l.x.data_ptr();
+    p.w_ih_t = w_ih_t.data_ptr();
     p.a_hh = a_hh.data_ptr();
-    p.gates = mutable_ptr_or_null(gates);
-    p.xhat_hh = mutable_ptr_or_null(xhat_hh);
-    p.xhat_c = mutable_ptr_or_null(xhat_c);
-    p.tanh_c = mutable_ptr_or_null(tanh_c);
-    p.rstd_ih = mutable_ptr_or_null(rstd_ih);
-    p.rstd_hh = mutable_ptr_or_null(rstd_hh);
-    p.rstd_c = mutable_ptr_or_null(rstd_c);
-    p.seq_mean = mutable_ptr_or_null(seq_mean);
-    p.seq_rstd = mutable_ptr_or_null(seq_rstd);
-    p.mean_ih = mutable_ptr_or_null(mean_ih);
-    p.var_ih = mutable_ptr_or_null(var_ih);
-    p.mean_hh = mutable_ptr_or_null(mean_hh);
-    p.var_hh = mutable_ptr_or_null(var_hh);
-    p.mean_c = mutable_ptr_or_null(mean_c);
-    p.var_c = mutable_ptr_or_null(var_c);
-    p.hs = hs.data_ptr();
-    p.cs = cs.data_ptr();
+    p.seq_mean = ptr_or_null(seq_mean);
+    if (!moments.empty()) {
+        void** fields[] = {&p.mean_ih, &p.var_ih, &p.mean_hh, &p.var_hh, &p.mean_c, &p.var_c};
+        for (size_t k = 0; k < moments.size(); ++k) *fields[k] = moments[k].data_ptr();
+    }
     p.output = output.data_ptr();
-    if (B > 0 && H > 0) forward_cpu(p, a_hh, hs, w_hh);
+    if (B > 0 && H > 0) forward_cpu(p, a_hh, s.hs, l.w_hh);
 
+    // Results: no moments where no step used batch statistics ([0]-sized, one per moment of the mode).
+    while (moments.size() < n_population) moments.push_back(absent(acc_opts));
     const int64_t last = save ? T : (T & 1);
-    at::Tensor h_n = hs.select(0, last).clone();
-    at::Tensor c_n = cs.select(0, last).clone();
-    if (sequence) counts = at::full({1}, frames, at::kLong);
-    if (!save) return {output, h_n, c_n, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c};
-    // For None the gate activations were written over the input branch; otherwise it holds xhat_ih.
-    at::Tensor xhat_ih;
-    if (norm == Normalization::kNone) gates = a_ih;
-    else xhat_ih = a_ih;
-    return {output, h_n,   c_n,   counts,  mean_ih, var_ih,  mean_hh, var_hh, mean_c,   var_c, hs,
-            cs,     gates, xhat_ih, xhat_hh, xhat_c,  tanh_c,  rstd_ih, rstd_hh, rstd_c, seq_rstd};
+    at::Tensor h_n = s.hs.select(0, last).clone();
+    at::Tensor c_n = s.cs.select(0, last).clone();
+    std::vector<at::Tensor> saved = save ? s.to_list(opts) : std::vector<at::Tensor>{};
+    return {output, h_n, c_n, moments, saved};
 }
 
-// Returns [dx, dh0, dc0, dW_ih, dW_hh, dbias, dgamma_ih, dgamma_hh, dgamma_c, dbeta_c]; undefined (None)
-// where the parameter is absent or the gradient was not asked for.
-std::vector<at::Tensor> backward(const OptTensor& grad_output_in, const OptTensor& grad_hn_in,
-                                 const OptTensor& grad_cn_in, const at::Tensor& x_in, const at::Tensor& w_ih_in,
-                                 const at::Tensor& w_hh_in, const OptTensor& gamma_ih_in,
-                                 const OptTensor& gamma_hh_in, const OptTensor& gamma_c_in, bool has_bias,
-                                 const OptTensor& lengths_in, const at::Tensor& hs, const at::Tensor& cs,
-                                 const at::Tensor& gates, const OptTensor& xhat_ih_in, const OptTensor& xhat_hh_in,
-                                 const OptTensor& xhat_c_in, const at::Tensor& tanh_c, const OptTensor& rstd_ih_in,
-                                 const OptTensor& rstd_hh_in, const OptTensor& rstd_c_in,
-                                 const OptTensor& seq_rstd_in, bool use_batch_stats, int64_t normalization,
-                                 bool need_dx) {
-    check_main(x_in, w_ih_in, w_hh_in);
-    const Normalization norm = to_normalization(normalization);
-    const bool frame = norm == Normalization::kFrame, sequence = norm == Normalization::kSequence;
-    const at::Tensor x = x_in.contiguous();
-    const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-    const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
-    const auto opts = x.options();
+// bnlstm_backward: see the schema in TORCH_LIBRARY below and fused_cpp.py.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> backward(
+    const OptTensor& grad_output_in, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const at::Tensor& x_in,
+    at::TensorList weights, bool has_bias, const OptTensor& lengths, at::IntArrayRef counts,
+    const c10::List<bool>& batch_stats, at::TensorList saved_list, std::optional<c10::string_view> normalization,
+    bool need_dx) {
+    const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
+    const Saved s = parse_saved(saved_list, l);
+    const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
+    const at::ScalarType dtype = l.x.scalar_type();
+    const auto opts = l.x.options();
+    const auto acc_opts = opts.dtype(at::toOpMathType(dtype));
     // An expanded cotangent (from out.sum()) is read as a contiguous one: copied into a cached buffer.
     at::Tensor grad_output;
-    if (grad_output_in.has_value() && grad_output_in->defined()) {
-        const at::Tensor& g = *grad_output_in;
-        TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == x.scalar_type() && g.sizes() == at::IntArrayRef({T, B, H}),
-                    "bnlstm: grad_output must be a CPU ", x.scalar_type(), " tensor of shape [", T, ", ", B, ", ", H,
-                    "], got ", g.scalar_type(), " ", g.sizes());
+    if (grad_output_in.has_value()) {
+        const at::Tensor g = *grad_output_in;
+        TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == at::IntArrayRef({T, B, H}),
+                    "fused_bnlstm: grad_output must be a CPU ", dtype, " tensor of shape [", T, ", ", B, ", ", H,
+                    "], got ", g.toString(), " of shape ", g.sizes());
         grad_output = g.is_contiguous() ? g : workspace_copy(g);
     }
-    at::Tensor gamma_ih, gamma_hh, gamma_c;
-    if (frame || sequence) gamma_ih = required(gamma_ih_in, "gamma_ih", x, {G}, "when normalizing");
-    if (frame) {
-        gamma_hh = required(gamma_hh_in, "gamma_hh", x, {G}, "for frame-wise normalization");
-        gamma_c = required(gamma_c_in, "gamma_c", x, {H}, "for frame-wise normalization");
-    }
-    auto [lengths, counts] = step_counts(lengths_in, T, B);
-    const at::Tensor step_batch = step_batch_flags(counts, frame, use_batch_stats);
-    const bool seq_batch = sequence && use_batch_stats && counts.sum().item<int64_t>() >= 2;
-    const char* saved = "(saved by forward)";
-    at::Tensor xhat_ih, xhat_hh, xhat_c, rstd_ih, rstd_hh, rstd_c, seq_rstd;
-    if (frame || sequence) xhat_ih = required(xhat_ih_in, "xhat_ih", x, {T, B, G}, saved);
-    if (frame) {
-        xhat_hh = required(xhat_hh_in, "xhat_hh", x, {T, B, G}, saved);
-        xhat_c = required(xhat_c_in, "xhat_c", x, {T, B, H}, saved);
-        rstd_ih = required(rstd_ih_in, "rstd_ih", x, {T, G}, saved);
-        rstd_hh = required(rstd_hh_in, "rstd_hh", x, {T, G}, saved);
-        rstd_c = required(rstd_c_in, "rstd_c", x, {T, H}, saved);
-    }
-    if (sequence) seq_rstd = required(seq_rstd_in, "seq_rstd", x, {G}, saved);
-    TORCH_CHECK(hs.sizes() == at::IntArrayRef({T + 1, B, H}) && cs.sizes() == hs.sizes() &&
-                    gates.sizes() == at::IntArrayRef({T, B, G}) && tanh_c.sizes() == at::IntArrayRef({T, B, H}),
-                "bnlstm: saved states do not match x's shape");
-
-    at::Tensor dh = grad_hn_in.has_value() && grad_hn_in->defined()
-                        ? checked(grad_hn_in, "grad_h_n", x, {B, H}).clone()
-                        : at::zeros({B, H}, opts);
-    at::Tensor dc = grad_cn_in.has_value() && grad_cn_in->defined()
-                        ? checked(grad_cn_in, "grad_c_n", x, {B, H}).clone()
-                        : at::zeros({B, H}, opts);
-    at::Tensor dh_prev = at::empty({B, H}, opts);
+    // dh and dc hold the gradient of the state after the current step (h_n, c_n first); backward writes them.
+    at::Tensor dh = grad_h_n.has_value() ? expect(*grad_h_n, "grad_h_n", dtype, {B, H}).clone() : at::zeros({B, H}, opts);
+    at::Tensor dc = grad_c_n.has_value() ? expect(*grad_c_n, "grad_c_n", dtype, {B, H}).clone() : at::zeros({B, H}, opts);
+    at::Tensor dh_prev = empty_workspace({B, H}, opts);
     at::Tensor da_hh = empty_workspace({T, B, G}, opts);
-    at::Tensor da_ih = norm == Normalization::kNone ? da_hh : empty_workspace({T, B, G}, opts);
-    const auto acc_opts = opts;  // float32 and float64 accumulate in their own type (opmath)
-    at::Tensor dbias = (has_bias && norm != Normalization::kNone) ? at::zeros({G}, acc_opts) : at::Tensor();
-    at::Tensor dgamma_ih = (frame || sequence) ? at::zeros({G}, acc_opts) : at::Tensor();
-    at::Tensor dgamma_hh = frame ? at::zeros({G}, acc_opts) : at::Tensor();
-    at::Tensor dgamma_c = frame ? at::zeros({H}, acc_opts) : at::Tensor();
-    at::Tensor dbeta_c = frame ? at::zeros({H}, acc_opts) : at::Tensor();
+    at::Tensor da_ih = l.norm == Normalization::kNone ? da_hh : empty_workspace({T, B, G}, opts);
+    const bool normalized = l.frame() || l.sequence();
+    at::Tensor dbias = (has_bias && normalized) ? at::zeros({G}, acc_opts) : at::Tensor();
+    at::Tensor dgamma_ih = normalized ? at::zeros({G}, acc_opts) : at::Tensor();
+    at::Tensor dgamma_hh = l.frame() ? at::zeros({G}, acc_opts) : at::Tensor();
+    at::Tensor dgamma_c = l.frame() ? at::zeros({H}, acc_opts) : at::Tensor();
+    at::Tensor dbeta_c = l.frame() ? at::zeros({H}, acc_opts) : at::Tensor();
 
     BackwardParams p{};
-    p.T = T;
-    p.B = B;
-    p.I = I;
-    p.H = H;
-    p.norm = norm;
-    p.running = RowMask{lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-    p.counts = counts.data_ptr<int64_t>();
-    p.step_batch = step_batch.data_ptr<uint8_t>();
-    p.seq_batch = seq_batch;
-    p.gamma_ih = ptr_or_null(gamma_ih);
-    p.gamma_hh = ptr_or_null(gamma_hh);
-    p.gamma_c = ptr_or_null(gamma_c);
-    const at::Tensor hs_c = hs.contiguous(), cs_c = cs.contiguous(), gates_c = gates.contiguous(),
-                     tanh_c_c = tanh_c.contiguous();
-    p.hs = hs_c.data_ptr();
-    p.cs = cs_c.data_ptr();
-    p.gates = gates_c.data_ptr();
-    p.xhat_ih = ptr_or_null(xhat_ih);
-    p.xhat_hh = ptr_or_null(xhat_hh);
-    p.xhat_c = ptr_or_null(xhat_c);
-    p.tanh_c = tanh_c_c.data_ptr();
-    p.rstd_ih = ptr_or_null(rstd_ih);
-    p.rstd_hh = ptr_or_null(rstd_hh);
-    p.rstd_c = ptr_or_null(rstd_c);
-    p.seq_rstd = ptr_or_null(seq_rstd);
+    set_common_params(p, l, s);
     p.grad_output = ptr_or_null(grad_output);
     p.dc = dc.data_ptr();
     p.da_hh = da_hh.data_ptr();
     p.da_ih = da_ih.data_ptr();
-    p.dbias = mutable_ptr_or_null(dbias);
-    p.dgamma_ih = mutable_ptr_or_null(dgamma_ih);
-    p.dgamma_hh = mutable_ptr_or_null(dgamma_hh);
-    p.dgamma_c = mutable_ptr_or_null(dgamma_c);
-    p.dbeta_c = mutable_ptr_or_null(dbeta_c);
+    p.dbias = ptr_or_null(dbias);
+    p.dgamma_ih = ptr_or_null(dgamma_ih);
+    p.dgamma_hh = ptr_or_null(dgamma_hh);
+    p.dgamma_c = ptr_or_null(dgamma_c);
+    p.dbeta_c = ptr_or_null(dbeta_c);
     if (B > 0 && H > 0) {
-        backward_cpu(p, dh, dh_prev, da_hh, w_hh);
+        backward_cpu(p, dh, dh_prev, da_hh, l.w_hh);
     } else {
         da_hh.zero_();
         da_ih.zero_();
@@ -370,30 +339,42 @@ std::vector<at::Tensor> backward(const OptTensor& grad_output_in, const OptTenso
     // Weight gradients: one GEMM each over all T * B rows.
     const at::Tensor da_ih_rows = da_ih.view({T * B, G});
     const at::Tensor da_hh_rows = da_hh.view({T * B, G});
-    at::Tensor dw_ih = gemm_tn(da_ih_rows, x.view({T * B, I}));
-    at::Tensor dw_hh = gemm_tn(da_hh_rows, hs_c.narrow(0, 0, T).view({T * B, H}));
-    at::Tensor dx = need_dx ? gemm_nn(da_ih_rows, w_ih).view({T, B, I}) : at::Tensor();
-    if (has_bias && norm == Normalization::kNone) dbias = da_hh_rows.sum(0);
-    return {dx, dh, dc, dw_ih, dw_hh, dbias, dgamma_ih, dgamma_hh, dgamma_c, dbeta_c};
+    std::vector<at::Tensor> grad_weights = {gemm_tn(da_ih_rows, l.x.view({T * B, I})),
+                                            gemm_tn(da_hh_rows, s.hs.narrow(0, 0, T).view({T * B, H}))};
+    for (const at::Tensor* g : {&dgamma_ih, &dgamma_hh, &dgamma_c, &dbeta_c}) {
+        if (g->defined()) grad_weights.push_back(g->to(dtype));
+    }
+    at::Tensor grad_x = need_dx ? gemm_nn(da_ih_rows, l.w_ih).view({T, B, I}) : absent(opts);
+    if (has_bias && !normalized) dbias = da_hh_rows.sum(0);
+    at::Tensor grad_bias = has_bias ? dbias.to(dtype) : absent(opts);
+    return {grad_x, dh, dc, grad_weights, grad_bias};
 }
 
 }  // namespace fused_bnlstm
 
+// The schemas: fixed arity, results in named groups. weights = weight_ih, weight_hh, then the
+// normalization's batch-norm scales (see parse_layer); counts and batch_stats as prepare_layer computes
+// them; population: frame 6, sequence 2, None 0 tensors. moments: frame 6 (mean_ih, var_ih, mean_hh, var_hh,
+// mean_c, var_c), sequence 2, None 0, each [0]-sized when no step used batch statistics; saved: 11 buffers
+// (Saved above) when save, else none. Absent results are [0]-sized, never undefined.
+TORCH_LIBRARY(fused_bnlstm, m) {
+    m.set_python_module("fused_bnlstm.ops.fused_cpp");
+    m.def("bnlstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, Tensor? bias, Tensor? lengths, "
+          "int[] counts, bool[] batch_stats, Tensor[] population, float eps, str? normalization, bool save) -> "
+          "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] moments, Tensor[] saved)");
+    m.def("bnlstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor[] weights, "
+          "bool has_bias, Tensor? lengths, int[] counts, bool[] batch_stats, Tensor[] saved, str? normalization, "
+          "bool need_dx) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_weights, "
+          "Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(fused_bnlstm, CPU, m) {
+    m.impl("bnlstm_forward", &fused_bnlstm::forward);
+    m.impl("bnlstm_backward", &fused_bnlstm::backward);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "fused_bnlstm compiled extension: a fused CPU forward and backward of one BN-LSTM layer";
-    m.def("bnlstm_forward_cpu", &fused_bnlstm::forward, "BN-LSTM layer forward on the CPU (see csrc/bnlstm.h)",
-          py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("weight_ih"), py::arg("weight_hh"), py::arg("bias"),
-          py::arg("gamma_ih"), py::arg("gamma_hh"), py::arg("gamma_c"), py::arg("beta_c"), py::arg("lengths"),
-          py::arg("pop_mean_ih"), py::arg("pop_var_ih"), py::arg("pop_mean_hh"), py::arg("pop_var_hh"),
-          py::arg("pop_mean_c"), py::arg("pop_var_c"), py::arg("use_batch_stats"), py::arg("eps"),
-          py::arg("normalization"), py::arg("save"));
-    m.def("bnlstm_backward_cpu", &fused_bnlstm::backward, "BN-LSTM layer backward on the CPU (see csrc/bnlstm.h)",
-          py::arg("grad_output"), py::arg("grad_h_n"), py::arg("grad_c_n"), py::arg("x"), py::arg("weight_ih"),
-          py::arg("weight_hh"), py::arg("gamma_ih"), py::arg("gamma_hh"), py::arg("gamma_c"), py::arg("has_bias"),
-          py::arg("lengths"), py::arg("hs"), py::arg("cs"), py::arg("gates"), py::arg("xhat_ih"),
-          py::arg("xhat_hh"), py::arg("xhat_c"), py::arg("tanh_c"), py::arg("rstd_ih"), py::arg("rstd_hh"),
-          py::arg("rstd_c"), py::arg("seq_rstd"), py::arg("use_batch_stats"), py::arg("normalization"),
-          py::arg("need_dx"));
+    m.doc() = "fused_bnlstm compiled extension: the CPU layer ops (torch.ops.fused_bnlstm) and their helpers";
     m.def("empty_cache", &fused_bnlstm::empty_cache,
           "Hand the cached CPU buffers of earlier calls back to the OS (see csrc/workspace.cpp)");
     m.def("kernel_isa", [] { return std::string(fused_bnlstm::kernel_isa()); },

@@ -3,8 +3,10 @@
 // One call runs one layer in one direction over a padded, time-major batch (see fused_bnlstm/ops).
 // Sizes: T steps, B rows, I input features, H hidden units, G = 4H gate columns (order i, f, g, o).
 // Every buffer is contiguous and row-major; "[T, B, 4H]" means element (t, b, c) at (t * B + b) * 4H + c.
-// Pointers are void* and cast to scalar_t (float or double) inside the kernels; statistics and parameter
-// gradients accumulate in at::opmath_type<scalar_t>. The derivation of the backward pass is in README.md.
+// Pointers are void*; the kernels read tensors of the layer (inputs, states, gates, normalized values) as
+// scalar_t and statistics (rstd_*, seq_*, the returned moments) and parameter gradients as
+// acc_t = at::opmath_type<scalar_t> (float for float32 and any half type, double for float64).
+// The derivation of the backward pass is in README.md.
 #pragma once
 
 #include <cstdint>
@@ -22,23 +24,47 @@ struct RowMask {
     bool operator()(int64_t b, int64_t t) const { return lengths == nullptr || lengths[b] > t; }
 };
 
-struct ForwardParams {
+// What forward and backward share: sizes, the per-step plan, the batch-norm scales and the histories
+// forward keeps for backward. Filled once by set_common_params (bnlstm.cpp).
+struct StepParamsBase {
     int64_t T, B, I, H;
     Normalization norm;
-    double eps;
-    // Keep what backward needs: [T, ...] histories instead of per-step scratch.
-    bool save;
     RowMask running;
-    const int64_t* counts;      // [T] rows running at each step
-    const uint8_t* step_batch;  // [T] 1 where step t normalizes with batch statistics (frame-wise)
-    bool seq_batch;             // sequence-wise: normalize W_ih x with the batch's statistics
+    const int64_t* counts;       // [T] rows running at each step
+    // Whether a step normalizes with batch statistics (else the population's): frame [T], sequence [1].
+    const uint8_t* batch_stats;
 
-    // Parameters.
-    const void* bias;      // [4H] or nullptr
     const void* gamma_ih;  // [4H] (frame, sequence)
     const void* gamma_hh;  // [4H] (frame)
     const void* gamma_c;   // [H]  (frame)
-    const void* beta_c;    // [H]  (frame)
+
+    // States h_t and c_t for t = 0..T (row t is the state before step t; finished rows keep theirs):
+    // [T + 1, B, H] when forward saves for backward, else [2, B, H] used in turn.
+    void* hs;
+    void* cs;
+    // Gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o): [T, B, 4H] when saved, else [B, 4H]
+    // scratch (frame, sequence); for None they are written over the input branch (ForwardParams::a_ih).
+    void* gates;
+    // Normalized input branch (frame, sequence) [T, B, 4H]: forward writes it over a_ih.
+    void* xhat_ih;
+    void* xhat_hh;  // normalized recurrent branch (frame, saved): [T, B, 4H]
+    void* xhat_c;   // normalized cell (frame, saved): [T, B, H]
+    void* tanh_c;   // tanh(BN(c_t)) (frame) or tanh(c_t) (sequence, None), saved: [T, B, H]
+    // acc_t: 1 / sqrt(var + eps) each step normalized with (frame, saved): [T, 4H], [T, 4H], [T, H];
+    // sequence-wise the one [4H] of the input branch.
+    void* rstd_ih;
+    void* rstd_hh;
+    void* rstd_c;
+    void* seq_rstd;
+};
+
+struct ForwardParams : StepParamsBase {
+    double eps;
+    // Keep what backward needs: [T, ...] histories instead of per-step scratch.
+    bool save;
+
+    const void* bias;    // [4H] or nullptr
+    const void* beta_c;  // [H]  (frame)
     // Population statistics (unbiased variances, used as they are) where batch statistics are not used.
     const void* pop_mean_ih;  // frame [T, 4H], sequence [1, 4H], or nullptr
     const void* pop_var_ih;
@@ -50,8 +76,8 @@ struct ForwardParams {
     // Input branch W_ih x_t: [T, B, 4H] (a_ih_step = B * 4H) or, when nothing is saved and it is computed
     // step by step, one step's [B, 4H] (a_ih_step = 0). Either from one GEMM over all steps before the loop
     // or, with input_per_step, by the step's parallel pass itself (brgemm, x [T, B, I] and w_ih_t [I, 4H]).
-    // The step kernel overwrites it in place: with the normalized input branch xhat_ih (frame, sequence)
-    // or with the gate activations (None), which is what backward reads.
+    // The step kernel overwrites it in place: with xhat_ih (frame, sequence) or with the gate activations
+    // (None), which is what backward reads.
     void* a_ih;
     int64_t a_ih_step;
     bool input_per_step;
@@ -59,24 +85,11 @@ struct ForwardParams {
     const void* w_ih_t;
     // Recurrent branch W_hh h_{t-1} of the current step: [B, 4H] (one GEMM per step).
     const void* a_hh;
-    // Gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o): [T, B, 4H] when save (frame,
-    // sequence), else [B, 4H] scratch; unused for None when save (they live in a_ih).
-    void* gates;
-    // Normalized recurrent branch (frame, save): [T, B, 4H].
-    void* xhat_hh;
-    // Normalized cell (frame, save): [T, B, H].
-    void* xhat_c;
-    // tanh(BN(c_t)) (frame) or tanh(c_t) (sequence, None), save: [T, B, H].
-    void* tanh_c;
-    // 1 / sqrt(var + eps) each step normalized with (frame, save): [T, 4H], [T, 4H], [T, H].
-    void* rstd_ih;
-    void* rstd_hh;
-    void* rstd_c;
-    // Sequence-wise statistics, computed before the loop: mean and 1 / sqrt(var + eps), [4H].
+    // Sequence-wise mean of the input branch, computed before the loop (acc_t): [4H].
     void* seq_mean;
-    void* seq_rstd;
-    // Batch statistics returned to the caller (frame, batch statistics): means and biased variances,
-    // [T, 4H], [T, 4H], [T, H]; steps that use population statistics hold NaN. nullptr when not returned.
+    // Batch statistics returned to the caller (acc_t; means and biased variances): frame [T, 4H], [T, 4H],
+    // [T, H], written on the steps that normalize with batch statistics only; sequence [1, 4H] (ih only).
+    // nullptr when not returned.
     void* mean_ih;
     void* var_ih;
     void* mean_hh;
@@ -84,40 +97,10 @@ struct ForwardParams {
     void* mean_c;
     void* var_c;
 
-    // States: h_t and c_t for t = 0..T (row t is the state before step t; finished rows keep theirs):
-    // [T + 1, B, H] when save, else [2, B, H] used in turn.
-    void* hs;
-    void* cs;
     void* output;  // [T, B, H], zero where t >= length
 };
 
-struct BackwardParams {
-    int64_t T, B, I, H;
-    Normalization norm;
-    RowMask running;
-    const int64_t* counts;      // [T]
-    const uint8_t* step_batch;  // [T]
-    bool seq_batch;
-
-    const void* gamma_ih;  // [4H] (frame, sequence)
-    const void* gamma_hh;  // [4H] (frame)
-    const void* gamma_c;   // [H]  (frame)
-
-    // Saved by forward (see ForwardParams): hs, cs [T + 1, B, H]; gates [T, B, 4H] (the a_ih buffer for
-    // None); xhat_ih [T, B, 4H] (frame, sequence); xhat_hh [T, B, 4H], xhat_c [T, B, H] (frame);
-    // tanh_c [T, B, H]; rstd_ih, rstd_hh [T, 4H], rstd_c [T, H] (frame); seq_rstd [4H] (sequence).
-    const void* hs;
-    const void* cs;
-    const void* gates;
-    const void* xhat_ih;
-    const void* xhat_hh;
-    const void* xhat_c;
-    const void* tanh_c;
-    const void* rstd_ih;
-    const void* rstd_hh;
-    const void* rstd_c;
-    const void* seq_rstd;
-
+struct BackwardParams : StepParamsBase {
     // Incoming gradients: output [T, B, H] (nullptr: zero); dh, dc [B, H] hold the gradient of h_n, c_n on
     // entry and of the state before the current step as the loop goes back (so dh0, dc0 at the end).
     const void* grad_output;
@@ -131,7 +114,7 @@ struct BackwardParams {
     void* da_hh;
     // Gradient of W_ih x_t (frame, sequence): [T, B, 4H]; zero on rows that were not running.
     void* da_ih;
-    // Parameter gradients accumulated over steps, opmath type: [4H], [4H], [4H], [H], [H].
+    // Parameter gradients accumulated over steps (acc_t): [4H], [4H], [4H], [H], [H].
     void* dbias;
     void* dgamma_ih;
     void* dgamma_hh;
@@ -139,20 +122,31 @@ struct BackwardParams {
     void* dbeta_c;
 };
 
-// The step kernels (bnlstm_kernels.h), compiled once per instruction set and picked at run time.
-// A forward or backward call handles step t for hidden units [j0, j1) with j1 - j0 <= kBlock and every
-// batch row; the sequence-wise calls handle gate columns [c0, c1) over every frame.
-struct StepKernels {
-    void (*forward_f32)(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1);
-    void (*forward_f64)(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1);
-    void (*backward_f32)(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1);
-    void (*backward_f64)(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1);
-    void (*sequence_moments_f32)(const ForwardParams& p, int64_t c0, int64_t c1);
-    void (*sequence_moments_f64)(const ForwardParams& p, int64_t c0, int64_t c1);
-    void (*sequence_backward_f32)(const BackwardParams& p, int64_t c0, int64_t c1);
-    void (*sequence_backward_f64)(const BackwardParams& p, int64_t c0, int64_t c1);
-    const char* isa;
+// The step kernels of one dtype (bnlstm_kernels.inc). A forward or backward call handles step t for hidden
+// units [j0, j1) with j1 - j0 <= kBlock and every batch row; the sequence-wise calls handle gate columns
+// [c0, c1) over every frame.
+template <typename scalar_t>
+struct StepKernelSet {
+    void (*forward_step)(const ForwardParams& p, int64_t t, int64_t j0, int64_t j1);
+    void (*backward_step)(const BackwardParams& p, int64_t t, int64_t j0, int64_t j1);
+    void (*sequence_moments)(const ForwardParams& p, int64_t c0, int64_t c1);
+    void (*sequence_backward)(const BackwardParams& p, int64_t c0, int64_t c1);
 };
+
+// The step kernels compiled for one instruction set, for each dtype; the driver picks one table at run time.
+struct StepKernels {
+    StepKernelSet<float> f32;
+    StepKernelSet<double> f64;
+    const char* isa;
+
+    template <typename scalar_t>
+    const StepKernelSet<scalar_t>& of() const;
+};
+
+template <>
+inline const StepKernelSet<float>& StepKernels::of<float>() const { return f32; }
+template <>
+inline const StepKernelSet<double>& StepKernels::of<double>() const { return f64; }
 
 // nullptr where the compiler could not target that instruction set (not x86-64 GCC).
 const StepKernels* step_kernels_default();

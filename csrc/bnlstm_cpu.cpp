@@ -69,35 +69,10 @@ const StepKernels& kernels() {
     return *widest;
 }
 
-template <typename scalar_t>
-void forward_block(const StepKernels& k, const ForwardParams& p, int64_t t, int64_t j0, int64_t j1) {
-    if constexpr (std::is_same_v<scalar_t, float>) k.forward_f32(p, t, j0, j1);
-    else k.forward_f64(p, t, j0, j1);
-}
-
-template <typename scalar_t>
-void backward_block(const StepKernels& k, const BackwardParams& p, int64_t t, int64_t j0, int64_t j1) {
-    if constexpr (std::is_same_v<scalar_t, float>) k.backward_f32(p, t, j0, j1);
-    else k.backward_f64(p, t, j0, j1);
-}
-
-template <typename scalar_t>
-void sequence_moments(const StepKernels& k, const ForwardParams& p, int64_t c0, int64_t c1) {
-    if constexpr (std::is_same_v<scalar_t, float>) k.sequence_moments_f32(p, c0, c1);
-    else k.sequence_moments_f64(p, c0, c1);
-}
-
-template <typename scalar_t>
-void sequence_backward(const StepKernels& k, const BackwardParams& p, int64_t c0, int64_t c1) {
-    if constexpr (std::is_same_v<scalar_t, float>) k.sequence_backward_f32(p, c0, c1);
-    else k.sequence_backward_f64(p, c0, c1);
-}
-
 // Hidden units per parallel task. A step's pass is one fork-join, and a join waits for the slowest thread:
 // on a loaded machine (other processes on the cores) a descheduled worker stalls every step for a time
 // slice, milliseconds against microseconds of work. So a step is split only when each task gets about
-// 8 MFLOP (~40 us here) of GEMM and pointwise work; T=784, B=64, I=1, H=100 (5 MFLOP a step) runs on one
-// thread, H=256, I=50 splits. Measured in README.md.
+// 8 MFLOP of GEMM and pointwise work (csrc/README.md has the measurements behind the figure).
 inline int64_t grain_size(int64_t B, int64_t H, int64_t I) {
     constexpr double kTaskFlops = 8e6;
     const double per_unit = 8.0 * double(std::max<int64_t>(B, 1)) * double(H + I) + 64.0 * double(B);
@@ -173,13 +148,13 @@ void for_chunks(int64_t H, int64_t grain, const F& body) {
 }  // namespace
 
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh) {
-    const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
     const int64_t grain = grain_size(B, H, p.I);
     AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_cpu", [&] {
+        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
         if (p.norm == Normalization::kSequence) {
             for_blocks(G, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { sequence_moments<scalar_t>(kern, p, c0, c1); });
+                       [&](int64_t c0, int64_t c1) { kern.sequence_moments(p, c0, c1); });
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
             if (use_brgemm()) {
@@ -204,7 +179,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                             brgemm_f32(B, n, H, H, n, G, false, h, w + k * H * H + j0 * H, a + col);
                             if (p.input_per_step) brgemm_f32(B, n, I, I, n, G, false, x, wi + k * I * H + j0 * I, a_ih + col);
                         }
-                        forward_block<float>(kern, p, t, j0, j1);
+                        kern.forward_step(p, t, j0, j1);
                     });
                 }
                 brgemm_release_f32();
@@ -214,35 +189,43 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
         const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
         for (int64_t t = 0; t < p.T; ++t) {
             at::mm_out(a_hh, hs.select(0, p.save ? t : (t & 1)), w_hh_t);
-            for_blocks(H, grain, [&](int64_t j0, int64_t j1) { forward_block<scalar_t>(kern, p, t, j0, j1); });
+            for_blocks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
         }
     });
 }
 
 namespace {
 
-// dh_{t-1} = d(W_hh h_{t-1}) W_hh for hidden units [j0, j1) (one chunk; brgemm), plus the gradient that rows already
-// finished at step t carry through unchanged. da_t: [B, 4H]; w_hh: [4H, H]; dh_in, dh_out: [B, H].
+// Rows already finished at step t carry their state's gradient through the step unchanged:
+// dh_out += dh_in on those rows, hidden units [j0, j1). dh_in, dh_out: [B, H].
+template <typename scalar_t>
+void pass_finished_rows(const BackwardParams& p, int64_t t, const scalar_t* dh_in, scalar_t* dh_out, int64_t j0,
+                        int64_t j1) {
+    if (p.running.lengths == nullptr) return;
+    for (int64_t b = 0; b < p.B; ++b) {
+        if (p.running(b, t)) continue;
+        for (int64_t j = j0; j < j1; ++j) dh_out[b * p.H + j] += dh_in[b * p.H + j];
+    }
+}
+
+// dh_{t-1} = d(W_hh h_{t-1}) W_hh for hidden units [j0, j1) (one chunk; brgemm), plus the finished rows'
+// gradient. da_t: [B, 4H]; dh_in, dh_out: [B, H].
 void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_pack,
                           const float* dh_in, float* dh_out, int64_t j0, int64_t j1) {
     const int64_t B = p.B, H = p.H, n = j1 - j0;
     // w_pack: W_hh [4H, H] in column chunks, [H / kBlock][4H][kBlock] (pack_column_chunks).
     brgemm_f32(B, n, 4 * H, 4 * H, n, H, false, da_t, w_pack + j0 * 4 * H, dh_out + j0);
-    if (p.running.lengths == nullptr) return;
-    for (int64_t b = 0; b < B; ++b) {
-        if (p.running(b, t)) continue;
-        for (int64_t j = j0; j < j1; ++j) dh_out[b * H + j] += dh_in[b * H + j];
-    }
+    pass_finished_rows(p, t, dh_in, dh_out, j0, j1);
 }
 
 }  // namespace
 
 void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
                   const at::Tensor& w_hh) {
-    const StepKernels& kern = kernels();
     const int64_t B = p.B, H = p.H, G = 4 * H;
     const int64_t grain = grain_size(B, H, p.I);
     AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_cpu", [&] {
+        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
         bool done = false;
         if constexpr (std::is_same_v<scalar_t, float>) {
             if (use_brgemm()) {
@@ -263,7 +246,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                             recurrent_grad_block(p, t + 1, da + (t + 1) * B * G, w, other.data_ptr<float>(),
                                                  cur.data_ptr<float>(), j0, j1);
                         }
-                        backward_block<float>(kern, p, t, j0, j1);
+                        kern.backward_step(p, t, j0, j1);
                     });
                     if (!first) std::swap(dh, dh_prev);
                 }
@@ -282,23 +265,16 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
             for (int64_t t = p.T - 1; t >= 0; --t) {
                 p.dh = dh.data_ptr();
                 p.dh_prev = dh_prev.data_ptr();
-                for_blocks(H, grain, [&](int64_t j0, int64_t j1) { backward_block<scalar_t>(kern, p, t, j0, j1); });
+                for_blocks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
                 // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
                 at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
-                if (p.running.lengths != nullptr) {
-                    scalar_t* out = dh_prev.data_ptr<scalar_t>();
-                    const scalar_t* in = dh.data_ptr<scalar_t>();
-                    for (int64_t b = 0; b < B; ++b) {
-                        if (p.running(b, t)) continue;
-                        for (int64_t j = 0; j < H; ++j) out[b * H + j] += in[b * H + j];
-                    }
-                }
+                pass_finished_rows(p, t, dh.data_ptr<scalar_t>(), dh_prev.data_ptr<scalar_t>(), 0, H);
                 std::swap(dh, dh_prev);
             }
         }
         if (p.norm == Normalization::kSequence) {
             for_blocks(G, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { sequence_backward<scalar_t>(kern, p, c0, c1); });
+                       [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
         }
     });
 }

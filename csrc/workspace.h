@@ -8,6 +8,7 @@
 namespace fused_bnlstm {
 
 // Like at::empty on the CPU; buffers of 1 MiB or more come from the cache and return to it when freed.
+// With FUSED_BNLSTM_CPU_POISON=1 in the environment every buffer comes filled with NaN (tests).
 at::Tensor empty_workspace(at::IntArrayRef shape, const at::TensorOptions& options);
 
 // A contiguous copy of src in a cached buffer (for internal temporaries such as transposes).

@@ -1,8 +1,10 @@
 """The compiled C++ backend (``fused_bnlstm._C``, backend="cpp") held to the reference.
 
 Every output, every gradient by name (random cotangents on output, h_n and c_n) and the returned batch
-statistics, over tiny odd shapes in every mode; gradcheck in float64; the module end to end. The whole file
-skips, saying why, where the extension was not built (``FUSED_BNLSTM_BUILD_EXTENSION=0``).
+statistics, over tiny odd shapes in every mode; gradcheck in float64; ``torch.library.opcheck`` on the two
+registered ops; the module end to end. Every buffer the extension allocates comes NaN-filled
+(``FUSED_BNLSTM_CPU_POISON=1``), so an element no kernel wrote shows up. The whole file skips, saying why,
+where the extension was not built (``FUSED_BNLSTM_BUILD_EXTENSION=0``).
 """
 
 import pytest
@@ -10,12 +12,26 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
-from fused_bnlstm.ops import backend_available, bnlstm_layer
-from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, op_inputs,
-                         population, run_layer)
+from fused_bnlstm.ops import LayerConfig, LayerParams, backend_available, bnlstm_layer
+from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, call_layer,
+                         compare_with_reference, op_inputs, population, run_layer)
 
 _built, _why = backend_available("cpp", CPU)
 pytestmark = pytest.mark.skipif(not _built, reason=f"fused_bnlstm._C is not built here: {_why}")
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_buffers(monkeypatch):
+    """The extension's buffers (its workspace cache included) and torch.empty / empty_like hand out
+    NaN-filled float tensors, so an element no kernel wrote shows up."""
+    monkeypatch.setenv("FUSED_BNLSTM_CPU_POISON", "1")
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 SHAPES = [
     pytest.param(1, 2, 1, 3, None, id="T1-B2-I1-H3"),
@@ -40,16 +56,8 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id
 @pytest.mark.parametrize("normalization, use_batch_stats", MODES)
 @pytest.mark.parametrize("T, B, I, H, lengths", SHAPES)
 def test_bnlstm_layer_cpp_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats, dtype):
-    tolerance = TOLERANCES[dtype]
-    pop = population(T, H, normalization, dtype)
-    inputs = op_inputs(T, B, I, H, lengths, dtype)
-    ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
-    cpp, cpp_stats = run_layer("cpp", inputs, lengths, pop, use_batch_stats, normalization)
-    assert ref.keys() == cpp.keys()
-    for name in ref:
-        assert cpp[name].dtype == dtype and cpp[name].shape == ref[name].shape, name
-        assert_close_by_name(cpp[name], ref[name], name, **tolerance)
-    assert_same_statistics(ref_stats, cpp_stats, **tolerance)
+    # by name, dtype and shape included (assert_close checks both)
+    compare_with_reference("cpp", T, B, I, H, lengths, normalization, use_batch_stats, dtype)
 
 
 @pytest.mark.parametrize("normalization, use_batch_stats", MODES)
@@ -80,11 +88,10 @@ def test_bnlstm_layer_cpp_inference_path_matches_reference(T, B, I, H, lengths, 
     # Nothing requires grad: the extension keeps only two states instead of the [T, ...] histories.
     pop = population(T, H, normalization, dtype)
     inputs = {k: (v.detach() if v is not None else None) for k, v in op_inputs(T, B, I, H, lengths, dtype).items()}
-    lengths_t = None if lengths is None else torch.tensor(lengths)
-    kwargs = dict(lengths=lengths_t, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
-    ref = bnlstm_layer(**inputs, **kwargs, backend="reference")
+    kwargs = dict(lengths=lengths, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
+    ref = call_layer(inputs, **kwargs, backend="reference")
     with torch.no_grad():
-        cpp = bnlstm_layer(**inputs, **kwargs, backend="cpp")
+        cpp = call_layer(inputs, **kwargs, backend="cpp")
     for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
         assert not got.requires_grad
         assert_close_by_name(got, want, name, **TOLERANCES[dtype])
@@ -103,12 +110,11 @@ def test_bnlstm_layer_cpp_gradcheck(normalization, use_batch_stats, lengths):
     inputs = op_inputs(T, B, I, H, lengths, torch.float64)
     names = [n for n in USED[normalization] if inputs[n] is not None]
     pop = population(T, H, normalization, torch.float64)
-    lengths_t = torch.tensor(lengths)
 
     def layer(*args):
         values = dict(inputs, **dict(zip(names, args)))
-        out, h_n, c_n, _ = bnlstm_layer(**values, lengths=lengths_t, population=pop,
-                                        use_batch_stats=use_batch_stats, normalization=normalization, backend="cpp")
+        out, h_n, c_n, _ = call_layer(values, lengths=lengths, population=pop, use_batch_stats=use_batch_stats,
+                                      normalization=normalization, backend="cpp")
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -205,20 +211,20 @@ def test_bnlstm_layer_cpp_workspace_cache_reuses_buffers_safely(monkeypatch, cac
     inputs = op_inputs(T, B, I, H, None, torch.float64)
     pop = population(T, H, "frame", torch.float64)
     first, _ = run_layer("cpp", inputs, None, pop, True, "frame")
-    pending = bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")
+    pending = call_layer(inputs, population=pop, use_batch_stats=True, backend="cpp")
     second, _ = run_layer("cpp", inputs, None, pop, True, "frame")
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=0, atol=0, msg=name)
     grads = torch.autograd.grad(pending[0].sum(), [inputs["weight_hh"]])
     again = torch.autograd.grad(
-        bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")[0].sum(), [inputs["weight_hh"]])
+        call_layer(inputs, population=pop, use_batch_stats=True, backend="cpp")[0].sum(), [inputs["weight_hh"]])
     torch.testing.assert_close(grads[0], again[0], rtol=0, atol=0)
     # A live output keeps its buffer: a call on other input must not write into it.
-    kept = bnlstm_layer(**inputs, population=pop, use_batch_stats=True, backend="cpp")[0].detach()
+    kept = call_layer(inputs, population=pop, use_batch_stats=True, backend="cpp")[0].detach()
     snapshot = kept.clone()
     other = {k: (v.detach() * 0.5 if v is not None else None) for k, v in inputs.items()}
     for _ in range(2):
-        bnlstm_layer(**other, population=pop, use_batch_stats=True, backend="cpp")
+        call_layer(other, population=pop, use_batch_stats=True, backend="cpp")
     torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)
     if cache == "1":
         assert _C.cached_bytes() > 0
@@ -231,11 +237,11 @@ def test_bnlstm_layer_cpp_low_precision_runs_in_float32():
     inputs = op_inputs(T, B, I, H, None, torch.float32)
     pop = population(T, H, "frame", torch.float32)
     low = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in inputs.items()}
-    out, h_n, c_n, stats = bnlstm_layer(**low, population=pop, use_batch_stats=True, backend="cpp")
+    out, h_n, c_n, stats = call_layer(low, population=pop, use_batch_stats=True, backend="cpp")
     assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
     assert stats.mean_ih.dtype == torch.bfloat16
     up = {k: v.detach().to(torch.float32) for k, v in low.items()}
-    ref = bnlstm_layer(**up, population=pop, use_batch_stats=True, backend="reference")
+    ref = call_layer(up, population=pop, use_batch_stats=True, backend="reference")
     torch.testing.assert_close(out.float(), ref[0], atol=2e-2, rtol=2e-2)
     out.sum().backward()
     assert low["weight_hh"].grad.dtype == torch.bfloat16
@@ -248,12 +254,45 @@ def test_bnlstm_layer_cpp_none_matches_nn_lstm():
     x = torch.randn(T, B, I, dtype=torch.float64)
     h0, c0 = torch.randn(1, B, H, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
     want, (h_want, c_want) = lstm(x, (h0, c0))
-    out, h_n, c_n, stats = bnlstm_layer(x, h0[0], c0[0], lstm.weight_ih_l0, lstm.weight_hh_l0,
-                                        lstm.bias_ih_l0 + lstm.bias_hh_l0, normalization=None, backend="cpp")
+    params = LayerParams(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
+    out, h_n, c_n, stats = bnlstm_layer(x, h0[0], c0[0], params, config=LayerConfig(normalization=None),
+                                        backend="cpp")
     assert stats is None
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(h_n, h_want[0])
     torch.testing.assert_close(c_n, c_want[0])
+
+
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
+    pytest.param("frame", True, [3, 2, 3], id="frame-train-varlen"),
+    pytest.param("frame", False, None, id="frame-eval"),
+    pytest.param("sequence", True, [3, 1, 2], id="sequence-train-varlen"),
+    pytest.param(None, True, [3, 1, 2], id="none-varlen"),
+])
+def test_cpp_ops_pass_opcheck(normalization, use_batch_stats, lengths):
+    # The two registered ops: schema, fake (meta) implementation, autograd registration, AOT dispatch.
+    from fused_bnlstm.ops.common import prepare_layer
+    from fused_bnlstm.ops.fused_cpp import forward_arguments
+
+    T, B, I, H = 3, 3, 2, 4
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    params = LayerParams(**{name: inputs.get(name) for name in LayerParams._fields})
+    config = LayerConfig(normalization=normalization, use_batch_stats=use_batch_stats)
+    prepared = prepare_layer(inputs["x"], inputs["h0"], inputs["c0"], params, config,
+                             None if lengths is None else torch.tensor(lengths),
+                             population(T, H, normalization, torch.float64))
+    forward = forward_arguments(prepared, params, config, save=True)
+    torch.library.opcheck(torch.ops.fused_bnlstm.bnlstm_forward.default, (), forward)
+
+    with torch.no_grad():
+        output, h_n, c_n, _, saved = torch.ops.fused_bnlstm.bnlstm_forward(**forward)
+    g = torch.Generator().manual_seed(2)
+    cotangents = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in (output, h_n, c_n)]
+    backward = dict(grad_output=cotangents[0], grad_h_n=cotangents[1], grad_c_n=cotangents[2],
+                    x=forward["x"].detach(), weights=[w.detach() for w in forward["weights"]], has_bias=True,
+                    lengths=forward["lengths"], counts=forward["counts"], batch_stats=forward["batch_stats"],
+                    saved=saved, normalization=normalization, need_dx=True)
+    torch.library.opcheck(torch.ops.fused_bnlstm.bnlstm_backward.default, (), backward)
 
 
 def test_cpp_backend_reports_devices_it_cannot_run_on():

@@ -5,17 +5,25 @@ measured speed in ``csrc/README.md``). Per call: the input branch W_ih x as one 
 step one GEMM for W_hh h and one fused parallel pass for both batch norms, the gates, the cell update and
 BN(c); backward the same in reverse, with the weight gradients as GEMMs over all steps after the loop.
 
+Both passes are registered custom ops, ``torch.ops.fused_bnlstm.bnlstm_forward`` and ``bnlstm_backward``
+(schemas in ``csrc/bnlstm.cpp``); this file registers their fake implementations and the forward's autograd
+formula, so that ``torch.compile`` and ``torch.library.opcheck`` see them as ordinary operators.
+
 The extension is imported lazily and optionally: where it was not built (``FUSED_BNLSTM_BUILD_EXTENSION=0``
 or no compiler), the package still imports and ``available`` says why this backend cannot run.
-This file reads top to bottom: launchers, the autograd Function (no math of its own), the public function.
+This file reads top to bottom: the op's tensors by name, fake implementations, the autograd formula, the
+public function.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from fused_bnlstm.ops.common import BatchStatistics, Population
+from fused_bnlstm.ops.common import (BN_PARAMETERS, LayerConfig, LayerInput, LayerOutput, LayerParams,
+                                     finish_statistics)
 
 try:
     from fused_bnlstm import _C
@@ -27,8 +35,6 @@ else:
 
 __all__ = ["available", "bnlstm_layer_cpp", "empty_cache"]
 
-# normalization -> the code csrc/bnlstm.cpp takes
-_NORMALIZATION_CODES = {None: 0, "frame": 1, "sequence": 2}
 # dtypes the kernels are compiled for; others run in float32 and are cast back
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -53,121 +59,156 @@ def empty_cache() -> None:
         _C.empty_cache()
 
 
-def _population_tensors(population: Population | None) -> list[Tensor | None]:
-    if population is None:
-        return [None] * 6
-    return [population.mean_ih, population.var_ih, population.mean_hh, population.var_hh, population.mean_c,
-            population.var_c]
+class SavedBuffers(NamedTuple):
+    """The forward op's ``saved`` result, what backward reads (shapes in csrc/bnlstm.h; [0]-sized where a
+    normalization has none)."""
+
+    hs: Tensor  # [T + 1, B, H] states before each step, then h_n
+    cs: Tensor  # [T + 1, B, H]
+    gates: Tensor  # [T, B, 4H] activations
+    xhat_ih: Tensor  # [T, B, 4H] frame, sequence
+    xhat_hh: Tensor  # [T, B, 4H] frame
+    xhat_c: Tensor  # [T, B, H] frame
+    tanh_c: Tensor  # [T, B, H]
+    rstd_ih: Tensor  # [T, 4H] frame
+    rstd_hh: Tensor  # [T, 4H] frame
+    rstd_c: Tensor  # [T, H] frame
+    seq_rstd: Tensor  # [4H] sequence
 
 
-def _forward(x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, pop,
-             use_batch_stats, eps, normalization, save):
-    """Launch the fused forward. Returns (output, h_n, c_n, statistics or None, saved buffers or None)."""
-    results = _C.bnlstm_forward_cpu(
-        x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, *pop,
-        use_batch_stats=use_batch_stats, eps=eps, normalization=_NORMALIZATION_CODES[normalization], save=save,
+def _weights(params: LayerParams, normalization: str | None) -> list[Tensor]:
+    """The op's ``weights``: weight_ih, weight_hh, then the batch-norm scales the normalization reads."""
+    return [params.weight_ih, params.weight_hh, *(getattr(params, name) for name in BN_PARAMETERS[normalization])]
+
+
+def _moment_widths(H: int, normalization: str | None) -> tuple[int, ...]:
+    """Widths of the op's ``moments`` (frame: mean/var of ih, hh, c; sequence: mean/var of ih)."""
+    return {"frame": (4 * H,) * 4 + (H,) * 2, "sequence": (4 * H,) * 2, None: ()}[normalization]
+
+
+# --- fake implementations: the shapes csrc/bnlstm.cpp allocates ----------------------------------------------
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fused_bnlstm::bnlstm_forward")
+    def _forward_fake(x, h0, c0, weights, bias, lengths, counts, batch_stats, population, eps, normalization,
+                      save):
+        T, B, _ = x.shape
+        H = h0.shape[1]
+        new = x.new_empty
+        rows = T if normalization == "frame" else 1
+        moments = [new(rows, width) if any(batch_stats) else new(0)
+                   for width in _moment_widths(H, normalization)]
+        saved = []
+        if save:
+            frame, normalized = normalization == "frame", normalization is not None
+            saved = [new(T + 1, B, H), new(T + 1, B, H), new(T, B, 4 * H),
+                     new(T, B, 4 * H) if normalized else new(0), new(T, B, 4 * H) if frame else new(0),
+                     new(T, B, H) if frame else new(0), new(T, B, H),
+                     new(T, 4 * H) if frame else new(0), new(T, 4 * H) if frame else new(0),
+                     new(T, H) if frame else new(0), new(4 * H) if normalization == "sequence" else new(0)]
+        return new(T, B, H), new(B, H), new(B, H), moments, saved
+
+    @torch.library.register_fake("fused_bnlstm::bnlstm_backward")
+    def _backward_fake(grad_output, grad_h_n, grad_c_n, x, weights, has_bias, lengths, counts, batch_stats, saved,
+                       normalization, need_dx):
+        T, B, _ = x.shape
+        H = weights[1].shape[1]
+        new = x.new_empty
+        grad_x = new(x.shape) if need_dx else new(0)
+        grad_bias = new(4 * H) if has_bias else new(0)
+        return grad_x, new(B, H), new(B, H), [torch.empty_like(w) for w in weights], grad_bias
+
+
+# --- the autograd formula of bnlstm_forward: bnlstm_backward -------------------------------------------------
+
+
+def _no_grad_like(arg):
+    """The gradient of an argument nothing differentiates, in the structure autograd checks: an empty list
+    or a list of tensors gets one None per entry, anything else None."""
+    if isinstance(arg, (list, tuple)) and all(isinstance(a, Tensor) for a in arg):
+        return [None] * len(arg)
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, _, weights, bias, lengths, counts, batch_stats, population, eps, normalization, save = inputs
+    _, _, _, moments, saved = output
+    ctx.mark_non_differentiable(*moments, *saved)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, lengths, *saved, *weights)
+    ctx.layer = dict(has_bias=bias is not None, counts=counts, batch_stats=batch_stats,
+                     normalization=normalization)
+    ctx.no_grads = tuple(_no_grad_like(arg) for arg in (lengths, counts, batch_stats, population, eps,
+                                                         normalization, save))
+
+
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_moments, _grad_saved):
+    x, lengths, *buffers = ctx.saved_tensors
+    saved = SavedBuffers(*buffers[:len(SavedBuffers._fields)])
+    weights = buffers[len(SavedBuffers._fields):]
+    needs_x = ctx.needs_input_grad[0]
+    grad_x, grad_h0, grad_c0, grad_weights, grad_bias = torch.ops.fused_bnlstm.bnlstm_backward(
+        grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, x=x, weights=weights, lengths=lengths,
+        saved=list(saved), need_dx=needs_x, **ctx.layer,
     )
-    output, h_n, c_n, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c = results[:10]
-    stats = None
-    if normalization == "frame" and use_batch_stats:
-        stats = BatchStatistics(counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
-    elif normalization == "sequence" and mean_ih is not None:
-        stats = BatchStatistics(counts, mean_ih, var_ih)
-    return output, h_n, c_n, stats, (results[10:] if save else None)
+    return (grad_x if needs_x else None, grad_h0, grad_c0, grad_weights,
+            grad_bias if ctx.layer["has_bias"] else None, *ctx.no_grads)
 
 
-def _backward(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, has_bias,
-              lengths, saved, use_batch_stats, normalization, need_dx):
-    """Launch the fused backward. Returns [dx, dh0, dc0, dW_ih, dW_hh, dbias, dgamma_ih, dgamma_hh,
-    dgamma_c, dbeta_c] (None where absent or not asked for)."""
-    return _C.bnlstm_backward_cpu(
-        grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, has_bias,
-        lengths, *saved, use_batch_stats=use_batch_stats, normalization=_NORMALIZATION_CODES[normalization],
-        need_dx=need_dx,
+if _C is not None:
+    _register_fakes()
+    torch.library.register_autograd("fused_bnlstm::bnlstm_forward", _backward, setup_context=_setup_context)
+
+
+# --- the backend ---------------------------------------------------------------------------------------------
+
+
+def _cast(value, dtype: torch.dtype):
+    """A tensor, or each tensor of a NamedTuple (None kept), in ``dtype``."""
+    if value is None or isinstance(value, Tensor):
+        return value if value is None or value.dtype == dtype else value.to(dtype)
+    return type(value)(*(_cast(t, dtype) for t in value))
+
+
+def forward_arguments(inputs: LayerInput, params: LayerParams, config: LayerConfig, save: bool) -> dict:
+    """The keyword arguments of ``torch.ops.fused_bnlstm.bnlstm_forward`` for one prepared call (tensors in
+    a dtype the kernels run)."""
+    population = inputs.population
+    return dict(
+        x=inputs.x, h0=inputs.h0, c0=inputs.c0, weights=_weights(params, config.normalization), bias=params.bias,
+        lengths=inputs.lengths, counts=list(inputs.counts), batch_stats=list(inputs.batch_stats),
+        population=[t for t in population if t is not None] if population is not None else [],
+        eps=config.eps, normalization=config.normalization, save=save,
     )
 
 
-class BNLSTMLayerCppFunction(torch.autograd.Function):
-    """Autograd glue: the forward launcher with the buffers backward needs, and the backward launcher."""
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths,
-                pop_mean_ih, pop_var_ih, pop_mean_hh, pop_var_hh, pop_mean_c, pop_var_c, use_batch_stats, eps,
-                normalization):
-        pop = [pop_mean_ih, pop_var_ih, pop_mean_hh, pop_var_hh, pop_mean_c, pop_var_c]
-        output, h_n, c_n, stats, saved = _forward(
-            x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, lengths, pop,
-            use_batch_stats, eps, normalization, save=True,
-        )
-        ctx.save_for_backward(x, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, lengths, *saved)
-        ctx.has_bias = bias is not None
-        ctx.use_batch_stats = use_batch_stats
-        ctx.normalization = normalization
-        stat_tensors = tuple(t for t in stats if t is not None) if stats is not None else ()
-        ctx.mark_non_differentiable(*stat_tensors)
-        return (output, h_n, c_n) + stat_tensors
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, grad_h_n, grad_c_n, *unused_stat_grads):
-        x, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, lengths, *saved = ctx.saved_tensors
-        grads = _backward(
-            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, ctx.has_bias,
-            lengths, saved, ctx.use_batch_stats, ctx.normalization, need_dx=ctx.needs_input_grad[0],
-        )
-        # One entry per forward argument: the ten differentiable inputs, then lengths, population, flags.
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
-
-
-def bnlstm_layer_cpp(
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias: Tensor | None,
-    gamma_ih: Tensor | None,
-    gamma_hh: Tensor | None,
-    gamma_c: Tensor | None,
-    beta_c: Tensor | None,
-    lengths: Tensor | None,
-    population: Population | None,
-    use_batch_stats: bool,
-    eps: float,
-    normalization: str | None,
-) -> tuple[Tensor, Tensor, Tensor, BatchStatistics | None]:
+def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerConfig) -> LayerOutput:
     """One BN-LSTM layer-direction through the compiled CPU path.
 
-    Argument and return conventions: ``fused_bnlstm.ops.bnlstm_layer``. Differentiable in every tensor
-    argument but ``lengths`` and ``population`` (once: no double backward). float32 and float64 run in their
-    own precision; other floating dtypes run in float32 and the results are cast back.
+    Argument and return conventions: ``fused_bnlstm.ops.bnlstm_layer``. Differentiable in ``x``, the states
+    and every parameter. float32 and float64 run in their own precision; other floating dtypes run in
+    float32 and the results are cast back.
     """
-    ok, reason = available(x.device)
+    ok, reason = available(inputs.x.device)
     if not ok:
         raise RuntimeError(f"BNLSTM backend 'cpp' cannot run: {reason}")
-    if normalization not in _NORMALIZATION_CODES:
-        raise ValueError(f"normalization must be one of 'frame', 'sequence' or None, got {normalization!r}")
-    if not x.is_floating_point():
-        raise TypeError(f"BNLSTM backend 'cpp' expects floating-point input, got {x.dtype}")
-    dtype = x.dtype
+    if not inputs.x.is_floating_point():
+        raise TypeError(f"BNLSTM backend 'cpp' expects floating-point input, got {inputs.x.dtype}")
+    if params.weight_hr is not None:
+        raise NotImplementedError("BNLSTM backend 'cpp' has no projection (proj_size > 0) yet; use the reference")
+    dtype = inputs.x.dtype
     compute = dtype if dtype in _KERNEL_DTYPES else torch.float32
-    params = [h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c]
-    params = [p.to(compute) if p is not None else None for p in params]
-    pop = [p.to(compute) if p is not None else None for p in _population_tensors(population)]
-    lengths = lengths.to("cpu", torch.int64) if lengths is not None else None
-    x_c = x.to(compute)
-    args = (x_c, *params, lengths, *pop, bool(use_batch_stats), float(eps), normalization)
-
-    differentiable = [x_c, *params]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        output, h_n, c_n, *stat_tensors = BNLSTMLayerCppFunction.apply(*args)
-        stats = None
-        if stat_tensors:
-            stats = BatchStatistics(*stat_tensors)
-    else:
-        output, h_n, c_n, stats, _ = _forward(*args[:11], pop, *args[17:], save=False)
-    if compute != dtype:
-        output, h_n, c_n = output.to(dtype), h_n.to(dtype), c_n.to(dtype)
-        if stats is not None:
-            stats = BatchStatistics(*[t.to(dtype) if t is not None and t.is_floating_point() else t for t in stats])
-    return output, h_n, c_n, stats
+    run = inputs._replace(x=_cast(inputs.x, compute), h0=_cast(inputs.h0, compute), c0=_cast(inputs.c0, compute),
+                          population=_cast(inputs.population, compute))
+    params = _cast(params, compute)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (run.x, run.h0, run.c0, *params))
+    output, h_n, c_n, moments, _ = torch.ops.fused_bnlstm.bnlstm_forward(
+        **forward_arguments(run, params, config, save))
+    if not any(inputs.batch_stats):
+        # No step normalized with batch statistics, so the op computed no moments. finish_statistics returns
+        # None, or for frame-wise training (every step had fewer than two rows) marks every row NaN: rows of
+        # the population's shapes stand in.
+        moments = list(run.population or ())
+    stats = finish_statistics(inputs, config, moments, dtype)
+    return LayerOutput(output.to(dtype), h_n.to(dtype), c_n.to(dtype), stats)
