@@ -120,6 +120,39 @@ def test_bnlstm_layer_cpp_gradcheck(normalization, use_batch_stats, lengths):
     assert torch.autograd.gradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
+    pytest.param("frame", True, [3, 1, 2], id="frame-train-varlen-fallback"),
+    pytest.param("sequence", True, [3, 1, 2], id="sequence-train-varlen"),
+    pytest.param(None, True, None, id="none"),
+])
+def test_bnlstm_layer_cpp_double_backward(normalization, use_batch_stats, lengths):
+    # A gradient penalty needs a graph of the gradients: the cpp backward hands over to the reference's VJP
+    # then, never a silent zero (issue #11).
+    T, B, I, H = 3, 3, 2, 2
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    names = [n for n in USED[normalization] if inputs[n] is not None]
+    pop = population(T, H, normalization, torch.float64)
+
+    def layer(*args):
+        values = dict(inputs, **dict(zip(names, args)))
+        out, h_n, c_n, _ = call_layer(values, lengths=lengths, population=pop, use_batch_stats=use_batch_stats,
+                                      normalization=normalization, backend="cpp")
+        return out, h_n, c_n
+
+    assert torch.autograd.gradgradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
+
+    penalties = {}
+    for backend in ("reference", "cpp"):
+        out = call_layer(inputs, backend=backend, lengths=lengths, population=pop,
+                         use_batch_stats=use_batch_stats, normalization=normalization).output
+        (g,) = torch.autograd.grad(out.sum(), inputs["x"], create_graph=True)
+        assert g.requires_grad
+        loss = out.mean() + 10 * g.pow(2).sum()
+        penalties[backend] = torch.autograd.grad(loss, inputs["weight_hh"])[0]
+    assert penalties["cpp"].abs().max() > 0
+    assert_close_by_name(penalties["cpp"], penalties["reference"], "dW_hh (penalty)", **TOLERANCES[torch.float64])
+
+
 def _isas():
     from fused_bnlstm import _C
 

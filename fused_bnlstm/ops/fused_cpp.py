@@ -22,8 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fused_bnlstm.ops.common import (BN_PARAMETERS, LayerConfig, LayerInput, LayerOutput, LayerParams,
-                                     finish_statistics)
+from fused_bnlstm.ops.common import (BN_PARAMETERS, LayerConfig, LayerInput, LayerOutput, LayerParams, Population,
+                                     finish_statistics, needs_reference_backward, reference_backward)
 
 try:
     from fused_bnlstm import _C
@@ -131,27 +131,79 @@ def _no_grad_like(arg):
     return None
 
 
+class _ForBackward(NamedTuple):
+    """What the forward op's autograd node keeps: the buffers its backward op reads, and the op's inputs for
+    the reference's VJP (create_graph, torch.func)."""
+
+    x: Tensor
+    h0: Tensor
+    c0: Tensor
+    bias: Tensor | None
+    lengths: Tensor | None
+    buffers: SavedBuffers
+    weights: list[Tensor]
+    population: list[Tensor]
+
+
 def _setup_context(ctx, inputs, output):
-    x, _, _, weights, bias, lengths, counts, batch_stats, population, eps, normalization, save = inputs
+    x, h0, c0, weights, bias, lengths, counts, batch_stats, population, eps, normalization, save = inputs
     _, _, _, moments, saved = output
     ctx.mark_non_differentiable(*moments, *saved)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, lengths, *saved, *weights)
+    ctx.save_for_backward(x, h0, c0, bias, lengths, *saved, *weights, *population)
+    ctx.list_sizes = (len(weights), len(population))
     ctx.layer = dict(has_bias=bias is not None, counts=counts, batch_stats=batch_stats,
                      normalization=normalization)
+    ctx.eps = eps
     ctx.no_grads = tuple(_no_grad_like(arg) for arg in (lengths, counts, batch_stats, population, eps,
                                                          normalization, save))
 
 
+def _saved_for_backward(ctx) -> _ForBackward:
+    tensors = iter(ctx.saved_tensors)
+
+    def take(n):
+        return [next(tensors) for _ in range(n)]
+
+    x, h0, c0, bias, lengths = take(5)
+    buffers = SavedBuffers(*take(len(SavedBuffers._fields)))
+    n_weights, n_population = ctx.list_sizes
+    return _ForBackward(x, h0, c0, bias, lengths, buffers, take(n_weights), take(n_population))
+
+
+def _reference_grads(ctx, saved: _ForBackward, cotangents):
+    """The backward op's results, computed through the reference (differentiable, batched cotangents)."""
+    normalization = ctx.layer["normalization"]
+    bn_names = BN_PARAMETERS[normalization]
+    weight_ih, weight_hh, *bn = saved.weights
+    params = LayerParams(weight_ih, weight_hh, saved.bias, **dict(zip(bn_names, bn)))
+    population = Population(*saved.population) if saved.population else None
+    inputs = LayerInput(x=saved.x, h0=saved.h0, c0=saved.c0, lengths=saved.lengths,
+                        counts=tuple(ctx.layer["counts"]), batch_stats=tuple(ctx.layer["batch_stats"]),
+                        population=population)
+    config = LayerConfig(normalization=normalization, eps=ctx.eps, use_batch_stats=any(inputs.batch_stats))
+    needs_x, needs_h0, needs_c0, needs_weights, needs_bias, *_ = ctx.needs_input_grad
+    needs_params = dict(zip(("weight_ih", "weight_hh", *bn_names), needs_weights), bias=needs_bias)
+    needs = (needs_x, needs_h0, needs_c0, *(needs_params.get(name, False) for name in LayerParams._fields))
+    grads = dict(zip(("x", "h0", "c0", *LayerParams._fields),
+                     reference_backward(inputs=inputs, params=params, config=config, cotangents=cotangents,
+                                        needs_input_grad=needs)))
+    grad_weights = [grads[name] for name in ("weight_ih", "weight_hh", *bn_names)]
+    return grads["x"], grads["h0"], grads["c0"], grad_weights, grads["bias"]
+
+
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_moments, _grad_saved):
-    x, lengths, *buffers = ctx.saved_tensors
-    saved = SavedBuffers(*buffers[:len(SavedBuffers._fields)])
-    weights = buffers[len(SavedBuffers._fields):]
+    saved = _saved_for_backward(ctx)
     needs_x = ctx.needs_input_grad[0]
-    grad_x, grad_h0, grad_c0, grad_weights, grad_bias = torch.ops.fused_bnlstm.bnlstm_backward(
-        grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, x=x, weights=weights, lengths=lengths,
-        saved=list(saved), need_dx=needs_x, **ctx.layer,
-    )
+    if needs_reference_backward(grad_output, grad_h_n, grad_c_n):
+        # a graph of the gradients is wanted (double backward): the kernels' backward is not differentiable
+        grad_x, grad_h0, grad_c0, grad_weights, grad_bias = _reference_grads(ctx, saved,
+                                                                             (grad_output, grad_h_n, grad_c_n))
+    else:
+        grad_x, grad_h0, grad_c0, grad_weights, grad_bias = torch.ops.fused_bnlstm.bnlstm_backward(
+            grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, x=saved.x, weights=saved.weights,
+            lengths=saved.lengths, saved=list(saved.buffers), need_dx=needs_x, **ctx.layer,
+        )
     return (grad_x if needs_x else None, grad_h0, grad_c0, grad_weights,
             grad_bias if ctx.layer["has_bias"] else None, *ctx.no_grads)
 
@@ -187,7 +239,8 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
     """One BN-LSTM layer-direction through the compiled CPU path.
 
     Argument and return conventions: ``fused_bnlstm.ops.bnlstm_layer``. Differentiable in ``x``, the states
-    and every parameter. float32 and float64 run in their own precision; other floating dtypes run in
+    and every parameter, to any order (a backward asked to build a graph runs through the reference,
+    ``common.reference_backward``). float32 and float64 run in their own precision; other floating dtypes run in
     float32 and the results are cast back.
     """
     ok, reason = available(inputs.x.device)
