@@ -120,7 +120,9 @@ class ExactAccumulator:
         if S == 0:
             return
         device = running.count.device
-        idx = slots[:S].to(device)
+        num_slots = running.count.shape[0]
+        # consecutive slots from the call's first (synchronized statistics may run more steps than ``slots``)
+        idx = slot_indices(S, int(slots[0]), num_slots).to(device)
         n = batch.counts[:S].to(device, torch.float64).unsqueeze(1)  # [S, 1]
         columns = {"rows": n, "batches": torch.ones_like(n)}
         for q in running.mean:
@@ -129,11 +131,35 @@ class ExactAccumulator:
             columns[f"sum_{q}"] = n * mean
             columns[f"sumsq_{q}"] = n * (var + mean * mean)
         entry = self.sums.setdefault(key, {})
-        num_slots = running.count.shape[0]
         for name, value in columns.items():
             total = entry.get(name, value.new_zeros(num_slots, value.shape[1]))
             # a slot hit by several steps (past max_length) counts its batch once
             entry[name] = total.index_add_(0, idx, value if name != "batches" else value / _hits(idx))
+
+    @torch.no_grad()
+    def all_reduce(self, entries, group) -> None:
+        """Sum the pooled sums of every rank of the torch.distributed ``group`` in one collective, so that each
+        rank holds those of one pass over the union of the ranks' data. ``entries``: (key, running) pairs in
+        the same order on every rank; a key this rank never saw takes part with zeros."""
+        import torch.distributed as dist
+
+        parts = []
+        for key, running in entries:
+            entry = self.sums.setdefault(key, {})
+            widths = {"rows": 1, "batches": 1}
+            for q in running.mean:
+                widths.update({f"sum_{q}": running.mean[q].shape[1], f"sumsq_{q}": running.mean[q].shape[1]})
+            for name, width in widths.items():
+                if name not in entry:
+                    entry[name] = torch.zeros(running.count.shape[0], width, dtype=torch.float64,
+                                              device=running.count.device)
+                parts.append(entry[name])
+        if not parts:
+            return
+        flat = torch.cat([part.reshape(-1) for part in parts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for part, total in zip(parts, flat.split([part.numel() for part in parts])):
+            part.copy_(total.view_as(part))
 
     @torch.no_grad()
     def write(self, key, running: RunningStats):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import _stats
+from fused_bnlstm.distributed import global_sum
 from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams, Population, bnlstm_layer,
                               resolve_backend)
 
@@ -411,9 +412,13 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
 
         use_batch_stats = self.training or not self.track_running_stats
         update_stats = self.training and self.track_running_stats and self.normalization is not None
-        if self.normalization is not None and use_batch_stats and B > 0:
+        group = self._sync_group(use_batch_stats)
+        if self.normalization is not None and use_batch_stats and (B > 0 or group is not None):
             rows = B if self.normalization == "frame" else int(lengths.sum()) if lengths is not None else T * B
-            if rows <= 1:
+            if group is not None:
+                # synchronized statistics: the group's rows (one collective; every rank decides alike)
+                rows = global_sum(rows, group, x.device)
+            if rows == 1:
                 raise ValueError(
                     "Expected more than 1 value per channel when training, got input size "
                     f"{torch.Size([rows, 4 * self.hidden_size])}"

@@ -6,15 +6,17 @@ import contextlib
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fused_bnlstm import _stats
+from fused_bnlstm.distributed import default_group
 from fused_bnlstm.modules import BNLSTM, BNLSTMCell
 
 
 @torch.no_grad()
 def update_population_statistics(loader: Iterable, model: nn.Module, device: torch.device | None = None,
-                                 forward=None) -> None:
+                                 forward=None, *, pool_across_ranks: bool = True, process_group=None) -> None:
     """Recompute every BNLSTM / BNLSTMCell population statistic in ``model`` exactly, in one pass.
 
     Like ``torch.optim.swa_utils.update_bn``, but exact: for every statistics slot the result is the mean
@@ -30,6 +32,14 @@ def update_population_statistics(loader: Iterable, model: nn.Module, device: tor
         device: if given, tensors of each batch are moved there first.
         forward: optional ``forward(model, batch)`` callable for models whose call is not ``model(x)``
             (a model driving a BNLSTMCell step by step, say).
+        pool_across_ranks: under an initialized ``torch.distributed`` process group, sum the exact sums of
+            every rank of ``process_group`` (default: the world) after the pass, in one collective, so that
+            every rank ends with the statistics of one pass over the union of the ranks' data (each rank may
+            see different batches, lengths and numbers of batches). Every rank of the group must then call
+            this function; pass ``False`` to re-estimate from this rank's data alone (e.g. on rank 0 only).
+            Layers in synchronized mode (``convert_sync_bnlstm``) see the group's statistics during the
+            pass already and are not pooled again; their ranks must run the same number of batches.
+        process_group: the group to pool over (default: the world).
     """
     layers = [m for m in model.modules() if isinstance(m, (BNLSTM, BNLSTMCell))
               and m.normalization is not None and m.track_running_stats]
@@ -50,9 +60,25 @@ def update_population_statistics(loader: Iterable, model: nn.Module, device: tor
                 model(_to(inputs, device))
         finally:
             model.train(was_training)
+    group = default_group(process_group) if pool_across_ranks else None
+    if group is not None:
+        _pool_across_ranks(accumulator, layers, group)
     for layer in layers:
         for suffix in layer._stats_suffixes:
             accumulator.write((id(layer), suffix), layer._running(suffix))
+
+
+def _pool_across_ranks(accumulator: _stats.ExactAccumulator, layers, group) -> None:
+    """Every rank's sums added up (one collective) and the longest sequence seen agreed (one more)."""
+    pooled = [layer for layer in layers if not getattr(layer, "sync_statistics", False)]
+    accumulator.all_reduce([((id(layer), suffix), layer._running(suffix)) for layer in pooled
+                            for suffix in layer._stats_suffixes], group)
+    steps = [layer.running_length for layer in layers if getattr(layer, "running_length", None) is not None]
+    if steps:
+        longest = torch.stack(steps)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+        for buffer, value in zip(steps, longest):
+            buffer.copy_(value)
 
 
 def _to(batch, device):

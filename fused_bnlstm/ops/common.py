@@ -154,6 +154,12 @@ def prepare_layer(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, config
                              f"{population.mean_ih.shape[0]}")
 
     counts = step_counts(lengths, T, B)
+    if config.process_group is not None:
+        # synchronized statistics: the group's rows at each step, over the group's longest sequence (len(counts)
+        # may exceed this rank's T); every rule below reads them, so every rank takes the same branches
+        from fused_bnlstm.distributed import global_counts
+
+        counts = global_counts(counts, config.process_group, x.device)
     if config.normalization == "frame":
         batch_stats = tuple(config.use_batch_stats and n >= 2 for n in counts)
     elif config.normalization == "sequence":

@@ -17,6 +17,13 @@ BN statistics are taken over the rows still running at step t (lengths > t). A f
 (h, c) and writes zeros to the output. Batch norms compute in float32 for half-precision tensors (as the
 fused backends do), so an all-zero h0 (variance 0) gives finite gradients in float16 too. See
 ``fused_bnlstm/ops/README.md`` for the conventions shared by all backends.
+
+Synchronized statistics (``config.process_group`` set, ``fused_bnlstm.convert_sync_bnlstm``): every batch
+norm runs over the running rows of every rank of the group. ``inputs.counts`` are then the group's counts over
+its longest sequence; a rank runs all of those steps (with no rows once its own have finished), the input
+branch's moments for every step are all-reduced in one collective before the loop and the recurrent and cell
+moments in one collective each per step, as (sum, sum of squares) through a differentiable all-reduce, so
+the backward's batch reductions are summed over the group too.
 """
 
 from __future__ import annotations
@@ -24,20 +31,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_bnlstm.ops.common import LayerConfig, LayerInput, LayerOutput, LayerParams, finish_statistics
+from fused_bnlstm.distributed import all_reduce_sum
+from fused_bnlstm.ops.common import LayerConfig, LayerInput, LayerOutput, LayerParams, Population, finish_statistics
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_moments(value: Tensor, mask: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (statistics dtype) over the rows of ``value`` [B, F] where ``mask`` [B] is set."""
+def _masked_moments(value: Tensor, mask: Tensor, count, group=None) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance (statistics dtype) over the rows of ``value`` [..., B, F] where ``mask``
+    [..., B] is set; ``count`` (an int, or a tensor [..., 1]) is the number of such rows, over the whole
+    ``group`` when one is given (synchronized statistics)."""
     value = value.to(_stats_dtype(value.dtype))
-    weight = mask.to(value.dtype).unsqueeze(1)  # [B, 1]
-    mean = (value * weight).sum(0) / count
-    var = ((value - mean) ** 2 * weight).sum(0) / count
+    weight = mask.to(value.dtype).unsqueeze(-1)  # [..., B, 1]
+    if group is None:
+        mean = (value * weight).sum(-2) / count
+        var = ((value - mean.unsqueeze(-2)) ** 2 * weight).sum(-2) / count
+        return mean, var
+    # [2, ..., F]: this rank's sum and sum of squares, summed over the group in one collective
+    sums = all_reduce_sum(torch.stack([(value * weight).sum(-2), (value * value * weight).sum(-2)]), group)
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp(min=0)
     return mean, var
+
+
+def _pad_steps(x: Tensor, population: Population | None, steps: int) -> tuple[Tensor, Population | None]:
+    """x [T, B, I] and a frame-wise population extended to ``steps`` rows: the steps the group runs after
+    this rank's rows have all finished (no row of this rank reads them; zeros, and mean 0 / variance 1)."""
+    extra = steps - x.shape[0]
+    x = torch.cat([x, x.new_zeros(extra, *x.shape[1:])])
+    if population is not None and population.mean_hh is not None:
+        population = Population(*[
+            torch.cat([p, p.new_full((extra, p.shape[1]), 1.0 if name.startswith("var") else 0.0)])
+            for name, p in zip(Population._fields, population)
+        ])
+    return x, population
 
 
 def _normalize(value: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor | None, eps: float) -> Tensor:
@@ -55,43 +84,55 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
     T, B, _ = x.shape
     weight_ih, weight_hh, bias = params.weight_ih, params.weight_hh, params.bias
     eps = config.eps
+    group = config.process_group
+    # steps to run: T, or in sync mode the group's longest sequence (this rank's rows stop at T)
+    steps_run = len(inputs.counts)
+    if group is not None:
+        x, pop = _pad_steps(x, pop, steps_run)
     # [T, B]: the rows still running at each step
-    steps = torch.arange(T, device=x.device).unsqueeze(1)
+    steps = torch.arange(steps_run, device=x.device).unsqueeze(1)
     running = steps < (lengths.to(x.device) if lengths is not None else T)
     h, c = inputs.h0, inputs.c0
     outputs = []
     moments = []
+    # [T, B, 4H]: the input branch does not depend on h
+    a_ih = x @ weight_ih.t()
+    G = a_ih.shape[2]
 
     if config.normalization == "sequence":
         # BN-e*: one normalization of W_ih x over every valid (t, b) frame; W_hh h and c stay raw.
-        a_ih = x @ weight_ih.t()  # [T, B, 4H]
-        G = a_ih.shape[2]
         if inputs.batch_stats[0]:
-            mean_ih, var_ih = _masked_moments(a_ih.reshape(T * B, G), running.reshape(T * B), sum(inputs.counts))
+            mean_ih, var_ih = _masked_moments(a_ih.reshape(-1, G), running.reshape(-1), sum(inputs.counts), group)
         else:
             mean_ih, var_ih = pop.mean_ih[0], pop.var_ih[0]
         moments = [mean_ih[None], var_ih[None]]
         normed_ih = _normalize(a_ih, mean_ih, var_ih, params.gamma_ih, None, eps)  # [T, B, 4H]
+    elif config.normalization == "frame" and group is not None and any(inputs.batch_stats):
+        # sync mode: the input branch's moments of every step in one collective before the recurrence
+        counts = torch.tensor(inputs.counts, device=x.device).clamp(min=1).unsqueeze(1)  # [T, 1]
+        synced_ih = _masked_moments(a_ih, running, counts, group)  # mean, var [T, 4H]
 
-    for t in range(T):
+    for t in range(steps_run):
         active = running[t]  # [B]
         a_hh = h @ weight_hh.t()  # [B, 4H]
         if config.normalization == "frame":
-            a_ih = x[t] @ weight_ih.t()  # [B, 4H]
             if inputs.batch_stats[t]:
-                mean_ih, var_ih = _masked_moments(a_ih, active, inputs.counts[t])
-                mean_hh, var_hh = _masked_moments(a_hh, active, inputs.counts[t])
+                if group is None:
+                    mean_ih, var_ih = _masked_moments(a_ih[t], active, inputs.counts[t])
+                else:
+                    mean_ih, var_ih = synced_ih[0][t], synced_ih[1][t]
+                mean_hh, var_hh = _masked_moments(a_hh, active, inputs.counts[t], group)
             else:
                 # Fewer than two running rows has no batch variance: use the slot's population statistics.
                 mean_ih, var_ih = pop.mean_ih[t], pop.var_ih[t]
                 mean_hh, var_hh = pop.mean_hh[t], pop.var_hh[t]
             gates = _normalize(a_hh, mean_hh, var_hh, params.gamma_hh, None, eps) + _normalize(
-                a_ih, mean_ih, var_ih, params.gamma_ih, None, eps
+                a_ih[t], mean_ih, var_ih, params.gamma_ih, None, eps
             )
         elif config.normalization == "sequence":
             gates = a_hh + normed_ih[t]
         else:
-            gates = a_hh + x[t] @ weight_ih.t()
+            gates = a_hh + a_ih[t]
         if bias is not None:
             gates = gates + bias
 
@@ -99,7 +140,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         if config.normalization == "frame":
             if inputs.batch_stats[t]:
-                mean_c, var_c = _masked_moments(c_new, active, inputs.counts[t])
+                mean_c, var_c = _masked_moments(c_new, active, inputs.counts[t], group)
             else:
                 mean_c, var_c = pop.mean_c[t], pop.var_c[t]
             moments.append((mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c))
@@ -114,7 +155,8 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         h = torch.where(keep, h_new, h)
         c = torch.where(keep, c_new, c)
 
-    output = torch.stack(outputs) if T > 0 else x.new_zeros(0, B, inputs.h0.shape[1])
+    # (sync mode: a slice of every step's output, so the backward reaches every step's collectives)
+    output = torch.stack(outputs)[:T] if steps_run > 0 else x.new_zeros(0, B, inputs.h0.shape[1])
     if config.normalization == "frame" and config.use_batch_stats:
         # [T, F] per quantity; finish_statistics puts NaN on the steps that used population statistics
         moments = [torch.stack([step[k].to(x.dtype) for step in moments]) for k in range(6)]
