@@ -423,7 +423,6 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                     "Expected more than 1 value per channel when training, got input size "
                     f"{torch.Size([rows, 4 * self.hidden_size])}"
                 )
-        group = self._sync_group(use_batch_stats)
         # the reference runs what the fused kernels do not: an empty batch (zero-sized outputs that still
         # carry gradients, as nn.LSTM's do), a projection, and synchronized statistics
         fused_ok = B > 0 and self.proj_size == 0 and group is None
