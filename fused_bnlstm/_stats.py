@@ -15,6 +15,7 @@ Steps are applied in time order; only the last slot can be hit more than once in
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -58,7 +59,8 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     device = running.count.device
     n = batch.counts.to(device, torch.float64, non_blocking=True).unsqueeze(1)  # [T, 1]
     updates = n >= 2  # [T, 1]
-    with _UPDATE_LOCK:
+    # (a traced graph has no threads to guard against, and dynamo cannot trace a lock)
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else _UPDATE_LOCK:
         count = running.count
         head = count[first_slot:first_slot + once]
         if momentum is None:

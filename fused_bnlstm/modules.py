@@ -184,13 +184,15 @@ class _PopulationStatsMixin:
         finally:
             self._stats_accumulator = None
 
-    def _record_statistics(self, suffix: str, slots: Tensor, stats) -> None:
-        """Fold a training call's batch statistics into the buffers (or into a re-estimation pass)."""
+    def _record_statistics(self, suffix: str, slots: Tensor, time_offset: int, stats) -> None:
+        """Fold a training call's batch statistics into the buffers (or into a re-estimation pass);
+        ``slots`` are the call's training slots, the first being ``min(time_offset, max_length - 1)``."""
         running = self._running(suffix)
         if self._stats_accumulator is not None:
             self._stats_accumulator.add((id(self), suffix), running, slots, stats)
         else:
-            _stats.apply_batch_statistics(running, int(slots[0]), stats, self.momentum)
+            first_slot = min(time_offset, running.count.shape[0] - 1)
+            _stats.apply_batch_statistics(running, first_slot, stats, self.momentum)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -458,7 +460,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
 
         for suffix, stats in pending:
-            self._record_statistics(suffix, slots, stats)
+            self._record_statistics(suffix, slots, time_offset, stats)
         if update_stats:
             self._track_steps(T + time_offset)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
@@ -648,7 +650,7 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
             config=config, backend="reference",
         )
         if update_stats and stats is not None and B > 0:
-            self._record_statistics("", slots, stats)
+            self._record_statistics("", slots, time_step, stats)
         if update_stats:
             self._track_steps(time_step + 1)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -65,6 +65,8 @@ def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
     return module.available(device)
 
 
+# evaluated eagerly and taken as a constant while tracing (it imports and probes)
+@torch.compiler.assume_constant_result
 def resolve_backend(name: str, device: torch.device) -> str:
     """Turn ``"auto"`` into the fastest backend available on ``device``; check an explicit choice."""
     if name == "auto":
@@ -110,6 +112,12 @@ def bnlstm_layer(
         ``LayerOutput``: output [T, B, H] (zeros where t >= length), h_n and c_n [B, H] (each row's state at
         its last valid step), and the ``BatchStatistics`` used (None when no batch statistics were used).
     """
+    if backend != "reference" and torch.compiler.is_compiling():
+        # a traced graph holds the custom op (the reference is traced as it is: it is the decomposition)
+        from fused_bnlstm.ops.registered import bnlstm_layer_registered
+
+        return bnlstm_layer_registered(x=x, h0=h0, c0=c0, params=params, lengths=lengths, population=population,
+                                       config=config, backend=backend)
     inputs = prepare_layer(x, h0, c0, params, config, lengths, population)
     return _backend_function(backend)(inputs=inputs, params=params, config=config)
 
