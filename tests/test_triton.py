@@ -166,8 +166,8 @@ def _count_launches(monkeypatch, T, normalization):
     from fused_bnlstm.ops import triton_kernels
 
     counter = {}
-    for name in ("bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel", "sequence_bn_fwd_kernel",
-                 "sequence_bn_bwd_kernel"):
+    for name in ("bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel", "bnlstm_infer_step_kernel",
+                 "sequence_bn_fwd_kernel", "sequence_bn_bwd_kernel"):
         monkeypatch.setattr(triton_kernels, name, _CountingKernel(getattr(triton_kernels, name), counter, name))
     B, I, H = 3, 2, 3
     inputs = op_inputs(T, B, I, H, None, torch.float32)
@@ -198,6 +198,200 @@ def test_triton_backend_unavailable_without_interpreter(monkeypatch):
     assert not ok and "TRITON_INTERPRET=1" in reason
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         BNLSTM(2, 3, backend="triton")(torch.randn(4, 2, 2))
+
+
+@pytest.mark.parametrize("setting, device_type, cudnn_rnn, expected", [
+    pytest.param(None, "cuda", "tf32", "tf32", id="unset-cuda-cudnn-tf32"),
+    pytest.param("auto", "cuda", "tf32", "tf32", id="auto-cuda-cudnn-tf32"),
+    pytest.param("auto", "cuda", "ieee", "ieee", id="auto-cuda-cudnn-ieee"),
+    pytest.param("auto", "cpu", "tf32", "ieee", id="auto-cpu"),
+    pytest.param("ieee", "cuda", "tf32", "ieee", id="ieee"),
+    pytest.param("tf32", "cuda", "ieee", "tf32", id="tf32"),
+    pytest.param("TF32x3", "cuda", "tf32", "tf32x3", id="tf32x3"),
+])
+def test_triton_precision_policy(monkeypatch, setting, device_type, cudnn_rnn, expected):
+    from fused_bnlstm.ops import fused_triton
+
+    if setting is None:
+        monkeypatch.delenv(fused_triton.PRECISION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(fused_triton.PRECISION_ENV, setting)
+    rnn = torch.backends.cudnn.rnn
+    saved = rnn.fp32_precision
+    try:
+        # nn.LSTM's own switch (torch's per-operator TF32 setting for cuDNN RNNs)
+        rnn.fp32_precision = cudnn_rnn
+        device = torch.device(device_type)
+        assert fused_triton._precision(torch.float32, device) == expected
+        # other dtypes ignore the setting: fp64 in IEEE, half types on their own tensor-core path
+        assert fused_triton._precision(torch.float64, device) == "ieee"
+        assert fused_triton._precision(torch.bfloat16, device) is None
+    finally:
+        rnn.fp32_precision = saved
+
+
+def test_triton_precision_rejects_unknown_setting(monkeypatch):
+    from fused_bnlstm.ops import fused_triton
+
+    monkeypatch.setenv(fused_triton.PRECISION_ENV, "fp32")
+    with pytest.raises(ValueError, match="FUSED_BNLSTM_TRITON_PRECISION must be one of auto, ieee, tf32, tf32x3"):
+        fused_triton._precision(torch.float32, CPU)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("setting", ["ieee", "tf32", "tf32x3"])
+def test_bnlstm_layer_triton_precision_settings_match_reference(monkeypatch, setting):
+    # the interpreter computes every dot in IEEE: this holds each variant's launch path to the reference
+    monkeypatch.setenv("FUSED_BNLSTM_TRITON_PRECISION", setting)
+    compare_with_reference("triton", 4, 3, 2, 24, [4, 1, 3], "frame", True, torch.float32)
+
+
+class _NoHostReads:
+    """Makes every read of a tensor's values into Python (``.item()``, ``int()``, ``.tolist()``, ...) raise,
+    except inside a kernel launch (the interpreter itself copies tensors to numpy): on a GPU each such read
+    waits for the device."""
+
+    READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+    def __init__(self, monkeypatch):
+        from fused_bnlstm.ops import triton_kernels
+
+        self.active = False
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._guarded(original, name))
+        for name in ("bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel", "bnlstm_infer_step_kernel",
+                     "sequence_bn_fwd_kernel", "sequence_bn_bwd_kernel"):
+            monkeypatch.setattr(triton_kernels, name, self._launch_unguarded(getattr(triton_kernels, name)))
+
+    def _guarded(self, original, name):
+        def read(tensor, *args, **kwargs):
+            if self.active:
+                raise AssertionError(f"the op read a tensor to the host: Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    def _launch_unguarded(self, kernel):
+        guard = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def unguarded(*args, **kwargs):
+                    active, guard.active = guard.active, False
+                    try:
+                        return launch(*args, **kwargs)
+                    finally:
+                        guard.active = active
+
+                return unguarded
+
+        return Launcher()
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
+    pytest.param("frame", True, [4, 1, 3], id="frame-train-varlen"),
+    pytest.param("frame", False, None, id="frame-eval"),
+    pytest.param("sequence", True, [4, 2, 3], id="sequence-train-varlen"),
+    pytest.param(None, True, [4, 2, 3], id="plain-varlen"),
+])
+def test_bnlstm_layer_triton_never_reads_tensors_to_host(monkeypatch, normalization, use_batch_stats, lengths):
+    from fused_bnlstm.ops import LayerConfig, LayerParams
+    from fused_bnlstm.ops.common import prepare_layer
+    from fused_bnlstm.ops.fused_triton import bnlstm_layer_triton
+
+    T, B, I, H = 4, 3, 2, 8
+    tensors = op_inputs(T, B, I, H, lengths, torch.float32)
+    params = LayerParams(**{n: tensors[n] for n in LayerParams._fields if n in tensors})
+    config = LayerConfig(normalization=normalization, use_batch_stats=use_batch_stats)
+    # prepare_layer reads the CPU lengths once, by contract; the backend then reads nothing back
+    inputs = prepare_layer(tensors["x"], tensors["h0"], tensors["c0"], params, config,
+                           None if lengths is None else torch.tensor(lengths), population(T, H, normalization,
+                                                                                          torch.float32))
+    guard = _NoHostReads(monkeypatch)
+    guard.active = True
+    out, h_n, c_n, _ = bnlstm_layer_triton(inputs=inputs, params=params, config=config)
+    torch.autograd.grad([out, h_n, c_n], [tensors["x"], tensors["weight_hh"]],
+                        [torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n)])
+    with torch.no_grad():
+        bnlstm_layer_triton(inputs=inputs, params=params, config=config)
+    guard.active = False
+
+
+def _launched(monkeypatch):
+    """Record each step-kernel launch: the kernel's name and its keyword arguments."""
+    from fused_bnlstm.ops import triton_kernels
+
+    launches = []
+
+    def recording(name, kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(**kwargs):
+                    launches.append((name, kwargs))
+                    return kernel[grid](**kwargs)
+
+                return launch
+
+        return Launcher()
+
+    for name in ("bnlstm_fwd_step_kernel", "bnlstm_infer_step_kernel"):
+        monkeypatch.setattr(triton_kernels, name, recording(name, getattr(triton_kernels, name)))
+    return launches
+
+
+NO_GRAD_CASES = [
+    pytest.param(5, 3, 2, 24, [5, 1, 3], "frame", False, id="B3-T5-H24-frame-eval-varlen"),
+    pytest.param(4, 5, 1, 8, [4, 4, 1, 2, 3], "frame", True, id="B5-T4-H8-frame-train-varlen"),
+    pytest.param(4, 3, 2, 8, [4, 2, 3], "sequence", True, id="B3-T4-H8-sequence-train-varlen"),
+    pytest.param(4, 3, 2, 8, [4, 2, 3], "sequence", False, id="B3-T4-H8-sequence-eval-varlen"),
+    pytest.param(4, 3, 2, 8, [4, 2, 3], None, True, id="B3-T4-H8-plain-varlen"),
+]
+
+
+def compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats, device=CPU):
+    """Under no_grad: the same outputs and statistics as the reference, and nothing saved (two state slots,
+    no W_hh h_{t-1}); without batch statistics, the batch-tiled inference kernel."""
+    pop = population(T, H, normalization, torch.float32, device)
+    inputs = op_inputs(T, B, I, H, lengths, torch.float32, device)
+    config = dict(population=pop, lengths=lengths, use_batch_stats=use_batch_stats, normalization=normalization)
+    launches = _launched(monkeypatch)
+    with torch.no_grad():
+        expected = call_layer(inputs, backend="reference", **config)
+        actual = call_layer(inputs, backend="triton", **config)
+    for name in ("output", "h_n", "c_n"):
+        assert_close_by_name(getattr(actual, name), getattr(expected, name), name, **TOLERANCES[torch.float32])
+    assert_same_statistics(expected.stats, actual.stats, **TOLERANCES[torch.float32])
+    assert len(launches) == T
+    for name, arguments in launches:
+        assert arguments["p_h"].shape[0] == 2 and arguments.get("p_a_hh") is None
+        uses_batch = normalization == "frame" and use_batch_stats
+        assert name == ("bnlstm_fwd_step_kernel" if uses_batch else "bnlstm_infer_step_kernel")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", NO_GRAD_CASES)
+def test_bnlstm_layer_triton_no_grad_matches_reference(monkeypatch, nan_poisoned_empty, T, B, I, H, lengths,
+                                                       normalization, use_batch_stats):
+    compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats)
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_eval_tiles_large_batches():
+    # the inference kernel tiles the batch: more rows than one training program may hold
+    T, B, I, H = 2, 1030, 1, 3
+    inputs = op_inputs(T, B, I, H, None, torch.float32)
+    config = dict(population=population(T, H, "frame", torch.float32), use_batch_stats=False)
+    with torch.no_grad():
+        expected = call_layer(inputs, backend="reference", **config)
+        actual = call_layer(inputs, backend="triton", **config)
+    for name in ("output", "h_n", "c_n"):
+        assert_close_by_name(getattr(actual, name), getattr(expected, name), name, **TOLERANCES[torch.float32])
+    with pytest.raises(ValueError, match="B <= 512"):
+        call_layer(inputs, backend="triton", **config)
 
 
 def _module_pair(normalization="frame", **kwargs):
@@ -382,6 +576,62 @@ def test_bnlstm_layer_triton_cuda_low_precision(no_tf32, dtype, T, B, I, H, leng
 
 
 @requires_cuda
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LOW_PRECISION_CASES)
+def test_bnlstm_layer_triton_cuda_tf32(no_tf32, monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats):
+    # TF32 on both sides: torch's matmuls (the reference's, and our hoisted and post-loop GEMMs) and our
+    # recurrent dots; the error against float64 at most about 2x PyTorch's own
+    monkeypatch.setenv("FUSED_BNLSTM_TRITON_PRECISION", "tf32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, CUDA)
+
+
+@requires_cuda
+def test_bnlstm_layer_triton_cuda_tf32x3(no_tf32, monkeypatch):
+    monkeypatch.setenv("FUSED_BNLSTM_TRITON_PRECISION", "tf32x3")
+    compare_with_reference("triton", 16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8], "frame", True, torch.float32,
+                           device=CUDA)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", [
+    pytest.param(16, 8, 32, 64, None, "frame", False, id="B8-T16-H64-frame-eval"),
+    pytest.param(12, 64, 50, 100, [12] * 60 + [5, 3, 1, 7], "frame", False, id="B64-T12-H100-frame-eval-varlen"),
+    pytest.param(12, 64, 50, 100, None, "frame", True, id="B64-T12-H100-frame-train"),
+    pytest.param(16, 8, 32, 64, [16, 2, 5, 16, 9, 3, 16, 8], None, True, id="B8-T16-H64-plain-varlen"),
+])
+def test_bnlstm_layer_triton_cuda_no_grad(no_tf32, monkeypatch, T, B, I, H, lengths, normalization,
+                                          use_batch_stats):
+    compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats, CUDA)
+
+
+@requires_cuda
+@pytest.mark.parametrize("normalization, use_batch_stats", [
+    pytest.param("frame", True, id="frame-train"), pytest.param("frame", False, id="frame-eval"),
+    pytest.param("sequence", True, id="sequence-train"), pytest.param(None, True, id="plain"),
+])
+def test_bnlstm_layer_triton_cuda_no_host_sync(no_tf32, normalization, use_batch_stats):
+    T, B, I, H, lengths = 16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8]
+    inputs = op_inputs(T, B, I, H, lengths, torch.float32, CUDA)
+    config = dict(population=population(T, H, normalization, torch.float32, CUDA), lengths=lengths,
+                  use_batch_stats=use_batch_stats, normalization=normalization)
+    cotangents = [torch.randn(T, B, H, device=CUDA), torch.randn(B, H, device=CUDA), torch.randn(B, H, device=CUDA)]
+
+    def step():
+        out, h_n, c_n, _ = call_layer(inputs, backend="triton", **config)
+        torch.autograd.grad([out, h_n, c_n], [inputs["x"], inputs["weight_hh"]], cotangents)
+        with torch.no_grad():
+            call_layer(inputs, backend="triton", **config)
+
+    step()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
 def test_bnlstm_layer_triton_cuda_deterministic(no_tf32):
     assert_deterministic(CUDA, 16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8])
 
@@ -409,7 +659,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     TARGET = GPUTarget("cuda", 90, 32)
     BACKEND = make_backend(TARGET)
     # buffers in the accumulation dtype; the other pointers are in the input's dtype
-    ACC_BUFFERS = ("p_c", "p_a_hh", "p_stats", "p_dstate", "p_dparams", "p_dgamma")
+    ACC_BUFFERS = ("p_c", "p_a_hh", "p_stats", "p_dstate", "p_dparams", "p_dgamma", "p_fold")
 
     def compile_for_sm90(kernel, dtype, constexprs, num_warps):
         # as a launch specializes: 16-byte-aligned pointers, None pointers and flags as constexprs
@@ -435,6 +685,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, constexprs, F._num_warps(B))
         for constexprs in (frame, dict(plain, p_stats=None, p_dparams=None)):
             compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, constexprs, F._num_warps(B))
+        for constexprs in (dict(FOLDED=True, HAS_BIAS=False, p_bias=None), dict(FOLDED=False, HAS_BIAS=True, p_fold=None)):
+            infer_tiles = dict(tiles, BB=F._INFER_ROWS)
+            compile_for_sm90(K.bnlstm_infer_step_kernel, dtype, dict(constexprs, PRECISION=precision, **infer_tiles), 4)
         for kernel in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
             compile_for_sm90(kernel, dtype, dict(BR=F._BLOCK_ROWS, BF=F._BLOCK_FEATURES), 4)
     print("compiled")

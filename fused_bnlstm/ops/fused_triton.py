@@ -19,10 +19,16 @@ backward derivation in ``README.md`` beside this file):
   gamma, beta and bias gradients are per-step partial rows each program writes for its own columns,
   summed over the steps once after the loop (deterministic, no atomics).
 
+- Without gradients and without batch statistics (eval, inference) one ``bnlstm_infer_step_kernel`` launch
+  per step: the population moments, gamma, beta and the bias folded into one scale and shift per column
+  and step, programs tiled over rows as well as columns, nothing saved.
+
 Statistics, accumulation and the cell state are float32 (float64 for float64 tensors); bf16 and fp16 run
 the GEMMs in their dtype with float32 accumulation; under autocast the op computes in autocast's dtype.
-fp32 recurrent GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default: IEEE fp32). A
-program holds every batch row in registers, which suits the batch sizes recurrent models train with.
+fp32 recurrent GEMMs follow ``nn.LSTM`` on the same device (TF32 on CUDA where cuDNN's RNN uses it) unless
+``FUSED_BNLSTM_TRITON_PRECISION`` says otherwise (``_precision``). A training program holds every batch row
+of its columns in registers, which suits the batch sizes recurrent models train with (B <= 512).
+No call reads a device tensor back to the host: the per-step plan is host ints (``LayerInput.counts``).
 """
 
 from __future__ import annotations
@@ -55,13 +61,23 @@ else:
     # triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at this import
     _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["available", "bnlstm_layer_triton"]
+__all__ = ["PRECISION_ENV", "PRECISIONS", "available", "bnlstm_layer_triton"]
+
+# the float32 recurrent-GEMM precision switch (see ``_precision``)
+PRECISION_ENV = "FUSED_BNLSTM_TRITON_PRECISION"
+PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 
 # hidden units per program, reduction chunk of the recurrent GEMMs, rows / features per sequence-BN chunk
 _BLOCK_H = 16
 _BLOCK_K = 32
 _BLOCK_ROWS = 64
 _BLOCK_FEATURES = 32
+# rows per program of the inference kernel, which tiles the batch
+_INFER_ROWS = 32
+# the most rows one program of the training kernels holds: sm90 compiles of BB = 512 need up to 216 KiB of
+# shared memory (fp32 TF32 forward) of the 227 KiB there are; BB = 1024 needs 408 KiB and cannot launch
+_MAX_ROWS = {torch.float64: 256}
+_MAX_ROWS_DEFAULT = 512
 
 
 def available(device) -> tuple[bool, str]:
@@ -87,6 +103,7 @@ class _Plan(NamedTuple):
 
     counts: tuple[int, ...]  # [T] rows still running at each step
     batch_stats: tuple[bool, ...]  # frame [T] / sequence [1]: whether batch statistics normalize
+    use_batch_stats: bool  # training (or no running statistics): batch statistics are returned
     eps: float
     normalization: str | None
     precision: str | None  # tl.dot input_precision of the recurrent GEMMs
@@ -138,11 +155,37 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cudnn_rnn_uses_tf32() -> bool:
+    """Whether ``nn.LSTM`` (cuDNN's RNN) runs float32 as TF32 here: torch's per-operator setting where it
+    has one (``torch.backends.cudnn.rnn.fp32_precision``, unset levels inherit), else ``cudnn.allow_tf32``."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is None:
+        return bool(torch.backends.cudnn.allow_tf32)
+    for setting in (rnn.fp32_precision, torch.backends.cudnn.fp32_precision,
+                    getattr(torch.backends, "fp32_precision", "none")):
+        if setting != "none":
+            return setting == "tf32"
+    return False
+
+
 def _precision(dtype: torch.dtype, device: torch.device) -> str | None:
-    # fp32 recurrent GEMMs follow torch's matmul TF32 switch, as the reference's matmuls do; bf16 / fp16 as is
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
+    """The ``tl.dot`` input precision of the recurrent GEMMs.
+
+    float32: ``FUSED_BNLSTM_TRITON_PRECISION`` (``auto`` by default): ``auto`` does what ``nn.LSTM`` does on
+    the same device, TF32 on CUDA where cuDNN's RNN would use it (torch's default) and IEEE otherwise;
+    ``ieee``, ``tf32`` and ``tf32x3`` (three TF32 products, close to IEEE on tensor cores) force one.
+    float64: IEEE. bf16 / fp16: None, their own tensor-core path with float32 accumulation.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return None
+    if dtype == torch.float64:
+        return "ieee"
+    setting = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if setting not in PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV} must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "tf32" if device.type == "cuda" and _cudnn_rnn_uses_tf32() else "ieee"
 
 
 def _block_rows(B: int) -> int:
@@ -188,6 +231,45 @@ def _recurrence_forward(*, operands: _Operands, h0: Tensor, c0: Tensor, populati
             t=t, n=plan.counts[t], use_batch=_use_batch(plan, t), **launch,
         )
     return _Recurrence(out=out, h=h, c=c, a_hh=a_hh, stats=stats)
+
+
+def _recurrence_infer(*, operands: _Operands, h0: Tensor, c0: Tensor, fold: Tensor | None,
+                      plan: _Plan) -> _Recurrence:
+    """The recurrence without batch statistics and without saving: programs tile columns and rows, the
+    states live in two slots, frame-wise normalization is the folded per-step affine map ``fold``."""
+    T, B, G = operands.x_gates.shape
+    H = G // 4
+    dtype, device = operands.x_gates.dtype, operands.x_gates.device
+    h = torch.empty(2, B, H, dtype=dtype, device=device)
+    c = torch.empty(2, B, H, dtype=_acc_dtype(dtype), device=device)
+    h[0] = h0
+    c[0] = c0
+    out = torch.empty(T, B, H, dtype=dtype, device=device)
+    grid = (triton.cdiv(H, _BLOCK_H), triton.cdiv(B, _INFER_ROWS))
+    for t in range(T):
+        kernels.bnlstm_infer_step_kernel[grid](
+            p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=None if fold is not None else operands.bias,
+            p_fold=fold, p_lengths=operands.lengths, p_h=h, p_c=c, p_out=out, t=t, B=B, H=H,
+            PRECISION=plan.precision, BB=_INFER_ROWS, BH=_BLOCK_H, BK=_BLOCK_K, num_warps=4,
+        )
+    return _Recurrence(out=out, h=h, c=c, a_hh=None, stats=None)
+
+
+def _fold_population(*, params: LayerParams, population: Tensor, eps: float) -> Tensor:
+    """Frame-wise normalization with population moments as per-step affine maps, in the accumulation dtype:
+    [T, 14H] = scale of a_ih | scale of a_hh | shift of the gates (bias included) [4H each], scale | shift
+    of c [H each], where scale = gamma / sqrt(var + eps) and shift = beta - mean * scale."""
+    acc = _acc_dtype(params.weight_hh.dtype)
+    H = params.gamma_c.shape[0]
+    mean, var = population.to(acc).split(9 * H, dim=1)  # [T, 9H] each: ih | hh | c
+    gamma = torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c]).to(acc)
+    scale = gamma * torch.rsqrt(var + eps)  # [T, 9H]
+    shift = -(mean * scale)
+    shift_gates = shift[:, :4 * H] + shift[:, 4 * H:8 * H]
+    if params.bias is not None:
+        shift_gates = shift_gates + params.bias.to(acc)
+    shift_c = shift[:, 8 * H:] + params.beta_c.to(acc)
+    return torch.cat([scale[:, :8 * H], shift_gates, scale[:, 8 * H:], shift_c], dim=1).contiguous()
 
 
 def _recurrence_backward(*, operands: _Operands, saved: _Saved, cotangents: tuple[Tensor, Tensor, Tensor],
@@ -261,11 +343,19 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
                                                   lengths=lengths, plan=plan)
     else:
         x_gates = a_ih
-    affine = torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c, params.beta_c]) if frame else None
+    # nothing to save and no batch statistics to use or return: the inference kernel
+    infer = not save and (not frame or not plan.use_batch_stats)
+    affine = None
+    if frame and not infer:
+        affine = torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c, params.beta_c])
     operands = _Operands(x_gates=x_gates, weight_hh=params.weight_hh, bias=params.bias, affine=affine,
                          lengths=lengths)
-    rec = _recurrence_forward(operands=operands, h0=h0, c0=c0, population=population if frame else None,
-                              plan=plan, save=save)
+    if infer:
+        fold = _fold_population(params=params, population=population, eps=plan.eps) if frame else None
+        rec = _recurrence_infer(operands=operands, h0=h0, c0=c0, fold=fold, plan=plan)
+    else:
+        rec = _recurrence_forward(operands=operands, h0=h0, c0=c0, population=population if frame else None,
+                                  plan=plan, save=save)
     last = T if save else T % 2
     h_n, c_n = rec.h[last].clone(), rec.c[last].to(x.dtype, copy=True)
     moments = rec.stats if frame else seq_stats
@@ -340,9 +430,12 @@ class BNLSTMLayerFunction(torch.autograd.Function):
 
 
 def _device_lengths(lengths: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
-    """[B] int64 lengths on the kernels' device."""
+    """[B] int64 lengths on the kernels' device, without a host sync: a fill on the device, or an
+    asynchronous copy from pinned host memory (the caching host allocator keeps it alive until the copy ran)."""
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int64, device=device)
+    if device.type == "cuda":
+        return lengths.pin_memory().to(device, non_blocking=True)
     return lengths.to(device)
 
 
@@ -381,6 +474,9 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
     ok, reason = available(device)
     if not ok:
         raise RuntimeError(f"the 'triton' BN-LSTM backend cannot run on {device.type} tensors: {reason}")
+    if getattr(config, "process_group", None) is not None:
+        raise NotImplementedError("the 'triton' backend has no synchronized statistics (process_group); use the "
+                                  "reference backend")
     if getattr(params, "weight_hr", None) is not None:
         raise NotImplementedError("the 'triton' backend has no projection (proj_size); use the reference backend")
     T, B, _ = x.shape
@@ -395,12 +491,21 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
         raise TypeError("the Triton interpreter (CPU tensors) has no bfloat16; use float32, float64 or float16")
 
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
-    plan = _Plan(counts=inputs.counts, batch_stats=inputs.batch_stats, eps=float(config.eps),
+    plan = _Plan(counts=inputs.counts, batch_stats=inputs.batch_stats, use_batch_stats=bool(config.use_batch_stats),
+                 eps=float(config.eps),
                  normalization=config.normalization, precision=_precision(dtype, device))
     lengths = _device_lengths(inputs.lengths, T, B, device)
     population = _pack_population(inputs.population, config.normalization)
+    needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
+    max_rows = _MAX_ROWS.get(dtype, _MAX_ROWS_DEFAULT)
+    if B > max_rows and (needs_grad or (config.normalization == "frame" and config.use_batch_stats)):
+        raise ValueError(
+            f"the 'triton' backend holds every batch row of a step in one program when it trains: B <= "
+            f"{max_rows} for {dtype}, got B={B}; split the batch or use backend='reference' (eval and "
+            f"inference without gradients tile the batch and have no such limit)"
+        )
     with torch.autocast(device.type, enabled=False):
-        if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
+        if needs_grad:
             out, h_n, c_n, moments = BNLSTMLayerFunction.apply(plan, lengths, population, *tensors)
         else:
             out, h_n, c_n, moments, _, _ = _layer_forward(

@@ -15,6 +15,8 @@ Buffers (C-contiguous; "state" buffers hold the state *after* each step, index 0
                           (without SAVE: [2, B, H] each, step t reads slot t % 2 and writes the other)
     a_hh      [T, B, 4H]  W_hh h_{t-1}, saved for backward; None when nothing is saved
     affine    [10H]       gamma_ih | gamma_hh | gamma_c | beta_c (frame only)
+    fold      [T, 14H]    eval, frame: scale of a_ih | scale of a_hh | shift of the gates [4H each], then
+                          scale | shift of c [H each] (population moments, gamma, beta and bias folded)
     pop       [T, 18H]    a step's population moments: means of ih | hh | c ([4H | 4H | H]), then the
     stats     [T, 18H]    variances 9H further; stats: the moments each step normalized with
     dstate    [2, B, H]   the h and c state gradients the backward launches carry from step to step
@@ -40,9 +42,9 @@ def _gate_columns(i_h, H, BH: tl.constexpr):
 
 
 @triton.jit
-def _running_rows(p_lengths, B, t, BB: tl.constexpr):
-    """A program's BB rows: offsets, inside the batch, and [BB, 1] still running at step t (t < length)."""
-    o_b = tl.arange(0, BB)
+def _running_rows(p_lengths, o_first, B, t, BB: tl.constexpr):
+    """A program's BB rows from o_first: offsets, inside the batch, and [BB, 1] still running at step t."""
+    o_b = o_first + tl.arange(0, BB)
     m_b = o_b < B
     return o_b, m_b, (m_b & (tl.load(p_lengths + o_b, mask=m_b, other=0) > t))[:, None]
 
@@ -127,6 +129,38 @@ def _state_offset(t, B, H, SAVE: tl.constexpr):
     return t * B * H if SAVE else (t % 2) * B * H
 
 
+@triton.jit
+def _recurrent_dot(p_h_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION: tl.constexpr, BB: tl.constexpr,
+                   BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    """[BB, 4*BH] a_hh = h_{t-1} W_hh^T on the tile's gate columns: one dot per reduction chunk."""
+    b_a_hh = tl.zeros([BB, 4 * BH], dtype=ACC)
+    for i_k in range(0, H, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < H
+        # [BB, BK] h_{t-1}; [BK, 4*BH] W_hh^T
+        b_h = tl.load(p_h_prev + o_b[:, None] * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_g[None, :], other=0.0)
+        b_a_hh += tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)
+    return b_a_hh
+
+
+@triton.jit
+def _cell(b_z, o_gate, p_c_prev, o_s, m_s, BB: tl.constexpr, BH: tl.constexpr):
+    """From the [BB, 4*BH] pre-activation tile: the o gate, c_t and c_{t-1} [BB, BH]."""
+    b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
+    b_c_prev = tl.load(p_c_prev + o_s, mask=m_s, other=0.0)
+    return b_o, b_f * b_c_prev + b_i * b_g, b_c_prev
+
+
+@triton.jit
+def _store_step(p_h, p_c, p_out, b_h, b_c, b_c_prev, m_run, o_prev, o_next, o_s, m_s):
+    """Write h_t, c_t and the output row [BB, BH]; finished rows keep their state and output zeros."""
+    b_h_prev = tl.load(p_h + o_prev + o_s, mask=m_s, other=0.0)
+    tl.store(p_h + o_next + o_s, tl.where(m_run, b_h.to(b_h_prev.dtype), b_h_prev), mask=m_s)
+    tl.store(p_c + o_next + o_s, tl.where(m_run, b_c, b_c_prev), mask=m_s)
+    tl.store(p_out + o_s, tl.where(m_run, b_h, 0.0).to(p_out.dtype.element_ty), mask=m_s)
+
+
 @triton.heuristics({
     "FRAME": lambda args: args["p_affine"] is not None,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
@@ -145,20 +179,13 @@ def bnlstm_fwd_step_kernel(
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
-    o_b, m_b, m_run = _running_rows(p_lengths, B, t, BB)
+    o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
     o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
+    o_h = i_h * BH + tl.arange(0, BH)
+    m_h = o_h < H
     o_prev = _state_offset(t, B, H, SAVE)
-    o_next = _state_offset(t + 1, B, H, SAVE)
-
-    # [BB, 4*BH] a_hh = h_{t-1} W_hh^T on the tile's gate columns: one dot per reduction chunk
-    b_a_hh = tl.zeros([BB, 4 * BH], dtype=p_c.dtype.element_ty)
-    for i_k in range(0, H, BK):
-        o_k = i_k + tl.arange(0, BK)
-        m_k = o_k < H
-        # [BB, BK] h_{t-1}; [BK, 4*BH] W_hh^T
-        b_h = tl.load(p_h + o_prev + o_b[:, None] * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_g[None, :], other=0.0)
-        b_a_hh += tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=b_a_hh.dtype)
+    b_a_hh = _recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION, BB, BH, BK,
+                            p_c.dtype.element_ty)
 
     # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
     o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
@@ -178,28 +205,71 @@ def bnlstm_fwd_step_kernel(
         b_z = b_a_hh + b_x
     if HAS_BIAS:
         b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
-    b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
 
     # [BB, BH] the cell update on the program's hidden units
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
     o_s = o_b[:, None] * H + o_h[None, :]
     m_s = m_b[:, None] & m_h[None, :]
-    b_c_prev = tl.load(p_c + o_prev + o_s, mask=m_s, other=0.0)
-    b_c = b_f * b_c_prev + b_i * b_g
+    b_o, b_c, b_c_prev = _cell(b_z, o_gate, p_c + o_prev, o_s, m_s, BB, BH)
     if FRAME:
         b_y = _load_vector(p_affine + 8 * H, o_h, m_h, b_c.dtype) * _batch_norm(
             b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H)
         b_y += _load_vector(p_affine + 9 * H, o_h, m_h, b_c.dtype)
     else:
         b_y = b_c
-    b_h = b_o * _tanh(b_y)
+    _store_step(p_h, p_c, p_out + t * B * H, b_o * _tanh(b_y), b_c, b_c_prev, m_run, o_prev,
+                _state_offset(t + 1, B, H, SAVE), o_s, m_s)
 
-    # finished rows keep their state and output zeros
-    b_h_prev = tl.load(p_h + o_prev + o_s, mask=m_s, other=0.0)
-    tl.store(p_h + o_next + o_s, tl.where(m_run, b_h.to(b_h_prev.dtype), b_h_prev), mask=m_s)
-    tl.store(p_c + o_next + o_s, tl.where(m_run, b_c, b_c_prev), mask=m_s)
-    tl.store(p_out + t * B * H + o_s, tl.where(m_run, b_h, 0.0).to(p_out.dtype.element_ty), mask=m_s)
+
+@triton.heuristics({
+    "FOLDED": lambda args: args["p_fold"] is not None,
+    "HAS_BIAS": lambda args: args["p_bias"] is not None,
+})
+@triton.jit(do_not_specialize=["t", "B"])
+def bnlstm_infer_step_kernel(
+    p_x_gates, p_w_hh, p_bias, p_fold, p_lengths, p_h, p_c, p_out,
+    t, B, H: tl.constexpr,
+    FOLDED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    """One step t that normalizes with no batch statistics and saves nothing (eval, inference).
+
+    No reduction couples the rows, so programs tile the batch as well: program (i_h, i_b) owns hidden
+    units [i_h * BH, (i_h + 1) * BH) of rows [i_b * BB, (i_b + 1) * BB). Frame-wise (``FOLDED``) both
+    normalizations, gamma and the bias are the step's per-column affine maps from ``p_fold`` [T, 14H]:
+    z = s_ih * a_ih + s_hh * a_hh + shift, y = s_c * c + shift_c. Otherwise the input branch is finished
+    and z = a_hh + u (+ bias). States live in two slots [2, B, H].
+    """
+    i_h = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    t = t.to(tl.int64)
+    o_b, m_b, m_run = _running_rows(p_lengths, i_b * BB, B, t, BB)
+    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
+    o_h = i_h * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    o_prev = _state_offset(t, B, H, False)
+    b_a_hh = _recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION, BB, BH, BK,
+                            p_c.dtype.element_ty)
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    b_x = tl.load(p_x_gates + o_tile, mask=m_b[:, None] & m_g[None, :], other=0.0).to(b_a_hh.dtype)
+    if FOLDED:
+        p_fold_t = p_fold + t * 14 * H
+        b_z = (_load_vector(p_fold_t, o_g, m_g, b_x.dtype) * b_x
+               + _load_vector(p_fold_t + 4 * H, o_g, m_g, b_x.dtype) * b_a_hh
+               + _load_vector(p_fold_t + 8 * H, o_g, m_g, b_x.dtype))
+    else:
+        b_z = b_a_hh + b_x
+    if HAS_BIAS:
+        b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
+    o_s = o_b[:, None] * H + o_h[None, :]
+    m_s = m_b[:, None] & m_h[None, :]
+    b_o, b_c, b_c_prev = _cell(b_z, o_gate, p_c + o_prev, o_s, m_s, BB, BH)
+    if FOLDED:
+        b_y = (_load_vector(p_fold_t + 12 * H, o_h, m_h, b_c.dtype) * b_c
+               + _load_vector(p_fold_t + 13 * H, o_h, m_h, b_c.dtype))
+    else:
+        b_y = b_c
+    _store_step(p_h, p_c, p_out + t * B * H, b_o * _tanh(b_y), b_c, b_c_prev, m_run, o_prev,
+                _state_offset(t + 1, B, H, False), o_s, m_s)
 
 
 @triton.heuristics({
@@ -223,7 +293,7 @@ def bnlstm_bwd_step_kernel(
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
-    o_b, m_b, m_run = _running_rows(p_lengths, B, t, BB)
+    o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
     o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
     o_h = i_h * BH + tl.arange(0, BH)
     m_h = o_h < H
@@ -244,7 +314,7 @@ def bnlstm_bwd_step_kernel(
                            other=0.0)
             b_w = tl.load(p_w_hh + o_k[:, None] * H + o_h[None, :], mask=m_k[:, None] & m_h[None, :], other=0.0)
             b_acc += tl.dot(b_da, b_w, input_precision=PRECISION, out_dtype=b_acc.dtype)
-        _, _, m_next = _running_rows(p_lengths, B, t + 1, BB)
+        _, _, m_next = _running_rows(p_lengths, 0, B, t + 1, BB)
         b_dh = tl.where(m_next, b_acc, b_dh)
     tl.store(p_dstate + o_s, b_dh, mask=m_s)
     b_dh = tl.where(m_run, b_dh + tl.load(p_dout + t * B * H + o_s, mask=m_s, other=0.0).to(b_dh.dtype), 0.0)
