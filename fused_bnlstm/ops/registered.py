@@ -98,13 +98,19 @@ def layer_backward(cotangents: list[Tensor], x: Tensor, h0: Tensor, c0: Tensor, 
                            population=_population(population), config=_config(normalization, eps, use_batch_stats),
                            backend=backend)
         grads = iter(torch.autograd.grad(out[:3], wanted, cotangents, allow_unused=True))
+    # outputs of a custom op alias neither its inputs nor each other (a backend may hand back a cotangent)
+    taken = {t.untyped_storage().data_ptr() for t in (*cotangents, x, h0, c0, *params) if t.numel()}
     result = []
     for leaf in leaves:
         if leaf is None:
             result.append(x.new_empty(0))
             continue
         grad = next(grads)
-        result.append(torch.zeros_like(leaf) if grad is None else grad)
+        grad = torch.zeros_like(leaf) if grad is None else grad
+        if grad.untyped_storage().data_ptr() in taken:
+            grad = grad.clone()
+        taken.add(grad.untyped_storage().data_ptr())
+        result.append(grad)
     return result
 
 
