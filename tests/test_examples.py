@@ -13,7 +13,7 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from examples import char_lm, gamma_gradient_flow, sequential_digits  # noqa: E402
+from examples import char_lm, gamma_gradient_flow, population_statistics, sequential_digits, stateful_lm  # noqa: E402
 
 
 def _finite(value):
@@ -86,6 +86,24 @@ def test_char_lm(tmp_path):
         assert list(result["test_bpc_by_length"]) == [str(T * m) for m in record["config"]["length_multiples"]]
         assert 0.0 < result["test_bpc"] < 10.0
     assert record["text"]["vocab_size"] > 50
+
+
+def test_population_statistics(tmp_path):
+    record = _run(population_statistics, tmp_path, "--tasks", "sequential")
+    result = record["runs"]["sequential"]
+    for q in population_statistics.QUANTITIES:
+        assert len(result["per_slot"][q]["mean_error_max"]) == 64
+        assert all(v >= 0 for v in result["per_slot"][q]["exact_var_max"])
+    accuracies = {**result["test_accuracy"], **result["frozen_weights_test_accuracy"]}
+    assert {"running", "exact", "running (c, step 0) only"} <= set(accuracies)
+    assert all(0.0 <= a <= 100.0 for a in accuracies.values())
+
+
+def test_stateful_lm(tmp_path):
+    record = _run(stateful_lm, tmp_path)
+    assert set(record["valid_perplexity"]) == {"running", "restart", "carried"}
+    assert all(1.0 < p < record["text"]["vocab_size"] * 2 for p in record["valid_perplexity"].values())
+    assert len(record["train_loss"]) == record["config"]["steps"]
 
 
 def test_load_mnist_split_reads_idx_files(tmp_path):
