@@ -9,6 +9,7 @@ The table of these types is in ``ops/README.md``.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import NamedTuple
 
 import torch
@@ -44,8 +45,12 @@ class LayerConfig(NamedTuple):
     process_group: object | None = None
 
 
-class Population(NamedTuple):
-    """Population statistics a layer-direction normalizes with when it does not use batch statistics.
+# The six moments a frame-wise layer-direction normalizes with, in this order everywhere (sequence-wise only
+# the first two are set, the rest None).
+MOMENTS = ("mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c")
+
+Population = namedtuple("Population", MOMENTS, defaults=(None,) * 4)
+Population.__doc__ = """Population statistics a layer-direction normalizes with when it does not use batch statistics.
 
     Frame-wise: one row per time step, the module having already resolved each step's slot
     (``min(t + time_offset, max_length - 1)``): ``*_ih``/``*_hh`` are [T, 4H], ``*_c`` are [T, H].
@@ -53,30 +58,14 @@ class Population(NamedTuple):
     The variances are the (unbiased) running variances, used as they are.
     """
 
-    mean_ih: Tensor
-    var_ih: Tensor
-    mean_hh: Tensor | None = None
-    var_hh: Tensor | None = None
-    mean_c: Tensor | None = None
-    var_c: Tensor | None = None
-
-
-class BatchStatistics(NamedTuple):
-    """Batch statistics a training call normalized with, detached, for the running-statistics update.
+BatchStatistics = namedtuple("BatchStatistics", ("counts", *MOMENTS), defaults=(None,) * 4)
+BatchStatistics.__doc__ = """Batch statistics a training call normalized with, detached, for the running-statistics update.
 
     ``counts`` [T] (int64, CPU) is the number of rows each step normalized over; a step with fewer than
-    two used its population statistics instead and its moments are NaN. Means and **biased** variances:
-    frame-wise [T, 4H] / [T, H]; sequence-wise ``counts`` is [1] (all valid frames) and only
+    two used its population statistics instead and its moments are NaN. Means and **biased** variances,
+    shaped as ``Population``'s; sequence-wise ``counts`` is [1] (all valid frames) and only
     ``mean_ih``/``var_ih`` [1, 4H] are set.
     """
-
-    counts: Tensor
-    mean_ih: Tensor
-    var_ih: Tensor
-    mean_hh: Tensor | None = None
-    var_hh: Tensor | None = None
-    mean_c: Tensor | None = None
-    var_c: Tensor | None = None
 
 
 class LayerInput(NamedTuple):
