@@ -1,0 +1,658 @@
+"""The BN-LSTM layer op on persistent Triton kernels: the whole sequence in one launch forward, one backward.
+
+A program owns BH hidden units of all four gates (one gate-strided [BB, 4*BH] tile, as the per-step kernels
+of ``triton_kernels.py``, whose ``@triton.jit`` helpers this file reuses) and **every** batch row, so both
+batch norms and BN(c) stay inside it, and it loops over T inside the kernel. Two forms of the same kernels:
+
+- **single** (``CARRY``): one program per layer-direction owns all 4H gate columns (BH >= H). W_hh is
+  loaded once before the time loop; h_t (forward) and da_hh_t (backward) stay in registers as loop-carried
+  tensors and feed the next step's dot directly: no global round trip, no barrier. This is the form the
+  interpreter proves end to end.
+- **grid**: ``NUM_PROGRAMS`` programs (at most one per SM, a cooperative launch), each a column slice for
+  all rows. h_t (forward) and da_hh_t (backward) are exchanged through global memory (L2, read with
+  ``.cg``), with one grid barrier per step (``_grid_barrier``: release / acquire atomics on a monotonic
+  counter). With one program the barrier is only a CTA barrier: that is how the interpreter, which runs
+  programs one after another, proves this path's arithmetic.
+
+Both directions keep the cell state (forward) and the c-state gradient (backward) in registers across
+steps, and the backward keeps the gamma / beta / bias gradient sums in registers and writes them once. The
+input branch is hoisted into one GEMM before the loop (sequence-wise also normalized there); dW_ih, dW_hh,
+dx and dh0 are GEMMs after the backward loop, as in ``fused_triton.py``. Conventions, the BN backward
+derivation and the compile report behind ``persistent_fits`` are in ``README.md`` beside this file.
+
+Buffers (C-contiguous, layouts as ``triton_kernels.py``):
+
+    x_gates [T, B, 4H]  frame: W_ih x (raw); otherwise the finished input branch
+    w_hh    [4H, H]     h [T+1, B, H] (input dtype), c [T+1, B, H] (accumulation dtype); without SAVE
+                        [2, B, H] each (the grid form exchanges h through slot t % 2; the final state at T % 2)
+    a_hh    [T, B, 4H]  W_hh h_{t-1} (accumulation dtype), saved for backward
+    stats   [T, 18H]    the moments each step normalized with; pop [T, 18H] the population's (frame)
+    steps   [T, 2]      int32: rows running at t, and whether t normalizes with batch statistics (frame)
+    dstate  [2, B, H]   the h and c state gradients: dh_n, dc_n on entry, after step 0 on exit
+    da      [., T, B, 4H]  da_hh, then (frame) da_ih
+    dparams [14H]       d(affine) [10H] | dbias [4H], each program writing its columns once
+    sem     [1] int32   the grid barrier's counter, zero at launch
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fused_bnlstm.ops.common import (
+    LayerConfig,
+    LayerInput,
+    LayerOutput,
+    LayerParams,
+    finish_statistics,
+    needs_reference_backward,
+    reference_backward,
+)
+from fused_bnlstm.ops.fused_triton import _moment_views, _pack_population, _precision, available
+
+import triton
+import triton.language as tl
+
+from fused_bnlstm.ops import triton_kernels as step_kernels
+from fused_bnlstm.ops.triton_kernels import (
+    _activate,
+    _batch_norm,
+    _bn_backward,
+    _gate_columns,
+    _join_gates,
+    _load_vector,
+    _split_gates,
+    _tanh,
+    _xhat,
+)
+
+__all__ = ["FORMS", "available", "bnlstm_layer_triton_persistent", "persistent_fits"]
+
+# "single": one program, h carried in registers; "grid": column slices exchanging h through L2
+FORMS = ("single", "grid")
+
+# hidden units per program of the grid form, and the reduction chunk of its exchanged dots
+_GRID_BLOCK_H = 16
+_BLOCK_K = 32
+# rows / features per program of the sequence-wise input-branch kernels
+_BLOCK_ROWS = 64
+_BLOCK_FEATURES = 32
+
+
+@triton.jit
+def _grid_barrier(p_sem, i_step, NUM_PROGRAMS: tl.constexpr):
+    """Every program of the grid has finished step ``i_step`` (and its stores are visible) on return.
+
+    A monotonic counter, never reset inside a launch (no reset race): each program adds 1 with release
+    semantics, then spins with acquire loads until all ``NUM_PROGRAMS`` have arrived for this step. With
+    one program it is only the CTA barrier that orders a step's stores before the next step's loads.
+    The grid must be co-resident: launched with ``launch_cooperative_grid=True``.
+    """
+    tl.debug_barrier()
+    if NUM_PROGRAMS > 1:
+        tl.atomic_add(p_sem, 1, sem="release", scope="gpu")
+        target = (i_step + 1) * NUM_PROGRAMS
+        arrived = tl.atomic_add(p_sem, 0, sem="acquire", scope="gpu")
+        while arrived < target:
+            arrived = tl.atomic_add(p_sem, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+@triton.jit
+def _exchanged_dot(p_a, p_w, o_b, m_b, o_n, m_n, K: tl.constexpr, stride_k, stride_n, PRECISION: tl.constexpr,
+                   BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    """[BB, BN] = A W over K chunks, A [B, K] written by other programs this launch (read through L2 with
+    ``.cg``, never a stale L1 line) and W's element (k, n) at ``p_w + k * stride_k + n * stride_n``."""
+    b_acc = tl.zeros([BB, BN], dtype=ACC)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        b_a = tl.load(p_a + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0,
+                      cache_modifier=".cg")
+        b_w = tl.load(p_w + o_k[:, None] * stride_k + o_n[None, :] * stride_n,
+                      mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_acc += tl.dot(b_a, b_w, input_precision=PRECISION, out_dtype=ACC)
+    return b_acc
+
+@triton.heuristics({
+    "FRAME": lambda args: args["p_affine"] is not None,
+    "HAS_BIAS": lambda args: args["p_bias"] is not None,
+    "SAVE": lambda args: args["p_a_hh"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "B"])
+def bnlstm_persistent_fwd_kernel(
+    p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats, p_sem,
+    T, eps, B, H: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CARRY: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    """All T steps for hidden units [i_h * BH, (i_h + 1) * BH) of every row: gates, cell, BN(c), h.
+
+    ``CARRY`` (one program, BH >= H): h_{t-1} [BB, BH] is a loop-carried register tensor and W_hh^T
+    [BH, 4*BH] is loaded once; otherwise h goes through ``p_h`` and a grid barrier ends each step.
+    """
+    i_h = tl.program_id(0).to(tl.int64)
+    ACC = p_c.dtype.element_ty
+    o_b = tl.arange(0, BB)
+    m_b = o_b < B
+    # [BB] each row's length, once
+    b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
+    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
+    o_h = i_h * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    o_s = o_b[:, None] * H + o_h[None, :]
+    m_s = m_b[:, None] & m_h[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    # [1, 4*BH] / [1, BH] parameter rows, once
+    if FRAME:
+        b_gamma_ih = _load_vector(p_affine, o_g, m_g, ACC)
+        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, ACC)
+        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, ACC)
+        b_beta_c = _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
+    if HAS_BIAS:
+        b_bias = _load_vector(p_bias, o_g, m_g, ACC)
+    # [BB, BH] the state before step 0: h in the input dtype (as the dot reads it), c in ACC
+    b_h = tl.load(p_h + o_s, mask=m_s, other=0.0)
+    b_c = tl.load(p_c + o_s, mask=m_s, other=0.0)
+    if CARRY:
+        # [BH, 4*BH] W_hh^T on the program's (all) gate columns, resident for the whole loop
+        o_k = tl.arange(0, BH)
+        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_k[:, None], mask=(o_k < H)[:, None] & m_g[None, :],
+                      other=0.0)
+    # (a while loop: the interpreter cannot range() over a runtime bound)
+    t = tl.full([], 0, dtype=tl.int64)
+    while t < T:
+        m_run = (m_b & (b_len > t))[:, None]
+        if CARRY:
+            b_a_hh = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            o_prev = t * B * H if SAVE else (t % 2) * B * H
+            b_a_hh = _exchanged_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
+                                    BK, ACC)
+        # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
+        o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+        if SAVE:
+            tl.store(p_a_hh + o_tile, b_a_hh, mask=m_tile)
+        b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
+        if FRAME:
+            n = tl.load(p_steps + 2 * t)
+            use_batch = tl.load(p_steps + 2 * t + 1)
+            p_pop_t = p_pop + t * 18 * H
+            p_stats_t = p_stats + t * 18 * H
+            b_z = b_gamma_hh * _batch_norm(b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H,
+                                           p_stats_t + 4 * H, o_g, m_g, 9 * H)
+            b_z += b_gamma_ih * _batch_norm(b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H)
+        else:
+            b_z = b_a_hh + b_x
+        if HAS_BIAS:
+            b_z += b_bias
+        # [BB, BH] the cell update on the program's hidden units
+        b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
+        b_c_new = b_f * b_c + b_i * b_g
+        if FRAME:
+            b_y = b_gamma_c * _batch_norm(b_c_new, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H,
+                                          o_h, m_h, 9 * H) + b_beta_c
+        else:
+            b_y = b_c_new
+        b_h_new = b_o * _tanh(b_y)
+        tl.store(p_out + t * B * H + o_s, tl.where(m_run, b_h_new, 0.0).to(p_out.dtype.element_ty), mask=m_s)
+        # finished rows keep their state
+        b_h = tl.where(m_run, b_h_new.to(b_h.dtype), b_h)
+        b_c = tl.where(m_run, b_c_new, b_c)
+        if SAVE:
+            tl.store(p_h + (t + 1) * B * H + o_s, b_h, mask=m_s)
+            tl.store(p_c + (t + 1) * B * H + o_s, b_c, mask=m_s)
+        elif not CARRY:
+            tl.store(p_h + ((t + 1) % 2) * B * H + o_s, b_h, mask=m_s)
+        if not CARRY:
+            _grid_barrier(p_sem, t, NUM_PROGRAMS)
+        t += 1
+    if not SAVE:
+        o_last = (T % 2) * B * H
+        tl.store(p_h + o_last + o_s, b_h, mask=m_s)
+        tl.store(p_c + o_last + o_s, b_c, mask=m_s)
+
+@triton.heuristics({
+    "FRAME": lambda args: args["p_affine"] is not None,
+    "HAS_BIAS": lambda args: args["p_bias"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "B"])
+def bnlstm_persistent_bwd_kernel(
+    p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
+    p_dparams, p_sem, T, eps, B, H: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    """All T steps in reverse for hidden units [i_h * BH, (i_h + 1) * BH): dgates, BN backward, dc.
+
+    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh: with ``CARRY`` da_hh_{t+1}
+    [BB, 4*BH] is the previous iteration's register tile and W_hh [4*BH, BH] is loaded once; otherwise
+    every column of it is read from ``p_da`` after the grid barrier. dh, dc and the parameter-gradient
+    sums stay in registers; the sums are written once at the end.
+    """
+    i_h = tl.program_id(0).to(tl.int64)
+    ACC = p_c.dtype.element_ty
+    o_b = tl.arange(0, BB)
+    m_b = o_b < B
+    b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
+    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
+    o_h = i_h * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    o_s = o_b[:, None] * H + o_h[None, :]
+    m_s = m_b[:, None] & m_h[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    if FRAME:
+        b_gamma_ih = _load_vector(p_affine, o_g, m_g, ACC)
+        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, ACC)
+        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, ACC)
+        b_beta_c = _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
+    if HAS_BIAS:
+        b_bias = _load_vector(p_bias, o_g, m_g, ACC)
+    # [BB, BH] the h and c state gradients after step T - 1, carried backwards
+    b_dh_state = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
+    b_dc_state = tl.load(p_dstate + B * H + o_s, mask=m_s, other=0.0)
+    # [BB, BH] c_t of the step being processed (the state after it)
+    b_c = tl.load(p_c + T.to(tl.int64) * B * H + o_s, mask=m_s, other=0.0)
+    # [4*BH] / [BH] parameter-gradient sums over every step
+    b_sum_dz = tl.zeros([4 * BH], dtype=ACC)
+    b_sum_dz_ih = tl.zeros([4 * BH], dtype=ACC)
+    b_sum_dz_hh = tl.zeros([4 * BH], dtype=ACC)
+    b_sum_dy_c = tl.zeros([BH], dtype=ACC)
+    b_sum_dy = tl.zeros([BH], dtype=ACC)
+    if CARRY:
+        # [4*BH, BH] W_hh's rows of the program's (all) gate columns, resident for the whole loop
+        o_k = tl.arange(0, BH)
+        b_w = tl.load(p_w_hh + o_g[:, None] * H + o_k[None, :], mask=m_g[:, None] & (o_k < H)[None, :],
+                      other=0.0)
+        # [BB, 4*BH] da_hh of the step after the one being processed (none after T - 1: no row runs there)
+        b_da_next = tl.zeros([BB, 4 * BH], dtype=p_da.dtype.element_ty)
+    t = T.to(tl.int64) - 1
+    while t >= 0:
+        m_run = (m_b & (b_len > t))[:, None]
+        m_next = (m_b & (b_len > t + 1))[:, None]
+        if CARRY:
+            b_dh_state = tl.where(m_next, tl.dot(b_da_next, b_w, input_precision=PRECISION, out_dtype=ACC),
+                                  b_dh_state)
+        elif t + 1 < T:
+            b_dh_state = tl.where(m_next, _exchanged_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h, m_h,
+                                                         4 * H, H, 1, PRECISION, BB, BH, BK, ACC), b_dh_state)
+        b_dh = tl.where(m_run, b_dh_state + tl.load(p_dout + t * B * H + o_s, mask=m_s, other=0.0).to(ACC), 0.0)
+
+        # recompute the step's [BB, 4*BH] gate tile from what forward saved
+        o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+        b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
+        b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
+        if FRAME:
+            n = tl.load(p_steps + 2 * t)
+            use_batch = tl.load(p_steps + 2 * t + 1)
+            p_stats_t = p_stats + t * 18 * H
+            b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
+            b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
+            b_z = b_gamma_hh * b_xhat_hh + b_gamma_ih * b_xhat_ih
+        else:
+            b_z = b_a_hh + b_x
+        if HAS_BIAS:
+            b_z += b_bias
+        b_act = _activate(b_z, o_gate)
+        b_i, b_f, b_g, b_o = _split_gates(b_act, BB, BH)
+        b_c_prev = tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0)
+        if FRAME:
+            b_xhat_c, b_rstd_c = _xhat(b_c, p_stats_t + 8 * H, o_h, m_h, 9 * H, eps)
+            b_y = b_gamma_c * b_xhat_c + b_beta_c
+        else:
+            b_y = b_c
+        b_tanh_y = _tanh(b_y)
+
+        # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
+        b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
+        if FRAME:
+            b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
+            b_sum_dy_c += tl.sum(b_dy * b_xhat_c, axis=0)
+            b_sum_dy += tl.sum(b_dy, axis=0)
+        else:
+            b_dc_new = b_dy
+        b_dc = tl.where(m_run, b_dc_new + b_dc_state, 0.0)
+        b_dc_state = tl.where(m_run, b_dc * b_f, b_dc_state)
+
+        # [BB, 4*BH] gradient of each gate's activation, then of its pre-activation
+        b_dact = _join_gates(b_dc * b_g, b_dc * b_c_prev, b_dc * b_i, b_dh * b_tanh_y, BB, BH)
+        b_dz = b_dact * tl.where((o_gate == 2)[None, :], 1.0 - b_act * b_act, b_act * (1.0 - b_act))
+        b_sum_dz += tl.sum(b_dz, axis=0)
+        if FRAME:
+            b_sum_dz_ih += tl.sum(b_dz * b_xhat_ih, axis=0)
+            b_sum_dz_hh += tl.sum(b_dz * b_xhat_hh, axis=0)
+            b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
+            b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
+            tl.store(p_da + T * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
+        else:
+            b_da_hh = b_dz
+        tl.store(p_da + o_tile, b_da_hh.to(p_da.dtype.element_ty), mask=m_tile)
+        b_c = b_c_prev
+        if CARRY:
+            b_da_next = b_da_hh.to(p_da.dtype.element_ty)
+        else:
+            _grid_barrier(p_sem, T - 1 - t, NUM_PROGRAMS)
+        t -= 1
+
+    tl.store(p_dstate + o_s, b_dh_state, mask=m_s)
+    tl.store(p_dstate + B * H + o_s, b_dc_state, mask=m_s)
+    if FRAME:
+        tl.store(p_dparams + o_g, b_sum_dz_ih, mask=m_g)
+        tl.store(p_dparams + 4 * H + o_g, b_sum_dz_hh, mask=m_g)
+        tl.store(p_dparams + 8 * H + o_h, b_sum_dy_c, mask=m_h)
+        tl.store(p_dparams + 9 * H + o_h, b_sum_dy, mask=m_h)
+    if HAS_BIAS:
+        tl.store(p_dparams + 10 * H + o_g, b_sum_dz, mask=m_g)
+
+
+class _Run(NamedTuple):
+    """What the launchers need besides tensors, all known on the host (no device reads)."""
+
+    counts: tuple[int, ...]  # [T] rows still running at each step
+    lengths: Tensor | None  # [B] int64 on the host (None: every row runs T steps)
+    batch_stats: tuple[bool, ...]  # frame [T] / sequence [1]: whether batch statistics normalize
+    eps: float
+    normalization: str | None
+    precision: str | None  # tl.dot input_precision of the recurrent dots
+    form: str  # "single" or "grid"
+    programs: int  # programs of the launch (1 for "single", and for "grid" under the interpreter)
+    block_h: int  # hidden units per program
+    num_warps: int
+
+
+class _Saved(NamedTuple):
+    """What the forward launch leaves for backward (besides x and the parameters)."""
+
+    x_gates: Tensor  # [T, B, 4H]
+    affine: Tensor | None  # [10H] gamma_ih | gamma_hh | gamma_c | beta_c, frame only
+    steps: Tensor | None  # [T, 2] int32, frame only
+    lengths: Tensor  # [B] int64 on the device
+    a_ih: Tensor | None  # [T, B, 4H] the raw input branch, sequence only
+    seq_stats: Tensor | None  # [2, 4H] the sequence moments used
+    h: Tensor  # [T+1, B, H]
+    c: Tensor  # [T+1, B, H]
+    a_hh: Tensor  # [T, B, 4H]
+    stats: Tensor | None  # [T, 18H], frame only
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the kernels' device without a host sync (an asynchronous copy from pinned memory)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _launch(run: _Run) -> dict:
+    """The launch arguments both persistent kernels share."""
+    return dict(CARRY=run.form == "single", NUM_PROGRAMS=run.programs, PRECISION=run.precision, BH=run.block_h,
+                BK=_BLOCK_K, num_warps=run.num_warps, **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
+
+
+def _sequence_bn_forward(*, a_ih: Tensor, u: Tensor, gamma_ih: Tensor, population: Tensor, lengths: Tensor,
+                         run: _Run) -> Tensor:
+    """u = gamma_ih * BN(a_ih) over every valid frame, into u [T, B, 4H]; returns the moments used [2, 4H]."""
+    T, B, G = a_ih.shape
+    seq_stats = torch.empty(2, G, dtype=_acc_dtype(a_ih.dtype), device=a_ih.device)
+    step_kernels.sequence_bn_fwd_kernel[(triton.cdiv(G, _BLOCK_FEATURES),)](
+        p_a=a_ih, p_u=u, p_gamma=gamma_ih, p_pop=population, p_lengths=lengths, p_stats=seq_stats,
+        n=sum(run.counts), use_batch=int(run.batch_stats[0]), eps=run.eps, T=T, B=B, F=G,
+        BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES,
+    )
+    return seq_stats
+
+
+def _sequence_bn_backward(*, a_ih: Tensor, du: Tensor, gamma_ih: Tensor, seq_stats: Tensor, lengths: Tensor,
+                          run: _Run) -> tuple[Tensor, Tensor]:
+    """da_ih [T, B, 4H] and dgamma_ih [4H] (accumulation dtype) from du [T, B, 4H]."""
+    T, B, G = a_ih.shape
+    da = torch.empty_like(du)
+    dgamma = torch.empty(G, dtype=seq_stats.dtype, device=a_ih.device)
+    step_kernels.sequence_bn_bwd_kernel[(triton.cdiv(G, _BLOCK_FEATURES),)](
+        p_a=a_ih, p_du=du, p_da=da, p_gamma=gamma_ih, p_stats=seq_stats, p_lengths=lengths, p_dgamma=dgamma,
+        n=sum(run.counts), use_batch=int(run.batch_stats[0]), eps=run.eps, T=T, B=B, F=G,
+        BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES,
+    )
+    return da, dgamma
+
+
+def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, population: Tensor | None,
+                   run: _Run, save: bool):
+    """The hoisted input GEMM (sequence-wise normalized over every valid frame), then the one persistent
+    launch. Returns out, h_n, c_n, the moments buffer (frame [T, 18H], sequence [2, 4H], else None) and,
+    when ``save``, the ``_Saved`` backward reads."""
+    T, B, _ = x.shape
+    G = params.weight_hh.shape[0]
+    H = G // 4
+    frame = run.normalization == "frame"
+    device, dtype, acc = x.device, x.dtype, _acc_dtype(x.dtype)
+    if run.lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=device)
+    else:
+        lengths = _host_to_device(run.lengths, device)
+    a_ih = torch.matmul(x, params.weight_ih.t())  # [T, B, 4H]
+    seq_stats = None
+    if run.normalization == "sequence":
+        x_gates = torch.empty_like(a_ih)
+        seq_stats = _sequence_bn_forward(a_ih=a_ih, u=x_gates, gamma_ih=params.gamma_ih, population=population,
+                                         lengths=lengths, run=run)
+    else:
+        x_gates = a_ih
+    affine = steps = None
+    if frame:
+        affine = torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c, params.beta_c])
+        steps = _host_to_device(torch.tensor(list(zip(run.counts, run.batch_stats)), dtype=torch.int32), device)
+    rows = T + 1 if save else 2
+    h = torch.empty(rows, B, H, dtype=dtype, device=device)
+    c = torch.empty(rows, B, H, dtype=acc, device=device)
+    h[0] = h0
+    c[0] = c0
+    out = torch.empty(T, B, H, dtype=dtype, device=device)
+    a_hh = torch.empty(T, B, G, dtype=acc, device=device) if save else None
+    stats = torch.empty(T, 18 * H, dtype=acc, device=device) if frame else None
+    bnlstm_persistent_fwd_kernel[(run.programs,)](
+        p_x_gates=x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=affine, p_pop=population,
+        p_steps=steps, p_lengths=lengths, p_h=h, p_c=c, p_out=out, p_a_hh=a_hh, p_stats=stats,
+        p_sem=torch.zeros(1, dtype=torch.int32, device=device), T=T, eps=run.eps, B=B, H=H,
+        BB=_block_rows(B), **_launch(run),
+    )
+    last = T if save else T % 2
+    h_n, c_n = h[last].clone(), c[last].to(dtype, copy=True)
+    moments = stats if frame else seq_stats
+    if not save:
+        return out, h_n, c_n, moments, None
+    saved = _Saved(x_gates=x_gates, affine=affine, steps=steps, lengths=lengths,
+                   a_ih=a_ih if seq_stats is not None else None, seq_stats=seq_stats, h=h, c=c, a_hh=a_hh,
+                   stats=stats)
+    return out, h_n, c_n, moments, saved
+
+
+def _layer_backward(*, x: Tensor, params: LayerParams, saved: _Saved, cotangents: tuple[Tensor, Tensor, Tensor],
+                    needs: tuple[bool, ...], run: _Run) -> tuple[Tensor | None, ...]:
+    """The one reverse-time launch, then the weight, input and h0 gradients as GEMMs over all steps.
+    ``needs`` and the result run over (x, h0, c0, *LayerParams); None where not needed or unused."""
+    dout, dh_n, dc_n = cotangents
+    T, B, _ = x.shape
+    G = params.weight_hh.shape[0]
+    H = G // 4
+    frame = run.normalization == "frame"
+    device, dtype = x.device, x.dtype
+    # [2, B, H] dh_n, dc_n in; the state gradients after step 0 out
+    dstate = torch.stack([dh_n, dc_n]).to(saved.c.dtype)
+    da = torch.empty(2 if frame else 1, T, B, G, dtype=dtype, device=device)
+    has_sums = frame or params.bias is not None
+    dparams = torch.empty(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
+    bnlstm_persistent_bwd_kernel[(run.programs,)](
+        p_x_gates=saved.x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=saved.affine,
+        p_stats=saved.stats, p_steps=saved.steps, p_lengths=saved.lengths, p_c=saved.c, p_a_hh=saved.a_hh,
+        p_dout=dout.contiguous(), p_dstate=dstate, p_da=da, p_dparams=dparams,
+        p_sem=torch.zeros(1, dtype=torch.int32, device=device), T=T, eps=run.eps, B=B, H=H,
+        BB=_block_rows(B), **_launch(run),
+    )
+    da_hh, da_ih = da[0], da[-1]
+    affine_grads = [None] * 4
+    if frame:
+        affine_grads = [dparams[:4 * H], dparams[4 * H:8 * H], dparams[8 * H:9 * H], dparams[9 * H:10 * H]]
+    elif run.normalization == "sequence":
+        da_ih, affine_grads[0] = _sequence_bn_backward(a_ih=saved.a_ih, du=da_ih, gamma_ih=params.gamma_ih,
+                                                       seq_stats=saved.seq_stats, lengths=saved.lengths, run=run)
+    dbias = dparams[10 * H:] if params.bias is not None else None
+    dx = torch.matmul(da_ih, params.weight_ih) if needs[0] else None
+    # every row runs step 0 (lengths >= 1): the h state before it gets da_hh_0 W_hh
+    dh0 = torch.matmul(da_hh[0], params.weight_hh) if needs[1] else None
+    dc0 = dstate[1] if needs[2] else None
+    # [4H, I] and [4H, H]: sums over all T*B frames of da^T x and da^T h_{t-1}
+    dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), x.reshape(T * B, -1)) if needs[3] else None
+    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), saved.h[:T].reshape(T * B, H)) if needs[4] else None
+    cast = [None if g is None or not need else g.to(dtype)
+            for g, need in zip((dh0, dc0, dbias, *affine_grads), (needs[1], needs[2], *needs[5:]))]
+    grads = (dx, cast[0], cast[1], dW_ih, dW_hh, *cast[2:])
+    # LayerParams fields the kernels do not read (weight_hr, refused) get no gradient
+    return grads + (None,) * (len(needs) - len(grads))
+
+
+class BNLSTMPersistentFunction(torch.autograd.Function):
+    """One layer-direction on the persistent kernels: outputs out, h_n, c_n and the (non-differentiable)
+    moments buffer. Arguments: the ``_Run``, the call's ``LayerInput`` and ``LayerConfig`` (for the
+    reference's VJP), the packed population, then x, h0, c0 and the ``LayerParams`` tensors in order."""
+
+    @staticmethod
+    def forward(ctx, run, inputs, config, population, x, h0, c0, *params):
+        params = LayerParams(*params)
+        out, h_n, c_n, moments, saved = _layer_forward(x=x, h0=h0, c0=c0, params=params, population=population,
+                                                       run=run, save=True)
+        ctx.save_for_backward(x, h0, c0, *params, *saved)
+        ctx.run, ctx.inputs, ctx.config = run, inputs, config
+        if moments is not None:
+            ctx.mark_non_differentiable(moments)
+        return out, h_n, c_n, moments
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n, _):
+        x, h0, c0, *tensors = ctx.saved_tensors
+        split = len(LayerParams._fields)
+        params = LayerParams(*tensors[:split])
+        needs = ctx.needs_input_grad[4:]
+        if needs_reference_backward(dout, dh_n, dc_n):
+            # a graph of the gradients (double backward) or torch.func-batched cotangents: the reference's VJP
+            grads = reference_backward(inputs=ctx.inputs._replace(x=x, h0=h0, c0=c0), params=params,
+                                       config=ctx.config, cotangents=(dout, dh_n, dc_n), needs_input_grad=needs)
+        else:
+            grads = _layer_backward(x=x, params=params, saved=_Saved(*tensors[split:]),
+                                    cotangents=(dout, dh_n, dc_n), needs=needs, run=ctx.run)
+        return (None, None, None, None, *grads)
+
+
+def _block_rows(B: int) -> int:
+    return max(16, triton.next_power_of_2(B))
+
+
+def _single_block_h(H: int) -> int:
+    return max(16, triton.next_power_of_2(H))
+
+
+def persistent_fits(B: int, H: int, dtype: torch.dtype) -> bool:
+    """Whether the single-program form compiles for sm90 without spilling: its [BB, 4*BH] tile, W_hh
+    [BH, 4*BH] and the carried state fit one SM (limits from the compile report in ``README.md``)."""
+    return _single_num_warps(B, H, dtype) is not None
+
+
+def _single_num_warps(B: int, H: int, dtype: torch.dtype) -> int | None:
+    """The warps the single-program form launches with, or None where it does not fit (``persistent_fits``)."""
+    BB, BH = _block_rows(B), _single_block_h(H)
+    limit = _SINGLE_LIMITS.get(dtype, _SINGLE_LIMITS[torch.float32])
+    for (max_rows, max_h), num_warps in limit:
+        if BB <= max_rows and BH <= max_h:
+            return num_warps
+    return None
+
+
+# (BB, BH) envelopes of the single-program form with the warps each runs, from the sm90 compile report
+_SINGLE_LIMITS = {
+    torch.float32: [((64, 64), 8), ((128, 32), 8)],
+    torch.float64: [((32, 32), 8)],
+    torch.bfloat16: [((64, 128), 16), ((128, 64), 16)],
+    torch.float16: [((64, 128), 16), ((128, 64), 16)],
+}
+
+
+def _grid_programs(H: int, device: torch.device) -> int:
+    """Programs of the grid form: one per ``_GRID_BLOCK_H`` hidden units, at most one per SM."""
+    programs = triton.cdiv(H, _GRID_BLOCK_H)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs > sms:
+        raise ValueError(f"the persistent 'grid' form runs one program per {_GRID_BLOCK_H} hidden units on at most "
+                         f"one program per SM: H={H} needs {programs} programs, this GPU has {sms} SMs")
+    return programs
+
+
+def _plan_run(inputs: LayerInput, config: LayerConfig, dtype: torch.dtype, form: str | None) -> _Run:
+    """The form (``form`` or the heuristic: single where it fits, else grid on CUDA) and its launch shape."""
+    x = inputs.x
+    T, B, _ = x.shape
+    H = inputs.c0.shape[1]
+    device = x.device
+    if form is None:
+        form = "single" if persistent_fits(B, H, dtype) or device.type != "cuda" else "grid"
+    if form not in FORMS:
+        raise ValueError(f"the persistent Triton form must be one of {', '.join(FORMS)}, got {form!r}")
+    if form == "single" or device.type != "cuda":
+        # the interpreter runs programs one after another: its grid form is one program through memory
+        programs, block_h = 1, _single_block_h(H)
+        num_warps = _single_num_warps(B, H, dtype) or 16
+    else:
+        programs, block_h = _grid_programs(H, device), _GRID_BLOCK_H
+        num_warps = min(16, max(4, _block_rows(B) // 8))
+    return _Run(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats, eps=float(config.eps),
+                normalization=config.normalization, precision=_precision(dtype, device), form=form,
+                programs=programs, block_h=block_h, num_warps=num_warps)
+
+
+def bnlstm_layer_triton_persistent(*, inputs: LayerInput, params: LayerParams, config: LayerConfig,
+                                   form: str | None = None) -> LayerOutput:
+    """One BN-LSTM layer-direction in one persistent launch forward and one backward (``prepare_layer`` has
+    checked the inputs). Returns as ``fused_bnlstm.ops.bnlstm_layer``.
+
+    ``form``: ``"single"`` (one program, W_hh and h on chip; ``persistent_fits`` says where it compiles
+    without spills), ``"grid"`` (column slices, h through L2, a grid barrier per step; CUDA, at most one
+    program per SM), or None for the heuristic (single where it fits, else grid). Under the interpreter the
+    grid form runs with one program.
+    """
+    x = inputs.x
+    device = x.device
+    ok, reason = available(device)
+    if not ok:
+        raise RuntimeError(f"the persistent Triton BN-LSTM backend cannot run on {device.type} tensors: {reason}")
+    if config.process_group is not None:
+        raise NotImplementedError("the persistent Triton backend has no synchronized statistics (process_group); "
+                                  "use the reference backend")
+    if params.weight_hr is not None:
+        raise NotImplementedError("the persistent Triton backend has no projection (proj_size); use the reference "
+                                  "backend")
+    T, B, _ = x.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"the persistent Triton backend needs T > 0 and B > 0, got T={T}, B={B}")
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"the persistent Triton backend runs float32, float64, float16 and bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        raise TypeError("the Triton interpreter (CPU tensors) has no bfloat16; use float32, float64 or float16")
+
+    run = _plan_run(inputs, config, dtype, form)
+    tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
+    population = _pack_population(inputs.population, config.normalization)
+    needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
+    with torch.autocast(device.type, enabled=False):
+        if needs_grad:
+            out, h_n, c_n, moments = BNLSTMPersistentFunction.apply(run, inputs, config, population, *tensors)
+        else:
+            out, h_n, c_n, moments, _ = _layer_forward(x=tensors[0], h0=tensors[1], c0=tensors[2],
+                                                       params=LayerParams(*tensors[3:]), population=population,
+                                                       run=run, save=False)
+    stats = finish_statistics(inputs, config, _moment_views(moments, config.normalization), x.dtype)
+    return LayerOutput(output=out, h_n=h_n, c_n=c_n, stats=stats)
