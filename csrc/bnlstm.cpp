@@ -24,6 +24,8 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                   const at::Tensor& w_hh);
 const char* kernel_isa();
 bool use_brgemm();
+bool step_brgemm(int64_t B, int64_t H, int64_t I);
+std::pair<size_t, size_t> brgemm_shapes();
 at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
 at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b);
 void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b);
@@ -184,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     const OptTensor& bias_in, const OptTensor& lengths, at::IntArrayRef counts, const c10::List<bool>& batch_stats,
     at::TensorList population, double eps, std::optional<c10::string_view> normalization, bool save) {
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
+    begin_workspace_call();
     const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
     const at::ScalarType dtype = l.x.scalar_type();
     const auto opts = l.x.options();
@@ -206,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     // pass next to the recurrent GEMM, where it stays in cache instead of a [T, B, 4H] round trip through
     // memory: for a small input (I <= 16: the big GEMM has almost no work per byte) or when the step runs on
     // one thread (README.md). Sequence-wise needs its statistics over every frame before the loop.
-    const bool input_per_step = dtype == at::kFloat && !l.sequence() && use_brgemm() &&
+    const bool input_per_step = dtype == at::kFloat && !l.sequence() && step_brgemm(B, H, I) &&
                                 (I <= 16 || step_on_one_thread(B, H, I));
     at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
     const at::Tensor w_ih_t = l.w_ih.t().contiguous();  // [I, 4H]
@@ -292,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     bool need_dx) {
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
     const Saved s = parse_saved(saved_list, l);
+    begin_workspace_call();
     const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
     const at::ScalarType dtype = l.x.scalar_type();
     const auto opts = l.x.options();
@@ -382,4 +386,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("uses_brgemm", &fused_bnlstm::use_brgemm,
           "Whether float32 per-step GEMMs run through oneDNN's brgemm (else at::mm)");
     m.def("cached_bytes", &fused_bnlstm::cached_bytes, "Bytes of CPU buffers cached for reuse now");
+    m.def("brgemm_shapes", [] {
+        const auto [gemm, steps] = fused_bnlstm::brgemm_shapes();
+        py::dict d;
+        d["gemm"] = gemm;
+        d["steps"] = steps;
+        return d;
+    }, "Distinct brgemm kernel shapes asked of oneDNN (which keeps each for the process's lifetime): gemm, "
+       "the all-step GEMMs' shapes; steps, the (B, H, I) admitted to per-step brgemm (at most 16)");
+    m.def("workspace_stats", [] {
+        const fused_bnlstm::WorkspaceStats s = fused_bnlstm::workspace_stats();
+        py::dict d;
+        d["cached"] = s.cached;
+        d["in_use"] = s.in_use;
+        d["working_set"] = s.working_set;
+        d["limit"] = s.limit;
+        return d;
+    }, "The workspace cache's bytes: cached (free, held for reuse), in_use, working_set (the bound on cached: "
+       "the most in use at once over the last 32 calls) and limit (min(RAM / 8, 4 GiB))");
 }

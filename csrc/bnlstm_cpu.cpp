@@ -13,9 +13,12 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <string>
 #include <type_traits>
 
@@ -117,6 +120,8 @@ bool use_brgemm() {
     return works && !(env != nullptr && std::string(env) == "0");
 }
 
+bool step_brgemm(int64_t B, int64_t H, int64_t I);  // below, with the GEMMs
+
 namespace {
 
 // A row-major [K, groups * Hg] float32 matrix (leading dimension ld) repacked so that every kBlock-wide
@@ -157,7 +162,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                        [&](int64_t c0, int64_t c1) { kern.sequence_moments(p, c0, c1); });
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
-            if (use_brgemm()) {
+            if (step_brgemm(B, H, p.I)) {
                 const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]
                 // W_hh^T [H, 4H] and W_ih^T [I, 4H] per gate and chunk: [4][H / kBlock][K][kBlock].
                 const at::Tensor w_pack = pack_column_chunks(w_hh_t.data_ptr<float>(), H, G, 4, H);
@@ -228,7 +233,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
         const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
         bool done = false;
         if constexpr (std::is_same_v<scalar_t, float>) {
-            if (use_brgemm()) {
+            if (step_brgemm(B, H, p.I)) {
                 // One parallel pass per step: each task first takes its columns of dh from the previous
                 // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
                 const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, 1, H);
@@ -283,19 +288,59 @@ const char* kernel_isa() { return kernels().isa; }
 
 namespace {
 
-// C[M, N] = A[M, K] B[K, N], row-major with leading dimensions, through brgemm: tiles of C in parallel,
-// each summing its K blocks in order (deterministic for any number of threads).
-void gemm_brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                 float* C, int64_t ldc) {
-    constexpr int64_t BM = 128, BN = 256, BK = 256;
-    const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+constexpr int64_t kTileM = 128, kTileN = 256, kTileK = 256;
+
+// The distinct shapes (M, N, K, lda, ldb, ldc, add_C) gemm_brgemm has asked oneDNN for: ATen keeps one
+// generated kernel per shape and thread for the process's lifetime and cannot free them, so the shapes
+// must come from a bounded set (see gemm_brgemm); counted for brgemm_shapes() and its test.
+struct ShapeRegistry {
+    std::mutex mutex;
+    std::set<std::array<int64_t, 7>> gemm;
+    std::set<std::array<int64_t, 3>> steps;  // (B, H, I) admitted to the per-step brgemm path
+};
+
+ShapeRegistry& shape_registry() {
+    static ShapeRegistry* registry = new ShapeRegistry();  // never destroyed, like ATen's kernel cache
+    return *registry;
+}
+
+void gemm_tile(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_C, const float* A,
+               const float* B, float* C) {
+    ShapeRegistry& r = shape_registry();
+    {
+        std::lock_guard<std::mutex> lock(r.mutex);
+        r.gemm.insert({M, N, K, lda, ldb, ldc, add_C});
+    }
+    brgemm_f32(M, N, K, lda, ldb, ldc, add_C, A, B, C);
+}
+
+// n's largest power-of-two part (n >= 1).
+inline int64_t power_of_two_below(int64_t n) {
+    int64_t p = 1;
+    while (p * 2 <= n) p *= 2;
+    return p;
+}
+
+// C[M, N] = A[M, K] B[K, N] through brgemm: tiles of C in parallel, each summing its K blocks in order
+// (deterministic for any number of threads). A's block (m0, k0) is at A + (k0 / kTileK) * a_panel + m0 * lda +
+// k0 % kTileK: a_panel = kTileK for a row-major A (lda = its row length), M * kTileK for A stored as
+// [K / kTileK][M][kTileK] panels (lda = kTileK, gemm_tn). B and C are row-major. The last tile's rows and
+// the last block's depth are cut into power-of-two pieces, so that the kernel shapes depend on N and the
+// model's widths only, never on M or K = T * B (each shape is a kernel oneDNN keeps forever, see ShapeRegistry).
+void gemm_brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int64_t a_panel, const float* B,
+                 int64_t ldb, float* C, int64_t ldc) {
+    const int64_t tiles_m = (M + kTileM - 1) / kTileM, tiles_n = (N + kTileN - 1) / kTileN;
     at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
         for (int64_t tile = begin; tile < end; ++tile) {
-            const int64_t m0 = (tile / tiles_n) * BM, n0 = (tile % tiles_n) * BN;
-            const int64_t mb = std::min(BM, M - m0), nb = std::min(BN, N - n0);
-            for (int64_t k0 = 0; k0 < K; k0 += BK) {
-                brgemm_f32(mb, nb, std::min(BK, K - k0), lda, ldb, ldc, k0 > 0,
-                                            A + m0 * lda + k0, B + k0 * ldb + n0, C + m0 * ldc + n0);
+            const int64_t m0 = (tile / tiles_n) * kTileM, n0 = (tile % tiles_n) * kTileN;
+            const int64_t nb = std::min(kTileN, N - n0);
+            for (int64_t m = m0, mb; m < std::min(M, m0 + kTileM); m += mb) {
+                mb = power_of_two_below(std::min(M, m0 + kTileM) - m);
+                for (int64_t k = 0, kb; k < K; k += kb) {
+                    kb = power_of_two_below(std::min(K, (k / kTileK + 1) * kTileK) - k);
+                    const float* a = A + (k / kTileK) * a_panel + m * lda + k % kTileK;
+                    gemm_tile(mb, nb, kb, lda, ldb, ldc, k > 0, a, B + k * ldb + n0, C + m * ldc + n0);
+                }
             }
         }
         brgemm_release_f32();
@@ -315,7 +360,7 @@ at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b) {
     if (!brgemm_applies(a, b)) return at::mm(a, b);
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-    gemm_brgemm(a.size(0), b.size(1), a.size(1), ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(),
+    gemm_brgemm(a.size(0), b.size(1), a.size(1), ac.data_ptr<float>(), ac.size(1), kTileK, bc.data_ptr<float>(),
                 bc.size(1), c.data_ptr<float>(), c.size(1));
     return c;
 }
@@ -327,15 +372,45 @@ void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
         return;
     }
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-    gemm_brgemm(a.size(0), b.size(1), a.size(1), ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(),
+    gemm_brgemm(a.size(0), b.size(1), a.size(1), ac.data_ptr<float>(), ac.size(1), kTileK, bc.data_ptr<float>(),
                 bc.size(1), c.data_ptr<float>(), c.size(1));
 }
 
 // a^T b for a [R, P], b [R, Q] (R = T * B rows): the weight gradients. brgemm takes row-major operands
-// only, so this computes (b^T a)^T with b transposed once ([Q, R], the smaller side here).
+// only, so this computes (b^T a)^T with b transposed once ([Q, R], the smaller side here), into
+// [R / kTileK][Q][kTileK] panels so that no kernel shape depends on R (gemm_brgemm).
 at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
     if (!brgemm_applies(a, b)) return at::mm(a.t(), b);
-    return gemm_nn(workspace_copy(b.t()), a).t().contiguous();
+    const int64_t R = b.size(0), Q = b.size(1), P = a.size(1), full = R / kTileK;
+    const at::Tensor ac = a.contiguous();
+    at::Tensor panels = empty_workspace({(R + kTileK - 1) / kTileK, Q, kTileK}, b.options());
+    if (full > 0) panels.narrow(0, 0, full).copy_(b.narrow(0, 0, full * kTileK).view({full, kTileK, Q}).transpose(1, 2));
+    if (R > full * kTileK) panels.select(0, full).narrow(1, 0, R - full * kTileK).copy_(b.narrow(0, full * kTileK, R - full * kTileK).t());
+    at::Tensor c = at::empty({Q, P}, a.options());
+    gemm_brgemm(Q, P, R, panels.data_ptr<float>(), kTileK, Q * kTileK, ac.data_ptr<float>(), P, c.data_ptr<float>(), P);
+    return c.t().contiguous();
+}
+
+// Whether the per-step GEMMs of a (B, H, I) call run through brgemm. Their kernel shapes depend on the
+// batch size B (and the model's H, I), and oneDNN keeps each forever: the first kMaxStepShapes
+// distinct (B, H, I) are admitted, later ones take the at::mm path (correct, slower) rather than grow
+// that cache without bound.
+bool step_brgemm(int64_t B, int64_t H, int64_t I) {
+    constexpr size_t kMaxStepShapes = 16;
+    if (!use_brgemm()) return false;
+    ShapeRegistry& r = shape_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    const std::array<int64_t, 3> shape = {B, H, I};
+    if (r.steps.count(shape) > 0) return true;
+    if (r.steps.size() >= kMaxStepShapes) return false;
+    r.steps.insert(shape);
+    return true;
+}
+
+std::pair<size_t, size_t> brgemm_shapes() {
+    ShapeRegistry& r = shape_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    return {r.gemm.size(), r.steps.size()};
 }
 
 }  // namespace fused_bnlstm

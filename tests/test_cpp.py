@@ -265,6 +265,37 @@ def test_bnlstm_layer_cpp_workspace_cache_reuses_buffers_safely(monkeypatch, cac
     assert _C.cached_bytes() == 0
 
 
+def test_bnlstm_layer_cpp_caches_stay_bounded_as_shapes_change():
+    # Calls at a growing T (issue #11): the workspace cache holds no more than one call's worth of freed
+    # buffers (it used to keep every T's), and no kernel shape asked of oneDNN depends on T.
+    from fused_bnlstm import _C
+
+    B, I, H = 16, 8, 64
+
+    def train_step(T):
+        inputs = op_inputs(T, B, I, H, None, torch.float32)
+        out = call_layer(inputs, population=population(T, H, "frame", torch.float32), backend="cpp").output
+        out.sum().backward()
+
+    _C.empty_cache()
+    train_step(400)
+    one_call = _C.cached_bytes()
+    _C.empty_cache()
+    for T in range(40, 401, 40):
+        train_step(T)
+        stats = _C.workspace_stats()
+        assert stats["cached"] <= stats["working_set"], (T, stats)
+        assert stats["cached"] <= one_call + (4 << 20), (T, stats["cached"], one_call)
+    for T in range(1, 17):  # T * B = 16 T meets every remainder against the GEMM tiles (128, 256 rows)
+        train_step(T)
+    shapes = _C.brgemm_shapes()
+    for T in (100, 333, 517):
+        train_step(T)
+        assert _C.brgemm_shapes() == shapes, T
+    _C.empty_cache()
+    assert _C.cached_bytes() == 0
+
+
 def test_bnlstm_layer_cpp_low_precision_runs_in_float32():
     T, B, I, H = 4, 3, 5, 8
     inputs = op_inputs(T, B, I, H, None, torch.float32)
