@@ -36,8 +36,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fused_bnlstm import BNLSTM, convert_sync_bnlstm, update_population_statistics
 from fused_bnlstm.ops import backend_available
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is not available"),
+    # the re-estimation cases run past max_length on purpose (the shared last slot)
+    pytest.mark.filterwarnings("ignore:BNLSTM. a training call reached step"),
+]
 
 # seconds a whole spawn may take (a hang fails the test instead of stalling CI), and a collective on its own
 TIME_LIMIT = 150
@@ -271,7 +275,8 @@ SYNC_CASES_2 = {
     "frame-plain-T4-T6": (dict(max_length=8), [(4, 2, None), (6, 3, [6, 1, 3])]),
     "frame-2layers-bidirectional": (dict(num_layers=2, bidirectional=True, max_length=8),
                                     [(6, 2, [6, 3]), (4, 3, [4, 4, 2])]),
-    "sequence-T5-T3": (dict(normalization="sequence"), [(5, 2, [5, 2]), (3, 3, [3, 1, 2])]),
+    "sequence-bidirectional-T5-T3": (dict(normalization="sequence", bidirectional=True),
+                                     [(5, 2, [5, 2]), (3, 3, [3, 1, 2])]),
     # a rank with no rows still takes part in every collective
     "frame-empty-rank": (dict(max_length=8), [(5, 3, [5, 4, 1]), (2, 0, None)]),
     # one row per rank: a batch of two for the group, not BatchNorm's error
@@ -279,8 +284,6 @@ SYNC_CASES_2 = {
 }
 SYNC_CASES_3 = {
     "frame-T6-T3-empty": (dict(max_length=8), [(6, 2, [6, 2]), (3, 2, None), (2, 0, None)]),
-    "sequence-T4-T6-T2": (dict(normalization="sequence", bidirectional=True),
-                          [(4, 2, [4, 3]), (6, 1, None), (2, 2, [2, 1])]),
 }
 
 
@@ -297,6 +300,8 @@ def _population_inputs(world_size: int, seed: int) -> dict:
     spec = _spec(seed, max_length=6)
     shapes = [[(4, 3, None), (7, 3, [7, 2, 2])], [(5, 2, None)], [(3, 2, None), (2, 3, None), (8, 2, [8, 1])]]
     loaders = [[_batch(spec, *shape) for shape in shapes[r]] for r in range(world_size)]
+    if world_size > 2:
+        return {"spec": spec, "loaders": loaders}
     sync_spec = _spec(seed + 1, max_length=6, num_layers=2)
     sync_loaders = [[_batch(sync_spec, 4, 2, None), _batch(sync_spec, 6, 2, [6, 3])] for _ in range(world_size)]
     return {"spec": spec, "loaders": loaders, "sync_spec": sync_spec, "sync_loaders": sync_loaders}
@@ -306,17 +311,18 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
     """What a spawn of ``world_size`` ranks runs, and the inputs the expectations need."""
     cases = _sync_inputs(SYNC_CASES_2 if world_size == 2 else SYNC_CASES_3, seed=10 * world_size)
     jobs = {f"sync/{name}": (_job_sync, dict(spec=spec, batches=batches)) for name, (spec, batches) in cases.items()}
+    population = _population_inputs(world_size, seed=5)
+    jobs["population"] = (_job_population, population)
+    if world_size == 3:  # (each process costs seconds here: DDP and the error run on 2 ranks only)
+        return jobs, {"cases": cases, "population": population}
     ddp_spec = _spec(7, max_length=8)
     ddp_batches = [_batch(ddp_spec, 4 + 2 * r, 3, [4 + 2 * r, 2, 1]) for r in range(world_size)]
     cases["ddp-sync"] = (ddp_spec, ddp_batches)
     jobs["sync/ddp-sync"] = (_job_sync, dict(spec=ddp_spec, batches=ddp_batches, ddp=True))
     for backend in DDP_BACKENDS:
         jobs[f"ddp/{backend}"] = (_job_ddp, dict(spec=ddp_spec, batches=ddp_batches, backend=backend))
-    population = _population_inputs(world_size, seed=5)
-    jobs["population"] = (_job_population, population)
-    if world_size == 2:
-        one_row = _spec(3)
-        jobs["sync-error"] = (_job_sync_error, dict(spec=one_row, batches=[_batch(one_row, 3, 1), _batch(one_row, 3, 0)]))
+    one_row = _spec(3)
+    jobs["sync-error"] = (_job_sync_error, dict(spec=one_row, batches=[_batch(one_row, 3, 1), _batch(one_row, 3, 0)]))
     return jobs, {"cases": cases, "population": population, "ddp": (ddp_spec, ddp_batches)}
 
 
@@ -364,9 +370,9 @@ def test_sync_matches_concatenated_batch(world):
 
 
 def test_sync_global_batch_of_one_raises_on_every_rank(world):
-    world_size, results, _ = world
-    if world_size != 2:
-        pytest.skip("run on 2 ranks")
+    world_size, results, inputs = world
+    if "ddp" not in inputs:
+        pytest.skip("runs on 2 ranks")
     messages = [r["sync-error"] for r in results]
     assert all(m is not None and "Expected more than 1 value per channel" in m for m in messages), messages
 
@@ -376,6 +382,8 @@ def test_ddp_without_sync(world, backend):
     """Each rank normalizes over its own rows: DDP's gradient is the mean of the ranks' own gradients, each
     rank's buffers are its own update, and the next call starts from rank 0's buffers on every rank."""
     world_size, results, inputs = world
+    if "ddp" not in inputs:
+        pytest.skip("runs on 2 ranks")
     spec, batches = inputs["ddp"]
     local = [_train_call(_model(spec, backend="reference"), batch) for batch in batches]
     tolerance = TOLERANCE if backend == "reference" else dict(rtol=1e-7, atol=1e-9)
@@ -403,10 +411,10 @@ def test_population_statistics_pooled_across_ranks(world):
 
     union = estimate(spec, [b for rank in range(world_size) for b in loaders[rank]])
     # a model in sync mode: one process running each step's batches of every rank concatenated
-    sync_loaders = population["sync_loaders"]
-    sync_union = estimate(population["sync_spec"],
-                          [_concatenate([sync_loaders[r][k] for r in range(world_size)])
-                           for k in range(len(sync_loaders[0]))])
+    sync_loaders = population.get("sync_loaders")
+    sync_union = {} if sync_loaders is None else estimate(
+        population["sync_spec"],
+        [_concatenate([sync_loaders[r][k] for r in range(world_size)]) for k in range(len(sync_loaders[0]))])
     for rank, result in enumerate(r["population"] for r in results):
         own = estimate(spec, loaders[rank])
         for name in union:
