@@ -71,11 +71,12 @@ from fused_bnlstm.ops.triton_kernels import (
 
 __all__ = ["FORMS", "available", "bnlstm_layer_triton_persistent", "persistent_fits"]
 
-# "single": one program, h carried in registers; "grid": column slices exchanging h through L2
-FORMS = ("single", "grid")
+# "registers": one program, one tile, h carried in registers; "single": one program walking column blocks,
+# h through memory; "grid": column blocks over up to one program per SM, one grid barrier per step
+FORMS = ("registers", "single", "grid")
 
-# hidden units per program of the grid form, and the reduction chunk of its exchanged dots
-_GRID_BLOCK_H = 16
+# hidden units per column block of the "single" and "grid" forms, and the reduction chunk of their dots
+_BLOCK_H = 16
 _BLOCK_K = 32
 # rows / features per program of the sequence-wise input-branch kernels
 _BLOCK_ROWS = 64
@@ -116,6 +117,50 @@ def _exchanged_dot(p_a, p_w, o_b, m_b, o_n, m_n, K: tl.constexpr, stride_k, stri
         b_acc += tl.dot(b_a, b_w, input_precision=PRECISION, out_dtype=ACC)
     return b_acc
 
+@triton.jit
+def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop, p_steps,
+                   p_out, p_a_hh, p_stats, eps, B, H: tl.constexpr, FRAME: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SAVE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Step t of hidden units [i_h * BH, (i_h + 1) * BH) given their a_hh = W_hh h_{t-1} tile [BB, 4*BH]:
+    both batch norms, the gates, c_t, BN(c_t), h_t; stores the output row (and a_hh, the moments used).
+    Returns the states after the step [BB, BH] (finished rows keep theirs)."""
+    ACC = b_a_hh.dtype
+    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
+    m_s = m_b[:, None] & m_h[None, :]
+    # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    if SAVE:
+        tl.store(p_a_hh + o_tile, b_a_hh, mask=m_tile)
+    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
+    if FRAME:
+        n = tl.load(p_steps + 2 * t)
+        use_batch = tl.load(p_steps + 2 * t + 1)
+        p_pop_t = p_pop + t * 18 * H
+        p_stats_t = p_stats + t * 18 * H
+        b_z = _load_vector(p_affine + 4 * H, o_g, m_g, ACC) * _batch_norm(
+            b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H, p_stats_t + 4 * H, o_g, m_g, 9 * H)
+        b_z += _load_vector(p_affine, o_g, m_g, ACC) * _batch_norm(
+            b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H)
+    else:
+        b_z = b_a_hh + b_x
+    if HAS_BIAS:
+        b_z += _load_vector(p_bias, o_g, m_g, ACC)
+    # [BB, BH] the cell update on the block's hidden units
+    b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
+    b_c = b_f * b_c_prev + b_i * b_g
+    if FRAME:
+        b_y = _load_vector(p_affine + 8 * H, o_h, m_h, ACC) * _batch_norm(
+            b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H)
+        b_y += _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
+    else:
+        b_y = b_c
+    b_h = b_o * _tanh(b_y)
+    tl.store(p_out + t * B * H + o_b[:, None] * H + o_h[None, :], tl.where(m_run, b_h, 0.0).to(p_out.dtype.element_ty),
+             mask=m_s)
+    return tl.where(m_run, b_h.to(b_h_prev.dtype), b_h_prev), tl.where(m_run, b_c, b_c_prev)
+
+
 @triton.heuristics({
     "FRAME": lambda args: args["p_affine"] is not None,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
@@ -128,91 +173,160 @@ def bnlstm_persistent_fwd_kernel(
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CARRY: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    """All T steps for hidden units [i_h * BH, (i_h + 1) * BH) of every row: gates, cell, BN(c), h.
+    """All T steps of every row: program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    ``CARRY`` (one program, BH >= H): h_{t-1} [BB, BH] is a loop-carried register tensor and W_hh^T
-    [BH, 4*BH] is loaded once; otherwise h goes through ``p_h`` and a grid barrier ends each step.
+    ``CARRY`` (one program, one block, BH >= H): W_hh^T [BH, 4*BH] is loaded once and h, c are loop-carried
+    register tensors. Otherwise a step's blocks read h_{t-1} [B, H] from ``p_h`` (every column, written by
+    every program the step before), write their slice of h_t, c_t, and a grid barrier ends the step.
     """
-    i_h = tl.program_id(0).to(tl.int64)
-    ACC = p_c.dtype.element_ty
+    i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
     # [BB] each row's length, once
     b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
-    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
-    o_s = o_b[:, None] * H + o_h[None, :]
-    m_s = m_b[:, None] & m_h[None, :]
-    m_tile = m_b[:, None] & m_g[None, :]
-    # [1, 4*BH] / [1, BH] parameter rows, once
-    if FRAME:
-        b_gamma_ih = _load_vector(p_affine, o_g, m_g, ACC)
-        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, ACC)
-        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, ACC)
-        b_beta_c = _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
-    if HAS_BIAS:
-        b_bias = _load_vector(p_bias, o_g, m_g, ACC)
-    # [BB, BH] the state before step 0: h in the input dtype (as the dot reads it), c in ACC
-    b_h = tl.load(p_h + o_s, mask=m_s, other=0.0)
-    b_c = tl.load(p_c + o_s, mask=m_s, other=0.0)
-    if CARRY:
-        # [BH, 4*BH] W_hh^T on the program's (all) gate columns, resident for the whole loop
-        o_k = tl.arange(0, BH)
-        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_k[:, None], mask=(o_k < H)[:, None] & m_g[None, :],
-                      other=0.0)
-    # (a while loop: the interpreter cannot range() over a runtime bound)
+    # (while loops: the interpreter cannot range() over a runtime bound)
     t = tl.full([], 0, dtype=tl.int64)
-    while t < T:
-        m_run = (m_b & (b_len > t))[:, None]
-        if CARRY:
-            b_a_hh = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)
-        else:
+    if CARRY:
+        o_g, m_g, _, o_h, m_h = _gate_columns(0, H, BH)
+        o_s = o_b[:, None] * H + o_h[None, :]
+        m_s = m_b[:, None] & m_h[None, :]
+        # [BH, 4*BH] all of W_hh^T, resident for the whole loop
+        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_h[:, None], mask=m_h[:, None] & m_g[None, :], other=0.0)
+        # [BB, BH] the states before step 0: h in the input dtype (as the dot reads it), c in ACC
+        b_h = tl.load(p_h + o_s, mask=m_s, other=0.0)
+        b_c = tl.load(p_c + o_s, mask=m_s, other=0.0)
+        while t < T:
+            m_run = (m_b & (b_len > t))[:, None]
+            b_a_hh = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=p_c.dtype.element_ty)
+            b_h, b_c = _forward_block(b_a_hh, b_h, b_c, t, 0, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop,
+                                      p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, HAS_BIAS, SAVE, BB, BH)
+            if SAVE:
+                tl.store(p_h + (t + 1) * B * H + o_s, b_h, mask=m_s)
+                tl.store(p_c + (t + 1) * B * H + o_s, b_c, mask=m_s)
+            t += 1
+        if not SAVE:
+            tl.store(p_h + (T % 2) * B * H + o_s, b_h, mask=m_s)
+            tl.store(p_c + (T % 2) * B * H + o_s, b_c, mask=m_s)
+    else:
+        while t < T:
+            m_run = (m_b & (b_len > t))[:, None]
+            # the state before step t and after it: rows t and t + 1 of the history, or the two slots
             o_prev = t * B * H if SAVE else (t % 2) * B * H
-            b_a_hh = _exchanged_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
-                                    BK, ACC)
-        # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
-        o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
-        if SAVE:
-            tl.store(p_a_hh + o_tile, b_a_hh, mask=m_tile)
-        b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
-        if FRAME:
-            n = tl.load(p_steps + 2 * t)
-            use_batch = tl.load(p_steps + 2 * t + 1)
-            p_pop_t = p_pop + t * 18 * H
-            p_stats_t = p_stats + t * 18 * H
-            b_z = b_gamma_hh * _batch_norm(b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H,
-                                           p_stats_t + 4 * H, o_g, m_g, 9 * H)
-            b_z += b_gamma_ih * _batch_norm(b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H)
-        else:
-            b_z = b_a_hh + b_x
-        if HAS_BIAS:
-            b_z += b_bias
-        # [BB, BH] the cell update on the program's hidden units
-        b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
-        b_c_new = b_f * b_c + b_i * b_g
-        if FRAME:
-            b_y = b_gamma_c * _batch_norm(b_c_new, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H,
-                                          o_h, m_h, 9 * H) + b_beta_c
-        else:
-            b_y = b_c_new
-        b_h_new = b_o * _tanh(b_y)
-        tl.store(p_out + t * B * H + o_s, tl.where(m_run, b_h_new, 0.0).to(p_out.dtype.element_ty), mask=m_s)
-        # finished rows keep their state
-        b_h = tl.where(m_run, b_h_new.to(b_h.dtype), b_h)
-        b_c = tl.where(m_run, b_c_new, b_c)
-        if SAVE:
-            tl.store(p_h + (t + 1) * B * H + o_s, b_h, mask=m_s)
-            tl.store(p_c + (t + 1) * B * H + o_s, b_c, mask=m_s)
-        elif not CARRY:
-            tl.store(p_h + ((t + 1) % 2) * B * H + o_s, b_h, mask=m_s)
-        if not CARRY:
+            o_next = (t + 1) * B * H if SAVE else ((t + 1) % 2) * B * H
+            i_h = i_p
+            while i_h < (H + BH - 1) // BH:
+                o_g, m_g, _, o_h, m_h = _gate_columns(i_h, H, BH)
+                o_s = o_b[:, None] * H + o_h[None, :]
+                m_s = m_b[:, None] & m_h[None, :]
+                b_a_hh = _exchanged_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH, BK,
+                                        p_c.dtype.element_ty)
+                b_h, b_c = _forward_block(
+                    b_a_hh, tl.load(p_h + o_prev + o_s, mask=m_s, other=0.0),
+                    tl.load(p_c + o_prev + o_s, mask=m_s, other=0.0), t, i_h, o_b, m_b, m_run, p_x_gates, p_bias,
+                    p_affine, p_pop, p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, HAS_BIAS, SAVE, BB, BH)
+                tl.store(p_h + o_next + o_s, b_h, mask=m_s)
+                tl.store(p_c + o_next + o_s, b_c, mask=m_s)
+                i_h += NUM_PROGRAMS
             _grid_barrier(p_sem, t, NUM_PROGRAMS)
-        t += 1
-    if not SAVE:
-        o_last = (T % 2) * B * H
-        tl.store(p_h + o_last + o_s, b_h, mask=m_s)
-        tl.store(p_c + o_last + o_s, b_c, mask=m_s)
+            t += 1
+
+
+@triton.jit
+def _backward_block(b_dh_state, b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine,
+                    p_stats, p_steps, p_a_hh, p_dout, p_da, eps, B, H: tl.constexpr, FRAME: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Step t in reverse for hidden units [i_h * BH, (i_h + 1) * BH), given the h- and c-state gradients
+    after the step [BB, BH] (the h one complete) and c_t, c_{t-1}: the cell and BN backward of the block's
+    tile, recomputed from what forward saved. Stores da_hh (and frame-wise da_ih) of the tile.
+
+    Returns da_hh [BB, 4*BH] (in ``p_da``'s dtype), the c-state gradient before the step [BB, BH], and
+    the step's parameter-gradient sums over the rows: dgamma_ih, dgamma_hh, dbias [4*BH], dgamma_c,
+    dbeta_c [BH].
+    """
+    ACC = b_c.dtype
+    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
+    m_s = m_b[:, None] & m_h[None, :]
+    b_dh = tl.load(p_dout + t * B * H + o_b[:, None] * H + o_h[None, :], mask=m_s, other=0.0).to(ACC)
+    b_dh = tl.where(m_run, b_dh_state + b_dh, 0.0)
+
+    # recompute the step's [BB, 4*BH] gate tile from what forward saved
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
+    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
+    if FRAME:
+        n = tl.load(p_steps + 2 * t)
+        use_batch = tl.load(p_steps + 2 * t + 1)
+        p_stats_t = p_stats + t * 18 * H
+        b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
+        b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
+        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, ACC)
+        b_gamma_ih = _load_vector(p_affine, o_g, m_g, ACC)
+        b_z = b_gamma_hh * b_xhat_hh + b_gamma_ih * b_xhat_ih
+    else:
+        b_z = b_a_hh + b_x
+    if HAS_BIAS:
+        b_z += _load_vector(p_bias, o_g, m_g, ACC)
+    b_act = _activate(b_z, o_gate)
+    b_i, b_f, b_g, b_o = _split_gates(b_act, BB, BH)
+    if FRAME:
+        b_xhat_c, b_rstd_c = _xhat(b_c, p_stats_t + 8 * H, o_h, m_h, 9 * H, eps)
+        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, ACC)
+        b_y = b_gamma_c * b_xhat_c + _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
+    else:
+        b_y = b_c
+    b_tanh_y = _tanh(b_y)
+
+    # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
+    b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
+    if FRAME:
+        b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
+        b_sum_dy_c = tl.sum(b_dy * b_xhat_c, axis=0)
+    else:
+        b_dc_new = b_dy
+        b_sum_dy_c = tl.zeros([BH], dtype=ACC)
+    b_dc = tl.where(m_run, b_dc_new + b_dc_state, 0.0)
+
+    # [BB, 4*BH] gradient of each gate's activation, then of its pre-activation
+    b_dact = _join_gates(b_dc * b_g, b_dc * b_c_prev, b_dc * b_i, b_dh * b_tanh_y, BB, BH)
+    b_dz = b_dact * tl.where((o_gate == 2)[None, :], 1.0 - b_act * b_act, b_act * (1.0 - b_act))
+    if FRAME:
+        b_sum_dz_ih = tl.sum(b_dz * b_xhat_ih, axis=0)
+        b_sum_dz_hh = tl.sum(b_dz * b_xhat_hh, axis=0)
+        b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
+        b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
+        tl.store(p_da + T * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
+    else:
+        b_sum_dz_ih = tl.zeros([4 * BH], dtype=ACC)
+        b_sum_dz_hh = tl.zeros([4 * BH], dtype=ACC)
+        b_da_hh = b_dz
+    b_da_hh = b_da_hh.to(p_da.dtype.element_ty)
+    tl.store(p_da + o_tile, b_da_hh, mask=m_tile)
+    return (b_da_hh, tl.where(m_run, b_dc * b_f, b_dc_state), b_sum_dz_ih, b_sum_dz_hh, tl.sum(b_dz, axis=0),
+            b_sum_dy_c, tl.sum(b_dy, axis=0))
+
+
+@triton.jit
+def _store_sums(p_dparams, i_h, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b_dbeta_c, ACCUMULATE: tl.constexpr,
+                H: tl.constexpr, FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
+    """Write (or with ``ACCUMULATE`` add) a block's parameter-gradient sums to ``p_dparams`` [14H]: only the
+    program owning the block touches its columns (deterministic, no atomics)."""
+    o_g, m_g, _, o_h, m_h = _gate_columns(i_h, H, BH)
+    if FRAME:
+        if ACCUMULATE:
+            b_dgamma_ih += tl.load(p_dparams + o_g, mask=m_g, other=0.0)
+            b_dgamma_hh += tl.load(p_dparams + 4 * H + o_g, mask=m_g, other=0.0)
+            b_dgamma_c += tl.load(p_dparams + 8 * H + o_h, mask=m_h, other=0.0)
+            b_dbeta_c += tl.load(p_dparams + 9 * H + o_h, mask=m_h, other=0.0)
+        tl.store(p_dparams + o_g, b_dgamma_ih, mask=m_g)
+        tl.store(p_dparams + 4 * H + o_g, b_dgamma_hh, mask=m_g)
+        tl.store(p_dparams + 8 * H + o_h, b_dgamma_c, mask=m_h)
+        tl.store(p_dparams + 9 * H + o_h, b_dbeta_c, mask=m_h)
+    if HAS_BIAS:
+        if ACCUMULATE:
+            b_dbias += tl.load(p_dparams + 10 * H + o_g, mask=m_g, other=0.0)
+        tl.store(p_dparams + 10 * H + o_g, b_dbias, mask=m_g)
+
 
 @triton.heuristics({
     "FRAME": lambda args: args["p_affine"] is not None,
@@ -225,126 +339,83 @@ def bnlstm_persistent_bwd_kernel(
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    """All T steps in reverse for hidden units [i_h * BH, (i_h + 1) * BH): dgates, BN backward, dc.
+    """All T steps in reverse; program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh: with ``CARRY`` da_hh_{t+1}
-    [BB, 4*BH] is the previous iteration's register tile and W_hh [4*BH, BH] is loaded once; otherwise
-    every column of it is read from ``p_da`` after the grid barrier. dh, dc and the parameter-gradient
-    sums stay in registers; the sums are written once at the end.
+    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (one program, one
+    block): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh [4*BH, BH] is loaded
+    once, and dh, dc and the parameter-gradient sums stay in registers, written once at the end. Otherwise
+    every column of da_hh_{t+1} is read from ``p_da`` after the grid barrier, the state gradients live in
+    ``p_dstate`` and the sums in ``p_dparams`` (zeros on entry), each block updating its own columns.
     """
-    i_h = tl.program_id(0).to(tl.int64)
-    ACC = p_c.dtype.element_ty
+    i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
     b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
-    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
-    o_s = o_b[:, None] * H + o_h[None, :]
-    m_s = m_b[:, None] & m_h[None, :]
-    m_tile = m_b[:, None] & m_g[None, :]
-    if FRAME:
-        b_gamma_ih = _load_vector(p_affine, o_g, m_g, ACC)
-        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, ACC)
-        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, ACC)
-        b_beta_c = _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
-    if HAS_BIAS:
-        b_bias = _load_vector(p_bias, o_g, m_g, ACC)
-    # [BB, BH] the h and c state gradients after step T - 1, carried backwards
-    b_dh_state = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
-    b_dc_state = tl.load(p_dstate + B * H + o_s, mask=m_s, other=0.0)
-    # [BB, BH] c_t of the step being processed (the state after it)
-    b_c = tl.load(p_c + T.to(tl.int64) * B * H + o_s, mask=m_s, other=0.0)
-    # [4*BH] / [BH] parameter-gradient sums over every step
-    b_sum_dz = tl.zeros([4 * BH], dtype=ACC)
-    b_sum_dz_ih = tl.zeros([4 * BH], dtype=ACC)
-    b_sum_dz_hh = tl.zeros([4 * BH], dtype=ACC)
-    b_sum_dy_c = tl.zeros([BH], dtype=ACC)
-    b_sum_dy = tl.zeros([BH], dtype=ACC)
-    if CARRY:
-        # [4*BH, BH] W_hh's rows of the program's (all) gate columns, resident for the whole loop
-        o_k = tl.arange(0, BH)
-        b_w = tl.load(p_w_hh + o_g[:, None] * H + o_k[None, :], mask=m_g[:, None] & (o_k < H)[None, :],
-                      other=0.0)
-        # [BB, 4*BH] da_hh of the step after the one being processed (none after T - 1: no row runs there)
-        b_da_next = tl.zeros([BB, 4 * BH], dtype=p_da.dtype.element_ty)
     t = T.to(tl.int64) - 1
-    while t >= 0:
-        m_run = (m_b & (b_len > t))[:, None]
-        m_next = (m_b & (b_len > t + 1))[:, None]
-        if CARRY:
-            b_dh_state = tl.where(m_next, tl.dot(b_da_next, b_w, input_precision=PRECISION, out_dtype=ACC),
+    if CARRY:
+        o_g, m_g, _, o_h, m_h = _gate_columns(0, H, BH)
+        o_s = o_b[:, None] * H + o_h[None, :]
+        m_s = m_b[:, None] & m_h[None, :]
+        # [4*BH, BH] all of W_hh, resident for the whole loop
+        b_w = tl.load(p_w_hh + o_g[:, None] * H + o_h[None, :], mask=m_g[:, None] & m_h[None, :], other=0.0)
+        # [BB, BH] the h and c state gradients after step T - 1, carried backwards, and c_T
+        b_dh_state = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
+        b_dc_state = tl.load(p_dstate + B * H + o_s, mask=m_s, other=0.0)
+        b_c = tl.load(p_c + T.to(tl.int64) * B * H + o_s, mask=m_s, other=0.0)
+        # [BB, 4*BH] da_hh of the step after the one processed (none after T - 1: no row runs there)
+        b_da_next = tl.zeros([BB, 4 * BH], dtype=p_da.dtype.element_ty)
+        b_dgamma_ih = tl.zeros([4 * BH], dtype=b_c.dtype)
+        b_dgamma_hh = tl.zeros([4 * BH], dtype=b_c.dtype)
+        b_dbias = tl.zeros([4 * BH], dtype=b_c.dtype)
+        b_dgamma_c = tl.zeros([BH], dtype=b_c.dtype)
+        b_dbeta_c = tl.zeros([BH], dtype=b_c.dtype)
+        while t >= 0:
+            m_run = (m_b & (b_len > t))[:, None]
+            m_next = (m_b & (b_len > t + 1))[:, None]
+            b_dh_state = tl.where(m_next, tl.dot(b_da_next, b_w, input_precision=PRECISION, out_dtype=b_c.dtype),
                                   b_dh_state)
-        elif t + 1 < T:
-            b_dh_state = tl.where(m_next, _exchanged_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h, m_h,
-                                                         4 * H, H, 1, PRECISION, BB, BH, BK, ACC), b_dh_state)
-        b_dh = tl.where(m_run, b_dh_state + tl.load(p_dout + t * B * H + o_s, mask=m_s, other=0.0).to(ACC), 0.0)
-
-        # recompute the step's [BB, 4*BH] gate tile from what forward saved
-        o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
-        b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
-        b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
-        if FRAME:
-            n = tl.load(p_steps + 2 * t)
-            use_batch = tl.load(p_steps + 2 * t + 1)
-            p_stats_t = p_stats + t * 18 * H
-            b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
-            b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
-            b_z = b_gamma_hh * b_xhat_hh + b_gamma_ih * b_xhat_ih
-        else:
-            b_z = b_a_hh + b_x
-        if HAS_BIAS:
-            b_z += b_bias
-        b_act = _activate(b_z, o_gate)
-        b_i, b_f, b_g, b_o = _split_gates(b_act, BB, BH)
-        b_c_prev = tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0)
-        if FRAME:
-            b_xhat_c, b_rstd_c = _xhat(b_c, p_stats_t + 8 * H, o_h, m_h, 9 * H, eps)
-            b_y = b_gamma_c * b_xhat_c + b_beta_c
-        else:
-            b_y = b_c
-        b_tanh_y = _tanh(b_y)
-
-        # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
-        b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
-        if FRAME:
-            b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
-            b_sum_dy_c += tl.sum(b_dy * b_xhat_c, axis=0)
-            b_sum_dy += tl.sum(b_dy, axis=0)
-        else:
-            b_dc_new = b_dy
-        b_dc = tl.where(m_run, b_dc_new + b_dc_state, 0.0)
-        b_dc_state = tl.where(m_run, b_dc * b_f, b_dc_state)
-
-        # [BB, 4*BH] gradient of each gate's activation, then of its pre-activation
-        b_dact = _join_gates(b_dc * b_g, b_dc * b_c_prev, b_dc * b_i, b_dh * b_tanh_y, BB, BH)
-        b_dz = b_dact * tl.where((o_gate == 2)[None, :], 1.0 - b_act * b_act, b_act * (1.0 - b_act))
-        b_sum_dz += tl.sum(b_dz, axis=0)
-        if FRAME:
-            b_sum_dz_ih += tl.sum(b_dz * b_xhat_ih, axis=0)
-            b_sum_dz_hh += tl.sum(b_dz * b_xhat_hh, axis=0)
-            b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
-            b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
-            tl.store(p_da + T * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
-        else:
-            b_da_hh = b_dz
-        tl.store(p_da + o_tile, b_da_hh.to(p_da.dtype.element_ty), mask=m_tile)
-        b_c = b_c_prev
-        if CARRY:
-            b_da_next = b_da_hh.to(p_da.dtype.element_ty)
-        else:
+            b_c_prev = tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0)
+            b_da_next, b_dc_state, b_ih, b_hh, b_b, b_gc, b_bc = _backward_block(
+                b_dh_state, b_dc_state, b_c, b_c_prev, t, T, 0, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_stats,
+                p_steps, p_a_hh, p_dout, p_da, eps, B, H, FRAME, HAS_BIAS, BB, BH)
+            b_dgamma_ih += b_ih
+            b_dgamma_hh += b_hh
+            b_dbias += b_b
+            b_dgamma_c += b_gc
+            b_dbeta_c += b_bc
+            b_c = b_c_prev
+            t -= 1
+        tl.store(p_dstate + o_s, b_dh_state, mask=m_s)
+        tl.store(p_dstate + B * H + o_s, b_dc_state, mask=m_s)
+        _store_sums(p_dparams, 0, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b_dbeta_c, False, H, FRAME, HAS_BIAS,
+                    BH)
+    else:
+        while t >= 0:
+            m_run = (m_b & (b_len > t))[:, None]
+            m_next = (m_b & (b_len > t + 1))[:, None]
+            i_h = i_p
+            while i_h < (H + BH - 1) // BH:
+                o_h = i_h * BH + tl.arange(0, BH)
+                m_h = o_h < H
+                o_s = o_b[:, None] * H + o_h[None, :]
+                m_s = m_b[:, None] & m_h[None, :]
+                b_dh_state = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
+                if t + 1 < T:
+                    # [BB, BH] da_hh_{t+1} [B, 4H] (every program's columns) times W_hh[:, block]
+                    b_dh_state = tl.where(m_next, _exchanged_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h,
+                                                                 m_h, 4 * H, H, 1, PRECISION, BB, BH, BK,
+                                                                 b_dh_state.dtype), b_dh_state)
+                _, b_dc_state, b_ih, b_hh, b_b, b_gc, b_bc = _backward_block(
+                    b_dh_state, tl.load(p_dstate + B * H + o_s, mask=m_s, other=0.0),
+                    tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0),
+                    tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0), t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias,
+                    p_affine, p_stats, p_steps, p_a_hh, p_dout, p_da, eps, B, H, FRAME, HAS_BIAS, BB, BH)
+                tl.store(p_dstate + o_s, b_dh_state, mask=m_s)
+                tl.store(p_dstate + B * H + o_s, b_dc_state, mask=m_s)
+                _store_sums(p_dparams, i_h, b_ih, b_hh, b_b, b_gc, b_bc, True, H, FRAME, HAS_BIAS, BH)
+                i_h += NUM_PROGRAMS
             _grid_barrier(p_sem, T - 1 - t, NUM_PROGRAMS)
-        t -= 1
-
-    tl.store(p_dstate + o_s, b_dh_state, mask=m_s)
-    tl.store(p_dstate + B * H + o_s, b_dc_state, mask=m_s)
-    if FRAME:
-        tl.store(p_dparams + o_g, b_sum_dz_ih, mask=m_g)
-        tl.store(p_dparams + 4 * H + o_g, b_sum_dz_hh, mask=m_g)
-        tl.store(p_dparams + 8 * H + o_h, b_sum_dy_c, mask=m_h)
-        tl.store(p_dparams + 9 * H + o_h, b_sum_dy, mask=m_h)
-    if HAS_BIAS:
-        tl.store(p_dparams + 10 * H + o_g, b_sum_dz, mask=m_g)
+            t -= 1
 
 
 class _Run(NamedTuple):
@@ -356,9 +427,9 @@ class _Run(NamedTuple):
     eps: float
     normalization: str | None
     precision: str | None  # tl.dot input_precision of the recurrent dots
-    form: str  # "single" or "grid"
-    programs: int  # programs of the launch (1 for "single", and for "grid" under the interpreter)
-    block_h: int  # hidden units per program
+    form: str  # one of FORMS
+    programs: int  # programs of the launch (1 but for "grid" on CUDA)
+    block_h: int  # hidden units per column block
     num_warps: int
 
 
@@ -390,7 +461,7 @@ def _host_to_device(host: Tensor, device: torch.device) -> Tensor:
 
 def _launch(run: _Run) -> dict:
     """The launch arguments both persistent kernels share."""
-    return dict(CARRY=run.form == "single", NUM_PROGRAMS=run.programs, PRECISION=run.precision, BH=run.block_h,
+    return dict(CARRY=run.form == "registers", NUM_PROGRAMS=run.programs, PRECISION=run.precision, BH=run.block_h,
                 BK=_BLOCK_K, num_warps=run.num_warps, **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
 
 
@@ -486,7 +557,8 @@ def _layer_backward(*, x: Tensor, params: LayerParams, saved: _Saved, cotangents
     dstate = torch.stack([dh_n, dc_n]).to(saved.c.dtype)
     da = torch.empty(2 if frame else 1, T, B, G, dtype=dtype, device=device)
     has_sums = frame or params.bias is not None
-    dparams = torch.empty(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
+    # (the block-walking forms add each step's sums to it)
+    dparams = torch.zeros(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
     bnlstm_persistent_bwd_kernel[(run.programs,)](
         p_x_gates=saved.x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=saved.affine,
         p_stats=saved.stats, p_steps=saved.steps, p_lengths=saved.lengths, p_c=saved.c, p_a_hh=saved.a_hh,
@@ -581,33 +653,24 @@ _SINGLE_LIMITS = {
 }
 
 
-def _grid_programs(H: int, device: torch.device) -> int:
-    """Programs of the grid form: one per ``_GRID_BLOCK_H`` hidden units, at most one per SM."""
-    programs = triton.cdiv(H, _GRID_BLOCK_H)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs > sms:
-        raise ValueError(f"the persistent 'grid' form runs one program per {_GRID_BLOCK_H} hidden units on at most "
-                         f"one program per SM: H={H} needs {programs} programs, this GPU has {sms} SMs")
-    return programs
-
-
 def _plan_run(inputs: LayerInput, config: LayerConfig, dtype: torch.dtype, form: str | None) -> _Run:
-    """The form (``form`` or the heuristic: single where it fits, else grid on CUDA) and its launch shape."""
+    """The form (``form``, or the heuristic: "registers" where it fits, else "grid" on CUDA and "single" under
+    the interpreter) and its launch shape."""
     x = inputs.x
-    T, B, _ = x.shape
-    H = inputs.c0.shape[1]
-    device = x.device
+    B, H, device = x.shape[1], inputs.c0.shape[1], x.device
     if form is None:
-        form = "single" if persistent_fits(B, H, dtype) or device.type != "cuda" else "grid"
+        form = "registers" if persistent_fits(B, H, dtype) else "grid" if device.type == "cuda" else "single"
     if form not in FORMS:
         raise ValueError(f"the persistent Triton form must be one of {', '.join(FORMS)}, got {form!r}")
-    if form == "single" or device.type != "cuda":
-        # the interpreter runs programs one after another: its grid form is one program through memory
-        programs, block_h = 1, _single_block_h(H)
-        num_warps = _single_num_warps(B, H, dtype) or 16
+    if form == "registers":
+        programs, block_h, num_warps = 1, _single_block_h(H), _single_num_warps(B, H, dtype) or 16
     else:
-        programs, block_h = _grid_programs(H, device), _GRID_BLOCK_H
-        num_warps = min(16, max(4, _block_rows(B) // 8))
+        programs, block_h, num_warps = 1, _BLOCK_H, min(16, max(4, _block_rows(B) // 8))
+        if form == "grid" and device.type == "cuda":
+            # at most one program per SM (the cooperative launch checks co-residency); programs walk the
+            # blocks i_p, i_p + programs, ...
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            programs = min(triton.cdiv(H, _BLOCK_H), sms)
     return _Run(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats, eps=float(config.eps),
                 normalization=config.normalization, precision=_precision(dtype, device), form=form,
                 programs=programs, block_h=block_h, num_warps=num_warps)
