@@ -1,0 +1,282 @@
+"""The persistent Triton kernels (``fused_bnlstm/ops/persistent_triton.py``) held to the reference.
+
+Tiers:
+- interpreter (no CUDA; conftest sets ``TRITON_INTERPRET=1``): every output, gradient by name and batch
+  statistic against the reference for the "registers" form (one program, h carried in registers) and the
+  "single" form (one program walking column blocks through memory: the "grid" kernel with one program, its
+  barrier only a CTA barrier); gradcheck in float64; double backward through the reference's VJP; plus a
+  subprocess that compiles both kernels for sm90 and checks the compile report behind ``persistent_fits``;
+- CUDA (skips without a GPU): the multi-program "grid" form (a cooperative launch with one grid barrier
+  per step), which the interpreter cannot run since it runs programs one after another.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fused_bnlstm import ops
+from fused_bnlstm.ops import LayerConfig, LayerParams, backend_available
+from layer_cases import CPU, USED, call_layer, compare_with_reference, op_inputs, population
+
+_cpu_ok, _cpu_reason = backend_available("triton", CPU)
+requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not backend_available("triton", torch.device("cuda"))[0],
+    reason="needs a CUDA GPU with the Triton backend",
+)
+# the interpreter's numpy sigmoid overflows exp() on large negative inputs, harmlessly (1 / inf = 0)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+# the name the tests give the persistent backend in bnlstm_layer (it is not one of ops.BACKENDS yet)
+BACKEND = "triton_persistent"
+
+
+@pytest.fixture
+def persistent(monkeypatch):
+    """``use(form)`` routes ``bnlstm_layer(..., backend=BACKEND)`` to the persistent kernels in that form."""
+    from fused_bnlstm.ops.persistent_triton import bnlstm_layer_triton_persistent
+
+    original = ops._backend_function
+
+    def use(form):
+        entry = functools.partial(bnlstm_layer_triton_persistent, form=form)
+        monkeypatch.setattr(ops, "_backend_function", lambda name: entry if name == BACKEND else original(name))
+
+    return use
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """torch.empty / empty_like hand out NaN-filled float tensors, so an element no kernel wrote shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
+
+
+LAYER_CASES = [
+    # frame-wise training; lengths with steps where fewer than two rows still run (population fallback)
+    pytest.param(7, 3, 5, 24, [7, 1, 4], "frame", True, id="B3-T7-I5-H24-frame-train-varlen-tail1"),
+    pytest.param(4, 5, 1, 8, None, "frame", True, id="B5-T4-I1-H8-frame-train"),
+    pytest.param(1, 2, 5, 3, None, "frame", True, id="B2-T1-I5-H3-frame-train"),
+    pytest.param(7, 5, 1, 3, [7, 2, 7, 5, 1], "frame", True, id="B5-T7-I1-H3-frame-train-varlen"),
+    # frame-wise eval: population statistics at every step
+    pytest.param(4, 3, 5, 8, [4, 2, 3], "frame", False, id="B3-T4-I5-H8-frame-eval-varlen"),
+    # sequence-wise: the input branch normalized before the loop
+    pytest.param(4, 3, 5, 24, [4, 1, 2], "sequence", True, id="B3-T4-I5-H24-sequence-train-varlen"),
+    pytest.param(4, 5, 1, 8, [4, 4, 1, 2, 3], "sequence", False, id="B5-T4-I1-H8-sequence-eval-varlen"),
+    # plain LSTM through the same kernels
+    pytest.param(7, 3, 5, 8, [7, 3, 5], None, True, id="B3-T7-I5-H8-plain-varlen"),
+]
+
+# the block-walking form with several 16-unit blocks per step (H = 24: 2, H = 40: 3)
+BLOCK_CASES = [
+    pytest.param(7, 3, 5, 24, [7, 1, 4], "frame", True, id="B3-T7-I5-H24-frame-train-varlen-tail1"),
+    pytest.param(4, 3, 5, 40, [4, 3, 2], "frame", True, id="B3-T4-I5-H40-frame-train-varlen"),
+    pytest.param(4, 2, 1, 24, None, "frame", False, id="B2-T4-I1-H24-frame-eval"),
+    pytest.param(4, 3, 5, 40, [4, 1, 2], "sequence", True, id="B3-T4-I5-H40-sequence-train-varlen"),
+    pytest.param(1, 5, 1, 3, None, None, True, id="B5-T1-I1-H3-plain"),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LAYER_CASES)
+def test_bnlstm_layer_triton_persistent_registers_matches_reference(persistent, nan_poisoned_empty, T, B, I, H,
+                                                                    lengths, normalization, use_batch_stats):
+    persistent("registers")
+    compare_with_reference(BACKEND, T, B, I, H, lengths, normalization, use_batch_stats, torch.float32)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", BLOCK_CASES)
+def test_bnlstm_layer_triton_persistent_single_matches_reference(persistent, nan_poisoned_empty, T, B, I, H,
+                                                                 lengths, normalization, use_batch_stats):
+    persistent("single")
+    compare_with_reference(BACKEND, T, B, I, H, lengths, normalization, use_batch_stats, torch.float32)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("form", ["registers", "single"])
+def test_bnlstm_layer_triton_persistent_float64(persistent, form):
+    persistent(form)
+    compare_with_reference(BACKEND, 4, 3, 2, 24, [4, 1, 3], "frame", True, torch.float64)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization", ["frame", "sequence", None], ids=["frame", "sequence", "plain"])
+def test_bnlstm_layer_triton_persistent_without_bias(persistent, normalization):
+    persistent("registers")
+    compare_with_reference(BACKEND, 4, 3, 5, 8, [4, 3, 1], normalization, True, torch.float32, bias=False)
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_persistent_no_grad_matches_reference(persistent):
+    """Without gradients the forward saves nothing (two state slots) and still returns the statistics."""
+    persistent("single")
+    T, B, I, H, lengths = 5, 3, 2, 24, [5, 2, 4]
+    inputs = op_inputs(T, B, I, H, lengths, torch.float32)
+    pop = population(T, H, "frame", torch.float32)
+    with torch.no_grad():
+        expected = call_layer(inputs, lengths=lengths, population=pop)
+        actual = call_layer(inputs, backend=BACKEND, lengths=lengths, population=pop)
+    for name, want, got in zip(("output", "h_n", "c_n"), expected[:3], actual[:3]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(actual.stats.mean_hh, expected.stats.mean_hh, equal_nan=True, atol=1e-4, rtol=1e-3)
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_persistent_gradcheck_float64(persistent):
+    persistent("registers")
+    T, B, I, H, lengths = 3, 3, 2, 3, [3, 1, 2]
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    pop = population(T, H, "frame", torch.float64)
+    names = list(USED["frame"])
+    fixed = {n: v.detach() for n, v in inputs.items() if n not in names}
+
+    def run(*tensors):
+        out, h_n, c_n, _ = call_layer({**dict(zip(names, tensors)), **fixed}, backend=BACKEND, lengths=lengths,
+                                      population=pop)
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(run, [inputs[n] for n in names], fast_mode=True, atol=1e-6)
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_persistent_double_backward(persistent):
+    """create_graph=True hands backward to the reference's VJP: a gradient penalty matches the reference's."""
+    persistent("registers")
+    T, B, I, H, lengths = 3, 3, 2, 8, [3, 2, 3]
+    pop = population(T, H, "frame", torch.float64)
+    penalties = {}
+    for backend in ("reference", BACKEND):
+        inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+        out, h_n, _, _ = call_layer(inputs, backend=backend, lengths=lengths, population=pop)
+        (dx,) = torch.autograd.grad(out.square().sum() + h_n.sum(), inputs["x"], create_graph=True)
+        (penalties[backend],) = torch.autograd.grad(dx.square().sum(), inputs["weight_hh"])
+    torch.testing.assert_close(penalties[BACKEND], penalties["reference"])
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_persistent_refuses_projection_and_process_group():
+    from fused_bnlstm.ops.common import prepare_layer
+    from fused_bnlstm.ops.persistent_triton import bnlstm_layer_triton_persistent
+
+    T, B, I, H = 2, 3, 2, 4
+    inputs = op_inputs(T, B, I, H, None, torch.float32)
+    params = LayerParams(**{n: inputs[n] for n in LayerParams._fields if n in inputs})
+    layer_input = prepare_layer(inputs["x"], inputs["h0"], inputs["c0"], params, LayerConfig(), None,
+                                population(T, H, "frame", torch.float32))
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        bnlstm_layer_triton_persistent(inputs=layer_input, params=params._replace(weight_hr=torch.eye(H)),
+                                       config=LayerConfig())
+    with pytest.raises(NotImplementedError, match="process_group"):
+        bnlstm_layer_triton_persistent(inputs=layer_input, params=params, config=LayerConfig(process_group=object()))
+    with pytest.raises(ValueError, match="form"):
+        bnlstm_layer_triton_persistent(inputs=layer_input, params=params, config=LayerConfig(), form="cooperative")
+
+
+def test_persistent_fits_follows_the_compile_report():
+    """The envelope of the "registers" form (README: Persistent kernels): s-MNIST's H = 100 does not fit."""
+    from fused_bnlstm.ops.persistent_triton import persistent_fits
+
+    assert persistent_fits(64, 32, torch.float32) and persistent_fits(64, 32, torch.bfloat16)
+    assert not persistent_fits(64, 100, torch.float32) and not persistent_fits(64, 100, torch.bfloat16)
+    assert not persistent_fits(512, 16, torch.float32)
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, re, subprocess, sys, tempfile
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource, make_backend
+
+    from fused_bnlstm.ops import persistent_triton as P
+
+    TARGET = GPUTarget("cuda", 90, 64)
+    BACKEND = make_backend(TARGET)
+    ACC_BUFFERS = ("p_c", "p_a_hh", "p_stats", "p_dstate", "p_dparams")
+    INT_BUFFERS = {"p_lengths": "*i64", "p_steps": "*i32", "p_sem": "*i32"}
+
+    def compile_for_sm90(kernel, dtype, constexprs, num_warps):
+        # as a launch specializes: 16-byte-aligned pointers, flags as constexprs; then ptxas -v's report
+        fn = kernel.fn
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.startswith("p_"):
+                signature[name] = INT_BUFFERS.get(name) or ("*fp32" if name in ACC_BUFFERS else f"*{dtype}")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "fp32" if name == "eps" else "i32"
+        options = BACKEND.parse_options({"num_warps": num_warps})
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
+            ptx.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", ptx.name + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+        spills = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log)
+        return dict(regs=int(re.search(r"Used (\\d+) registers", log).group(1)),
+                    spills=int(spills.group(1)) + int(spills.group(2)), shared=compiled.metadata.shared)
+
+    for B, H, dtype, torch_dtype, precision, form, programs in json.loads(sys.argv[1]):
+        torch_dtype = getattr(torch, torch_dtype)
+        carry = form == "registers"
+        common = dict(H=H, CARRY=carry, NUM_PROGRAMS=programs, PRECISION=precision, BB=P._block_rows(B),
+                      BH=P._single_block_h(H) if carry else P._BLOCK_H, BK=P._BLOCK_K)
+        warps = P._single_num_warps(B, H, torch_dtype) if carry else min(16, max(4, P._block_rows(B) // 8))
+        for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True)),
+                                         ("bwd", P.bnlstm_persistent_bwd_kernel, common)):
+            report = compile_for_sm90(kernel, dtype, dict(constexprs, FRAME=True, HAS_BIAS=True), warps)
+            print(json.dumps(dict(kernel=name, B=B, H=H, dtype=dtype, form=form, fits=P.persistent_fits(B, H, torch_dtype),
+                                  **report)), flush=True)
+""")
+
+
+def _has_nvidia_toolchain():
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tier runs the compiled kernels themselves")
+@pytest.mark.skipif(not _cpu_ok or not _has_nvidia_toolchain(), reason="needs triton with its bundled ptxas")
+def test_triton_persistent_kernels_compile_for_sm90():
+    """Both kernels compile for an H100 (the interpreter accepts Python the compiler rejects): the "registers"
+    form where ``persistent_fits`` says it fits, without spills, and the multi-program "grid" form (its
+    barrier's atomics included) at s-MNIST's H = 100 within the SM's 227 KiB of shared memory."""
+    cases = [[64, 32, "fp32", "float32", "tf32", "registers", 1], [64, 100, "fp32", "float32", "tf32", "grid", 7]]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(reports) == 4, result.stdout
+    for report in reports:
+        assert report["shared"] <= 227 * 1024, report
+        if report["form"] == "registers":
+            assert report["fits"] and report["spills"] == 0, report
+
+
+@requires_cuda
+@pytest.mark.parametrize("form", ["registers", "single", "grid"])
+@pytest.mark.parametrize("normalization", ["frame", "sequence", None], ids=["frame", "sequence", "plain"])
+def test_bnlstm_layer_triton_persistent_cuda(persistent, monkeypatch, form, normalization):
+    """On the GPU in IEEE float32: the grid form runs several programs (H = 100: 7) and its grid barrier."""
+    persistent(form)
+    monkeypatch.setenv("FUSED_BNLSTM_TRITON_PRECISION", "ieee")
+    H = 32 if form == "registers" else 100
+    compare_with_reference(BACKEND, 9, 5, 7, H, [9, 3, 9, 1, 6], normalization, True, torch.float32,
+                           device=torch.device("cuda"))
