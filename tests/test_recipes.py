@@ -31,6 +31,36 @@ def _stats_buffers(model):
     return {name: buf for name, buf in model.named_buffers() if "running_" in name or "num_batches" in name}
 
 
+# Evaluating after training: re-estimate, do not trust the running averages ----------------------------
+
+
+def test_eval_after_training_on_sequences_that_start_alike_needs_the_re_estimate():
+    """examples/README.md section 4 in miniature: every sequence starts blank, so c at step 0 is the same
+    for all of them (batch variance 0); eval divides the running mean's lag behind the weights by
+    sqrt(eps). The exact re-estimate at the final weights gives eval == the batch-statistics run."""
+    torch.manual_seed(0)
+    model = BNLSTM(2, 4, max_length=6, backend="reference", dtype=DTYPE)
+    x = torch.randn(6, 256, 2, dtype=DTYPE)
+    x[0] = 0
+    target = torch.randn(256, 4, dtype=DTYPE)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        out, _ = model(x)
+        loss = (out[-1] - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        batch_out, _ = copy.deepcopy(model)(x)  # training mode: this batch's statistics
+        exact = copy.deepcopy(model)
+        update_population_statistics([x], exact)
+        assert exact.running_var_c_l0[0].max() == 0  # the same c_0 for every sequence
+        err_running = (copy.deepcopy(model).eval()(x)[0] - batch_out).abs().max().item()
+        err_exact = (exact.eval()(x)[0] - batch_out).abs().max().item()
+    assert err_exact < 0.05  # only the unbiased variance's n / (n - 1) separates them
+    assert err_running > 10 * err_exact
+
+
 # a. Truncated BPTT over a stream ------------------------------------------------------------------------
 
 
