@@ -394,6 +394,64 @@ def test_bnlstm_layer_triton_eval_tiles_large_batches():
         call_layer(inputs, backend="triton", **config)
 
 
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """The graph path on the CPU: graphs on, and a "capture" that keeps the launches closure and replays it
+    as it was captured. Like a CUDA graph it then runs with the captured call's tensors, so a launch that
+    reads anything but its workspace's buffers replays stale data and the comparison fails."""
+    from fused_bnlstm.ops import fused_triton
+
+    captured = []
+
+    def capture(launches):
+        captured.append(launches)
+        return launches
+
+    monkeypatch.setattr(fused_triton, "_graphs_enabled", lambda device: True)
+    monkeypatch.setattr(fused_triton, "_capture", capture)
+    monkeypatch.setattr(fused_triton, "_WORKSPACES", fused_triton._WorkspacePool())
+    return captured
+
+
+def compare_repeated_calls(normalization, use_batch_stats, lengths, device=CPU):
+    """One shape, a call per entry of ``lengths`` with new inputs, lengths and cotangents each (with graphs:
+    eager, capture and replay, then replays), each held to the reference, with and without gradients."""
+    T, B, I, H = 4, 3, 2, 16
+    for seed, call_lengths in enumerate(lengths):
+        pop = population(T, H, normalization, torch.float32, device, seed=10 + seed)
+        inputs = op_inputs(T, B, I, H, call_lengths, torch.float32, device, seed=seed)
+        case = (call_lengths, pop, use_batch_stats, normalization, 100 + seed)
+        expected, expected_stats = run_layer("reference", inputs, *case)
+        actual, actual_stats = run_layer("triton", inputs, *case)
+        for name in expected:
+            assert_close_by_name(actual[name], expected[name], f"call {seed}: {name}", **TOLERANCES[torch.float32])
+        assert_same_statistics(expected_stats, actual_stats, **TOLERANCES[torch.float32])
+        with torch.no_grad():
+            expected = call_layer(inputs, backend="reference", lengths=call_lengths, population=pop,
+                                  use_batch_stats=use_batch_stats, normalization=normalization)
+            actual = call_layer(inputs, backend="triton", lengths=call_lengths, population=pop,
+                                use_batch_stats=use_batch_stats, normalization=normalization)
+        for name in ("output", "h_n", "c_n"):
+            assert_close_by_name(getattr(actual, name), getattr(expected, name), f"no_grad call {seed}: {name}",
+                                 **TOLERANCES[torch.float32])
+
+
+REPEATED_CALLS = [
+    pytest.param("frame", True, ([4, 1, 3], [4, 4, 2], None, [2, 4, 4]), id="frame-train-varlen"),
+    pytest.param("frame", False, ([4, 2, 3], None, [1, 4, 4], [4, 4, 4]), id="frame-eval-varlen"),
+    pytest.param("sequence", True, ([4, 1, 3], [4, 4, 4], [4, 4, 2], [3, 3, 3]), id="sequence-train-varlen"),
+    pytest.param(None, True, (None, [4, 2, 3], [1, 1, 4], [4, 3, 2]), id="plain-varlen"),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", REPEATED_CALLS)
+def test_bnlstm_layer_triton_graph_replay_matches_reference(fake_graphs, normalization, use_batch_stats, lengths):
+    compare_repeated_calls(normalization, use_batch_stats, lengths)
+    # captured once each: the training forward and backward, the no_grad forward
+    assert len(fake_graphs) == 3
+
+
 def _module_pair(normalization="frame", **kwargs):
     torch.manual_seed(0)
     reference = BNLSTM(normalization=normalization, backend="reference", **kwargs)
@@ -469,6 +527,19 @@ def test_bnlstm_module_triton_unbatched_eval():
     reference.eval()
     triton_model.eval()
     _assert_modules_agree(reference, triton_model, x)
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_graph_replay_bidirectional(fake_graphs):
+    # both directions (one key) hold workspaces of their own until their backward has run
+    reference, triton_model = _module_pair(input_size=2, hidden_size=3, bidirectional=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        lengths = torch.tensor([4, 2, 3])
+        x = torch.randn(4, 3, 2) * (torch.arange(4).unsqueeze(1) < lengths).unsqueeze(2)
+        _assert_modules_agree(reference, triton_model, pack_padded_sequence(x, lengths, enforce_sorted=False),
+                              cotangent_seed=seed)
+    assert fake_graphs
 
 
 @requires_interpreter
@@ -622,13 +693,52 @@ def test_bnlstm_layer_triton_cuda_no_host_sync(no_tf32, normalization, use_batch
         with torch.no_grad():
             call_layer(inputs, backend="triton", **config)
 
-    step()  # compiles the kernels
+    # the first call compiles, the second captures the step loops (torch.cuda.graph synchronizes)
+    step()
+    step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths", REPEATED_CALLS)
+def test_bnlstm_layer_triton_cuda_graph_replay(no_tf32, monkeypatch, normalization, use_batch_stats, lengths):
+    from fused_bnlstm.ops import fused_triton
+
+    monkeypatch.delenv(fused_triton.GRAPHS_ENV, raising=False)
+    monkeypatch.setattr(fused_triton, "_WORKSPACES", fused_triton._WorkspacePool())
+    captured = []
+    capture = fused_triton._capture
+    monkeypatch.setattr(fused_triton, "_capture", lambda launches: captured.append(launches) or capture(launches))
+    compare_repeated_calls(normalization, use_batch_stats, lengths, CUDA)
+    assert len(captured) == 3
+
+
+@requires_cuda
+def test_bnlstm_layer_triton_cuda_inside_user_graph(no_tf32):
+    # a caller's own capture records the launches (the op's graphs stand aside); replays follow new inputs
+    T, B, I, H = 16, 8, 32, 64
+    inputs = {n: v.detach() for n, v in op_inputs(T, B, I, H, None, torch.float32, CUDA).items()}
+    config = dict(population=population(T, H, "frame", torch.float32, CUDA), use_batch_stats=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        call_layer(inputs, backend="triton", **config)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = call_layer(inputs, backend="triton", **config).output
+    for seed in (1, 2):
+        for name, value in op_inputs(T, B, I, H, None, torch.float32, CUDA, seed=seed).items():
+            inputs[name].copy_(value.detach())
+        graph.replay()
+        with torch.no_grad():
+            expected = call_layer(inputs, backend="reference", **config).output
+        assert_close_by_name(static_out, expected, "output", **TOLERANCES[torch.float32])
 
 
 @requires_cuda
@@ -660,6 +770,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     BACKEND = make_backend(TARGET)
     # buffers in the accumulation dtype; the other pointers are in the input's dtype
     ACC_BUFFERS = ("p_c", "p_a_hh", "p_stats", "p_dstate", "p_dparams", "p_dgamma", "p_fold")
+    INT_BUFFERS = {"p_lengths": "*i64", "p_steps": "*i32"}
 
     def compile_for_sm90(kernel, dtype, constexprs, num_warps):
         # as a launch specializes: 16-byte-aligned pointers, None pointers and flags as constexprs
@@ -669,7 +780,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name.startswith("p_"):
-                signature[name] = "*i64" if name == "p_lengths" else "*fp32" if name in ACC_BUFFERS else f"*{dtype}"
+                signature[name] = INT_BUFFERS.get(name) or ("*fp32" if name in ACC_BUFFERS else f"*{dtype}")
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 signature[name] = "fp32" if name == "eps" else "i32"
@@ -678,18 +789,24 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     B = 64
     tiles = dict(H=100, BB=F._block_rows(B), BH=F._BLOCK_H, BK=F._BLOCK_K)
+    infer_tiles = dict(tiles, BB=F._INFER_ROWS)
+    # every kernel in fp32 IEEE and bf16, the dot kernels in TF32 as well; plain variants once
     for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", None)):
         frame = dict(FRAME=True, HAS_BIAS=True, PRECISION=precision, **tiles)
-        plain = dict(FRAME=False, HAS_BIAS=False, PRECISION=precision, p_bias=None, p_affine=None, **tiles)
-        for constexprs in (dict(frame, SAVE=True), dict(plain, SAVE=False, p_pop=None, p_a_hh=None, p_stats=None)):
-            compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, constexprs, F._num_warps(B))
-        for constexprs in (frame, dict(plain, p_stats=None, p_dparams=None)):
-            compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, constexprs, F._num_warps(B))
-        for constexprs in (dict(FOLDED=True, HAS_BIAS=False, p_bias=None), dict(FOLDED=False, HAS_BIAS=True, p_fold=None)):
-            infer_tiles = dict(tiles, BB=F._INFER_ROWS)
-            compile_for_sm90(K.bnlstm_infer_step_kernel, dtype, dict(constexprs, PRECISION=precision, **infer_tiles), 4)
+        compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, dict(frame, SAVE=True), F._num_warps(B))
+        compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, frame, F._num_warps(B))
+        compile_for_sm90(K.bnlstm_infer_step_kernel, dtype,
+                         dict(FOLDED=True, HAS_BIAS=False, p_bias=None, PRECISION=precision, **infer_tiles), 4)
+        if precision == "tf32":
+            continue
         for kernel in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
             compile_for_sm90(kernel, dtype, dict(BR=F._BLOCK_ROWS, BF=F._BLOCK_FEATURES), 4)
+    plain = dict(FRAME=False, HAS_BIAS=False, PRECISION="ieee", p_bias=None, p_affine=None, p_steps=None, **tiles)
+    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(plain, SAVE=False, p_pop=None, p_a_hh=None, p_stats=None),
+                     F._num_warps(B))
+    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(plain, p_stats=None, p_dparams=None), F._num_warps(B))
+    compile_for_sm90(K.bnlstm_infer_step_kernel, "fp32",
+                     dict(FOLDED=False, HAS_BIAS=True, p_fold=None, PRECISION="ieee", **infer_tiles), 4)
     print("compiled")
 """)
 

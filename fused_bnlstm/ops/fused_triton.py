@@ -23,6 +23,9 @@ backward derivation in ``README.md`` beside this file):
   per step: the population moments, gamma, beta and the bias folded into one scale and shift per column
   and step, programs tiled over rows as well as columns, nothing saved.
 
+- On CUDA the step loops are captured as CUDA graphs per workspace and replayed (``_Workspace``;
+  ``FUSED_BNLSTM_TRITON_GRAPHS=0`` launches every step from Python instead).
+
 Statistics, accumulation and the cell state are float32 (float64 for float64 tensors); bf16 and fp16 run
 the GEMMs in their dtype with float32 accumulation; under autocast the op computes in autocast's dtype.
 fp32 recurrent GEMMs follow ``nn.LSTM`` on the same device (TF32 on CUDA where cuDNN's RNN uses it) unless
@@ -33,8 +36,11 @@ No call reads a device tensor back to the host: the per-step plan is host ints (
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import NamedTuple
+import threading
+import weakref
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,7 +67,10 @@ else:
     # triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at this import
     _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["PRECISION_ENV", "PRECISIONS", "available", "bnlstm_layer_triton"]
+__all__ = ["GRAPHS_ENV", "PRECISION_ENV", "PRECISIONS", "available", "bnlstm_layer_triton"]
+
+# step loops replayed as CUDA graphs: 1 (default) or 0
+GRAPHS_ENV = "FUSED_BNLSTM_TRITON_GRAPHS"
 
 # the float32 recurrent-GEMM precision switch (see ``_precision``)
 PRECISION_ENV = "FUSED_BNLSTM_TRITON_PRECISION"
@@ -78,6 +87,8 @@ _INFER_ROWS = 32
 # shared memory (fp32 TF32 forward) of the 227 KiB there are; BB = 1024 needs 408 KiB and cannot launch
 _MAX_ROWS = {torch.float64: 256}
 _MAX_ROWS_DEFAULT = 512
+# released workspaces kept for later calls of the same shapes (each holds its buffers and captured graphs)
+_MAX_IDLE_WORKSPACES = 8
 
 
 def available(device) -> tuple[bool, str]:
@@ -102,6 +113,7 @@ class _Plan(NamedTuple):
     """What the launchers need besides tensors, all known on the host (no device reads)."""
 
     counts: tuple[int, ...]  # [T] rows still running at each step
+    lengths: Tensor | None  # [B] int64 on the host (None: every row runs T steps)
     batch_stats: tuple[bool, ...]  # frame [T] / sequence [1]: whether batch statistics normalize
     use_batch_stats: bool  # training (or no running statistics): batch statistics are returned
     eps: float
@@ -116,6 +128,7 @@ class _Operands(NamedTuple):
     weight_hh: Tensor  # [4H, H]
     bias: Tensor | None  # [4H]
     affine: Tensor | None  # [10H] gamma_ih | gamma_hh | gamma_c | beta_c, frame only
+    steps: Tensor | None  # [T, 2] int32 rows running and batch statistics (1) or not (0) per step, frame only
     lengths: Tensor  # [B] int64 on the device
 
 
@@ -203,55 +216,161 @@ def _step_launch(B: int, H: int, plan: _Plan) -> dict:
                 num_warps=_num_warps(B))
 
 
-def _use_batch(plan: _Plan, t: int) -> int:
-    return int(plan.normalization == "frame" and plan.batch_stats[t])
+def _graphs_enabled(device: torch.device) -> bool:
+    """Whether the step loops replay as CUDA graphs: on CUDA unless ``FUSED_BNLSTM_TRITON_GRAPHS=0``, and
+    never while the caller captures a graph itself (its capture then records the launches)."""
+    return (device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
 
 
-def _recurrence_forward(*, operands: _Operands, h0: Tensor, c0: Tensor, population: Tensor | None, plan: _Plan,
-                        save: bool) -> _Recurrence:
+def _capture(launches: Callable[[], None]) -> Callable[[], None]:
+    """Capture ``launches`` (which touch only a workspace's buffers) as a CUDA graph; returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        launches()
+    return graph.replay
+
+
+class _Workspace:
+    """The buffers of one layer call and, with graphs, the step loops captured on them.
+
+    Without a key (graphs off): ``empty`` allocates, ``take`` passes a tensor through and ``run`` launches.
+    With a key (shapes, dtypes, modes): the workspace serves one call at a time and goes back to the pool
+    for later calls of the same key. ``empty`` and ``take`` hand out its fixed buffers (``take`` copies the
+    call's tensor in), and ``run`` launches eagerly the first time (that compiles), captures the launches
+    as a CUDA graph the second time and replays it from then on. A graph bakes in every pointer and
+    scalar: the launches it replays read and write these buffers only.
+    """
+
+    def __init__(self, key=None):
+        self.key = key
+        self.buffers: dict[str, Tensor] = {}
+        self.replays: dict[str, Callable[[], None]] = {}
+        self.runs: collections.Counter = collections.Counter()
+
+    def empty(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.key is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return self.buffers[name]
+
+    def take(self, name: str, tensor: Tensor | None) -> Tensor | None:
+        if self.key is None or tensor is None:
+            return tensor
+        return self.empty(name, tensor.shape, tensor.dtype, tensor.device).copy_(tensor)
+
+    def take_host(self, name: str, host: Tensor, device: torch.device) -> Tensor:
+        """A host tensor on the device without a host sync (an asynchronous copy from pinned memory)."""
+        if self.key is None:
+            return _to_device(host, device)
+        source = host.pin_memory() if device.type == "cuda" else host
+        return self.empty(name, host.shape, host.dtype, device).copy_(source, non_blocking=True)
+
+    def run(self, phase: str, launches: Callable[[], None]) -> None:
+        if self.key is None:
+            launches()
+            return
+        if phase not in self.replays:
+            self.runs[phase] += 1
+            if self.runs[phase] == 1:
+                launches()
+                return
+            self.replays[phase] = _capture(launches)
+        self.replays[phase]()
+
+
+class _WorkspacePool:
+    """Released workspaces by key, the least recently used dropped past ``_MAX_IDLE_WORKSPACES``."""
+
+    def __init__(self):
+        self.idle: collections.OrderedDict[int, _Workspace] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def acquire(self, key) -> _Workspace:
+        with self.lock:
+            for ident, workspace in self.idle.items():
+                if workspace.key == key:
+                    del self.idle[ident]
+                    return workspace
+        return _Workspace(key)
+
+    def release(self, workspace: _Workspace) -> None:
+        if workspace.key is None:
+            return
+        with self.lock:
+            self.idle[id(workspace)] = workspace
+            while len(self.idle) > _MAX_IDLE_WORKSPACES:
+                self.idle.popitem(last=False)
+
+
+_WORKSPACES = _WorkspacePool()
+
+
+def _workspace_for(*, x: Tensor, weight_hh: Tensor, plan: _Plan, population: Tensor | None,
+                   bias: Tensor | None, save: bool) -> _Workspace:
+    """A pooled workspace where graphs are on, else a plain one; the key is everything a graph bakes in."""
+    if not _graphs_enabled(x.device):
+        return _Workspace()
+    key = (x.device, x.shape[:2], weight_hh.shape, x.dtype, None if population is None else population.dtype,
+           bias is not None, plan.normalization, plan.use_batch_stats, plan.eps, plan.precision, save)
+    return _WORKSPACES.acquire(key)
+
+
+def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
+                        population: Tensor | None, plan: _Plan, save: bool) -> _Recurrence:
     """The recurrence, one launch per step; ``save`` keeps the state history and a_hh for backward."""
     T, B, G = operands.x_gates.shape
     H = G // 4
     dtype, device = operands.x_gates.dtype, operands.x_gates.device
     acc = _acc_dtype(dtype)
     rows = T + 1 if save else 2
-    h = torch.empty(rows, B, H, dtype=dtype, device=device)
-    c = torch.empty(rows, B, H, dtype=acc, device=device)
+    h = workspace.empty("h", (rows, B, H), dtype, device)
+    c = workspace.empty("c", (rows, B, H), acc, device)
     h[0] = h0
     c[0] = c0
-    out = torch.empty(T, B, H, dtype=dtype, device=device)
-    a_hh = torch.empty(T, B, G, dtype=acc, device=device) if save else None
-    stats = torch.empty(T, 18 * H, dtype=acc, device=device) if operands.affine is not None else None
+    out = workspace.empty("out", (T, B, H), dtype, device)
+    a_hh = workspace.empty("a_hh", (T, B, G), acc, device) if save else None
+    stats = workspace.empty("stats", (T, 18 * H), acc, device) if operands.affine is not None else None
     launch = _step_launch(B, H, plan)
     grid = (triton.cdiv(H, _BLOCK_H),)
-    for t in range(T):
-        kernels.bnlstm_fwd_step_kernel[grid](
-            p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias, p_affine=operands.affine,
-            p_pop=population, p_lengths=operands.lengths, p_h=h, p_c=c, p_out=out, p_a_hh=a_hh, p_stats=stats,
-            t=t, n=plan.counts[t], use_batch=_use_batch(plan, t), **launch,
-        )
+
+    def launches():
+        for t in range(T):
+            kernels.bnlstm_fwd_step_kernel[grid](
+                p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias,
+                p_affine=operands.affine, p_pop=population, p_steps=operands.steps, p_lengths=operands.lengths,
+                p_h=h, p_c=c, p_out=out, p_a_hh=a_hh, p_stats=stats, t=t, **launch,
+            )
+
+    workspace.run("forward", launches)
     return _Recurrence(out=out, h=h, c=c, a_hh=a_hh, stats=stats)
 
 
-def _recurrence_infer(*, operands: _Operands, h0: Tensor, c0: Tensor, fold: Tensor | None,
-                      plan: _Plan) -> _Recurrence:
+def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
+                      fold: Tensor | None, plan: _Plan) -> _Recurrence:
     """The recurrence without batch statistics and without saving: programs tile columns and rows, the
     states live in two slots, frame-wise normalization is the folded per-step affine map ``fold``."""
     T, B, G = operands.x_gates.shape
     H = G // 4
     dtype, device = operands.x_gates.dtype, operands.x_gates.device
-    h = torch.empty(2, B, H, dtype=dtype, device=device)
-    c = torch.empty(2, B, H, dtype=_acc_dtype(dtype), device=device)
+    h = workspace.empty("h", (2, B, H), dtype, device)
+    c = workspace.empty("c", (2, B, H), _acc_dtype(dtype), device)
     h[0] = h0
     c[0] = c0
-    out = torch.empty(T, B, H, dtype=dtype, device=device)
+    out = workspace.empty("out", (T, B, H), dtype, device)
     grid = (triton.cdiv(H, _BLOCK_H), triton.cdiv(B, _INFER_ROWS))
-    for t in range(T):
-        kernels.bnlstm_infer_step_kernel[grid](
-            p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=None if fold is not None else operands.bias,
-            p_fold=fold, p_lengths=operands.lengths, p_h=h, p_c=c, p_out=out, t=t, B=B, H=H,
-            PRECISION=plan.precision, BB=_INFER_ROWS, BH=_BLOCK_H, BK=_BLOCK_K, num_warps=4,
-        )
+    bias = None if fold is not None else operands.bias
+
+    def launches():
+        for t in range(T):
+            kernels.bnlstm_infer_step_kernel[grid](
+                p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=bias, p_fold=fold,
+                p_lengths=operands.lengths, p_h=h, p_c=c, p_out=out, t=t, B=B, H=H, PRECISION=plan.precision,
+                BB=_INFER_ROWS, BH=_BLOCK_H, BK=_BLOCK_K, num_warps=4,
+            )
+
+    workspace.run("forward", launches)
     return _Recurrence(out=out, h=h, c=c, a_hh=None, stats=None)
 
 
@@ -272,8 +391,8 @@ def _fold_population(*, params: LayerParams, population: Tensor, eps: float) -> 
     return torch.cat([scale[:, :8 * H], shift_gates, scale[:, 8 * H:], shift_c], dim=1).contiguous()
 
 
-def _recurrence_backward(*, operands: _Operands, saved: _Saved, cotangents: tuple[Tensor, Tensor, Tensor],
-                         plan: _Plan) -> _Gradients:
+def _recurrence_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved,
+                         cotangents: tuple[Tensor, Tensor, Tensor], plan: _Plan) -> _Gradients:
     """Reverse-time launches over what ``_recurrence_forward`` saved."""
     dout, dh_n, dc_n = cotangents
     T, B, G = operands.x_gates.shape
@@ -281,35 +400,40 @@ def _recurrence_backward(*, operands: _Operands, saved: _Saved, cotangents: tupl
     dtype, device = operands.x_gates.dtype, operands.x_gates.device
     frame = operands.affine is not None
     # [2, B, H] the state gradients the launches update in place: a copy, never the incoming cotangents
-    dstate = torch.stack([dh_n, dc_n]).to(saved.c.dtype)
-    da = torch.empty(2 if frame else 1, T, B, G, dtype=dtype, device=device)
+    dstate = workspace.empty("dstate", (2, B, H), saved.c.dtype, device)
+    dstate[0] = dh_n
+    dstate[1] = dc_n
+    da = workspace.empty("da", (2 if frame else 1, T, B, G), dtype, device)
     has_sums = frame or operands.bias is not None
-    dparams = torch.empty(T, 14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
+    dparams = workspace.empty("dparams", (T, 14 * H), saved.c.dtype, device) if has_sums else None
+    dout = workspace.take("dout", dout.contiguous())
     launch = _step_launch(B, H, plan)
     grid = (triton.cdiv(H, _BLOCK_H),)
-    dout = dout.contiguous()
-    for t in range(T - 1, -1, -1):
-        kernels.bnlstm_bwd_step_kernel[grid](
-            p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias, p_affine=operands.affine,
-            p_stats=saved.stats, p_lengths=operands.lengths, p_c=saved.c, p_a_hh=saved.a_hh, p_dout=dout,
-            p_dstate=dstate, p_da=da, p_dparams=dparams,
-            t=t, T=T, n=plan.counts[t], use_batch=_use_batch(plan, t), **launch,
-        )
+
+    def launches():
+        for t in range(T - 1, -1, -1):
+            kernels.bnlstm_bwd_step_kernel[grid](
+                p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias,
+                p_affine=operands.affine, p_stats=saved.stats, p_steps=operands.steps, p_lengths=operands.lengths,
+                p_c=saved.c, p_a_hh=saved.a_hh, p_dout=dout, p_dstate=dstate, p_da=da, p_dparams=dparams, t=t,
+                T=T, **launch,
+            )
+
+    workspace.run("backward", launches)
     return _Gradients(da=da, dstate=dstate, dparams=dparams)
 
 
-def _sequence_bn_forward(*, a_ih: Tensor, gamma_ih: Tensor, population: Tensor, lengths: Tensor,
-                         plan: _Plan) -> tuple[Tensor, Tensor]:
-    """u = gamma_ih * BN(a_ih) over every valid frame: u [T, B, 4H] and the moments used [2, 4H]."""
+def _sequence_bn_forward(*, a_ih: Tensor, u: Tensor, gamma_ih: Tensor, population: Tensor, lengths: Tensor,
+                         plan: _Plan) -> Tensor:
+    """u = gamma_ih * BN(a_ih) over every valid frame, into u [T, B, 4H]; returns the moments used [2, 4H]."""
     T, B, G = a_ih.shape
-    u = torch.empty_like(a_ih)
     seq_stats = torch.empty(2, G, dtype=_acc_dtype(a_ih.dtype), device=a_ih.device)
     kernels.sequence_bn_fwd_kernel[(triton.cdiv(G, _BLOCK_FEATURES),)](
         p_a=a_ih, p_u=u, p_gamma=gamma_ih, p_pop=population, p_lengths=lengths, p_stats=seq_stats,
         n=sum(plan.counts), use_batch=int(plan.batch_stats[0]), eps=plan.eps, T=T, B=B, F=G,
         BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES,
     )
-    return u, seq_stats
+    return seq_stats
 
 
 def _sequence_bn_backward(*, a_ih: Tensor, du: Tensor, gamma_ih: Tensor, seq_stats: Tensor, lengths: Tensor,
@@ -326,56 +450,86 @@ def _sequence_bn_backward(*, a_ih: Tensor, du: Tensor, gamma_ih: Tensor, seq_sta
     return da, dgamma
 
 
-def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, plan: _Plan, lengths: Tensor,
-                   population: Tensor | None, save: bool):
+def _device_steps(*, workspace: _Workspace, plan: _Plan, device: torch.device) -> Tensor:
+    """[T, 2] int32 the per-step plan as the kernels read it (rows running, batch statistics or not): two
+    fills when every step is alike (no padding), else host ints copied without a sync."""
+    steps = workspace.empty("steps", (len(plan.counts), 2), torch.int32, device)
+    if len(set(plan.counts)) == 1 and len(set(plan.batch_stats)) == 1:
+        steps[:, 0] = plan.counts[0]
+        steps[:, 1] = int(plan.batch_stats[0])
+        return steps
+    host = torch.tensor(list(zip(plan.counts, plan.batch_stats)), dtype=torch.int32)
+    return steps.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+
+
+def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, plan: _Plan,
+                   population: Tensor | None, workspace: _Workspace, save: bool):
     """The hoisted input GEMM, the input branch's normalization (sequence-wise), then the recurrence.
 
-    Returns out, h_n, c_n, the moments buffer to return statistics from (frame [T, 18H], sequence [2, 4H],
-    else None), and, when ``save``, the ``_Operands`` and ``_Saved`` backward needs.
+    Returns out, h_n, c_n (never a workspace buffer), the moments buffer to return statistics from (frame
+    [T, 18H], sequence [2, 4H], else None), and, when ``save``, the ``_Operands`` and ``_Saved`` backward
+    needs.
     """
-    T = x.shape[0]
+    T, B, _ = x.shape
+    G = params.weight_hh.shape[0]
     frame = plan.normalization == "frame"
-    # [T, B, 4H] the hoisted input branch: one GEMM over every step
-    a_ih = torch.matmul(x, params.weight_ih.t())
+    device = x.device
+    x_gates = workspace.empty("x_gates", (T, B, G), x.dtype, device)
+    if plan.lengths is None:
+        lengths = workspace.empty("lengths", (B,), torch.int64, device).fill_(T)
+    else:
+        lengths = workspace.take_host("lengths", plan.lengths, device)
     seq_stats = None
     if plan.normalization == "sequence":
-        x_gates, seq_stats = _sequence_bn_forward(a_ih=a_ih, gamma_ih=params.gamma_ih, population=population,
-                                                  lengths=lengths, plan=plan)
+        # [T, B, 4H] the hoisted input branch, one GEMM over every step, then BN over every valid frame
+        a_ih = torch.matmul(x, params.weight_ih.t())
+        seq_stats = _sequence_bn_forward(a_ih=a_ih, u=x_gates, gamma_ih=params.gamma_ih, population=population,
+                                         lengths=lengths, plan=plan)
     else:
-        x_gates = a_ih
+        a_ih = torch.matmul(x, params.weight_ih.t(), out=x_gates)
     # nothing to save and no batch statistics to use or return: the inference kernel
     infer = not save and (not frame or not plan.use_batch_stats)
-    affine = None
+    affine = steps = None
     if frame and not infer:
-        affine = torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c, params.beta_c])
-    operands = _Operands(x_gates=x_gates, weight_hh=params.weight_hh, bias=params.bias, affine=affine,
-                         lengths=lengths)
+        affine = workspace.take("affine", torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c,
+                                                     params.beta_c]))
+        steps = _device_steps(workspace=workspace, plan=plan, device=device)
+    operands = _Operands(x_gates=x_gates, weight_hh=workspace.take("weight_hh", params.weight_hh),
+                         bias=workspace.take("bias", params.bias), affine=affine, steps=steps, lengths=lengths)
     if infer:
         fold = _fold_population(params=params, population=population, eps=plan.eps) if frame else None
-        rec = _recurrence_infer(operands=operands, h0=h0, c0=c0, fold=fold, plan=plan)
+        rec = _recurrence_infer(workspace=workspace, operands=operands, h0=h0, c0=c0,
+                                fold=workspace.take("fold", fold), plan=plan)
     else:
-        rec = _recurrence_forward(operands=operands, h0=h0, c0=c0, population=population if frame else None,
-                                  plan=plan, save=save)
+        rec = _recurrence_forward(workspace=workspace, operands=operands, h0=h0, c0=c0,
+                                  population=workspace.take("pop", population) if frame else None, plan=plan,
+                                  save=save)
     last = T if save else T % 2
     h_n, c_n = rec.h[last].clone(), rec.c[last].to(x.dtype, copy=True)
+    # a workspace that outlives this call hands out copies
+    out = rec.out if workspace.key is None else rec.out.clone()
     moments = rec.stats if frame else seq_stats
+    if moments is not None and workspace.key is not None:
+        moments = moments.clone()
     if not save:
-        return rec.out, h_n, c_n, moments, None, None
+        return out, h_n, c_n, moments, None, None
     saved = _Saved(x=x, weight_ih=params.weight_ih, gamma_ih=params.gamma_ih,
                    a_ih=a_ih if seq_stats is not None else None, seq_stats=seq_stats, h=rec.h, c=rec.c,
                    a_hh=rec.a_hh, stats=rec.stats)
-    return rec.out, h_n, c_n, moments, operands, saved
+    return out, h_n, c_n, moments, operands, saved
 
 
-def _layer_backward(*, operands: _Operands, saved: _Saved, cotangents: tuple[Tensor, Tensor, Tensor],
-                    needs: tuple[bool, ...], plan: _Plan) -> tuple[Tensor | None, ...]:
+def _layer_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved,
+                    cotangents: tuple[Tensor, Tensor, Tensor], needs: tuple[bool, ...],
+                    plan: _Plan) -> tuple[Tensor | None, ...]:
     """The whole backward: reverse-time launches, then the weight, input and h0 gradients as GEMMs over all
     steps. ``needs`` and the result run over (x, h0, c0, *LayerParams); None where not needed or unused.
     """
     T, B, _ = saved.x.shape
     G = operands.weight_hh.shape[0]
     H = G // 4
-    grads = _recurrence_backward(operands=operands, saved=saved, cotangents=cotangents, plan=plan)
+    grads = _recurrence_backward(workspace=workspace, operands=operands, saved=saved, cotangents=cotangents,
+                                 plan=plan)
     da_hh = grads.da[0]
     da_ih = grads.da[-1]
     sums = grads.dparams.sum(0) if grads.dparams is not None else None  # [14H]
@@ -390,7 +544,7 @@ def _layer_backward(*, operands: _Operands, saved: _Saved, cotangents: tuple[Ten
     dx = torch.matmul(da_ih, saved.weight_ih) if needs[0] else None
     # every row runs step 0 (lengths >= 1): the h state before it gets da_hh_0 W_hh
     dh0 = torch.matmul(da_hh[0], operands.weight_hh) if needs[1] else None
-    dc0 = grads.dstate[1] if needs[2] else None
+    dc0 = grads.dstate[1].clone() if needs[2] else None
     # [4H, I] and [4H, H]: sums over all T*B frames of da^T x and da^T h_{t-1}
     dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), saved.x.reshape(T * B, -1)) if needs[3] else None
     dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), saved.h[:T].reshape(T * B, H)) if needs[4] else None
@@ -404,17 +558,23 @@ def _layer_backward(*, operands: _Operands, saved: _Saved, cotangents: tuple[Ten
 
 class BNLSTMLayerFunction(torch.autograd.Function):
     """One layer-direction on the fused kernels: outputs out, h_n, c_n and the (non-differentiable) moments
-    buffer. Arguments: the ``_Plan``, the device lengths and packed population, then x, h0, c0 and the
-    ``LayerParams`` tensors in order."""
+    buffer. Arguments: the ``_Plan`` and the packed population, then x, h0, c0 and the ``LayerParams``
+    tensors in order."""
 
     @staticmethod
-    def forward(ctx, plan, lengths, population, x, h0, c0, *params):
+    def forward(ctx, plan, population, x, h0, c0, *params):
+        params = LayerParams(*params)
+        workspace = _workspace_for(x=x, weight_hh=params.weight_hh, plan=plan, population=population,
+                                   bias=params.bias, save=True)
         out, h_n, c_n, moments, operands, saved = _layer_forward(
-            x=x, h0=h0, c0=c0, params=LayerParams(*params), plan=plan, lengths=lengths, population=population,
-            save=True,
+            x=x, h0=h0, c0=c0, params=params, plan=plan, population=population, workspace=workspace, save=True,
         )
-        ctx.save_for_backward(*operands, *saved)
-        ctx.plan = plan
+        # the workspace (whose buffers backward reads) goes back to the pool when autograd frees the saved
+        # tensors: after backward, or with the graph when backward never runs
+        token = torch.empty(0)
+        weakref.finalize(token, _WORKSPACES.release, workspace)
+        ctx.save_for_backward(*operands, *saved, token)
+        ctx.plan, ctx.workspace = plan, workspace
         if moments is not None:
             ctx.mark_non_differentiable(moments)
         return out, h_n, c_n, moments
@@ -424,19 +584,18 @@ class BNLSTMLayerFunction(torch.autograd.Function):
     def backward(ctx, dout, dh_n, dc_n, _):
         tensors = ctx.saved_tensors
         split = len(_Operands._fields)
-        grads = _layer_backward(operands=_Operands(*tensors[:split]), saved=_Saved(*tensors[split:]),
-                                cotangents=(dout, dh_n, dc_n), needs=ctx.needs_input_grad[3:], plan=ctx.plan)
-        return (None, None, None, *grads)
+        grads = _layer_backward(workspace=ctx.workspace, operands=_Operands(*tensors[:split]),
+                                saved=_Saved(*tensors[split:-1]), cotangents=(dout, dh_n, dc_n),
+                                needs=ctx.needs_input_grad[2:], plan=ctx.plan)
+        return (None, None, *grads)
 
 
-def _device_lengths(lengths: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
-    """[B] int64 lengths on the kernels' device, without a host sync: a fill on the device, or an
-    asynchronous copy from pinned host memory (the caching host allocator keeps it alive until the copy ran)."""
-    if lengths is None:
-        return torch.full((B,), T, dtype=torch.int64, device=device)
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the kernels' device without a host sync: an asynchronous copy from pinned memory
+    (the caching host allocator keeps the pinned block alive until the copy has run)."""
     if device.type == "cuda":
-        return lengths.pin_memory().to(device, non_blocking=True)
-    return lengths.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _pack_population(population: Population | None, normalization: str | None) -> Tensor | None:
@@ -491,11 +650,13 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
         raise TypeError("the Triton interpreter (CPU tensors) has no bfloat16; use float32, float64 or float16")
 
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
-    plan = _Plan(counts=inputs.counts, batch_stats=inputs.batch_stats, use_batch_stats=bool(config.use_batch_stats),
-                 eps=float(config.eps),
+    plan = _Plan(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats,
+                 use_batch_stats=bool(config.use_batch_stats), eps=float(config.eps),
                  normalization=config.normalization, precision=_precision(dtype, device))
-    lengths = _device_lengths(inputs.lengths, T, B, device)
     population = _pack_population(inputs.population, config.normalization)
+    if inputs.lengths is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("inside a CUDA graph capture the 'triton' backend takes full-length batches only "
+                           "(lengths=None): a replay would read the lengths from a host buffer that is gone")
     needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
     max_rows = _MAX_ROWS.get(dtype, _MAX_ROWS_DEFAULT)
     if B > max_rows and (needs_grad or (config.normalization == "frame" and config.use_batch_stats)):
@@ -506,11 +667,15 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
         )
     with torch.autocast(device.type, enabled=False):
         if needs_grad:
-            out, h_n, c_n, moments = BNLSTMLayerFunction.apply(plan, lengths, population, *tensors)
+            out, h_n, c_n, moments = BNLSTMLayerFunction.apply(plan, population, *tensors)
         else:
+            params = LayerParams(*tensors[3:])
+            workspace = _workspace_for(x=tensors[0], weight_hh=params.weight_hh, plan=plan, population=population,
+                                       bias=params.bias, save=False)
             out, h_n, c_n, moments, _, _ = _layer_forward(
-                x=tensors[0], h0=tensors[1], c0=tensors[2], params=LayerParams(*tensors[3:]), plan=plan,
-                lengths=lengths, population=population, save=False,
+                x=tensors[0], h0=tensors[1], c0=tensors[2], params=params, plan=plan, population=population,
+                workspace=workspace, save=False,
             )
+            _WORKSPACES.release(workspace)
     stats = finish_statistics(inputs, config, _moment_views(moments, config.normalization), x.dtype)
     return LayerOutput(output=out, h_n=h_n, c_n=c_n, stats=stats)

@@ -32,13 +32,15 @@ import triton.language as tl
 
 @triton.jit
 def _gate_columns(i_h, H, BH: tl.constexpr):
-    """The [4*BH] gate-axis columns of hidden units [i_h * BH, (i_h + 1) * BH): gate k's block at k * H.
+    """Program i_h's hidden units [i_h * BH, (i_h + 1) * BH) and their [4*BH] gate-axis columns.
 
-    Returns the columns, whether each is inside the [4H] gate axis, and each column's gate k (0..3).
+    Returns the gate columns (gate k's block at k * H), whether each is inside the [4H] gate axis, each
+    column's gate k (0..3), then the hidden units [BH] and whether each is inside [H].
     """
     o_j = tl.arange(0, 4 * BH)
-    o_h = i_h * BH + o_j % BH
-    return (o_j // BH) * H + o_h, o_h < H, o_j // BH
+    o_jh = i_h * BH + o_j % BH
+    o_h = i_h * BH + tl.arange(0, BH)
+    return (o_j // BH) * H + o_jh, o_jh < H, o_j // BH, o_h, o_h < H
 
 
 @triton.jit
@@ -166,23 +168,22 @@ def _store_step(p_h, p_c, p_out, b_h, b_c, b_c_prev, m_run, o_prev, o_next, o_s,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
     "SAVE": lambda args: args["p_a_hh"] is not None,
 })
-@triton.jit(do_not_specialize=["t", "n", "use_batch", "B"])
+@triton.jit(do_not_specialize=["t", "B"])
 def bnlstm_fwd_step_kernel(
-    p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats,
-    t, n, use_batch, eps, B, H: tl.constexpr,
+    p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats,
+    t, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
     """One time step t for hidden units [i_h * BH, (i_h + 1) * BH): gates, cell, BN(c), h.
 
-    ``n`` rows run at step t; ``use_batch`` says whether the step normalizes with their batch moments.
+    ``p_steps`` [T, 2] (int32, frame only): the rows running at each step, and whether the step normalizes
+    with their batch moments (1) or the population's (0).
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
     o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
-    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
+    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
     o_prev = _state_offset(t, B, H, SAVE)
     b_a_hh = _recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION, BB, BH, BK,
                             p_c.dtype.element_ty)
@@ -195,6 +196,8 @@ def bnlstm_fwd_step_kernel(
     b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(b_a_hh.dtype)
     if FRAME:
         # gates = gamma_hh * BN(a_hh) + gamma_ih * BN(a_ih), with the moments each step used saved
+        n = tl.load(p_steps + 2 * t)
+        use_batch = tl.load(p_steps + 2 * t + 1)
         p_pop_t = p_pop + t * 18 * H
         p_stats_t = p_stats + t * 18 * H
         b_z = _load_vector(p_affine + 4 * H, o_g, m_g, b_x.dtype) * _batch_norm(
@@ -243,14 +246,14 @@ def bnlstm_infer_step_kernel(
     i_b = tl.program_id(1).to(tl.int64)
     t = t.to(tl.int64)
     o_b, m_b, m_run = _running_rows(p_lengths, i_b * BB, B, t, BB)
-    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
+    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
     o_prev = _state_offset(t, B, H, False)
     b_a_hh = _recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION, BB, BH, BK,
                             p_c.dtype.element_ty)
     o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
     b_x = tl.load(p_x_gates + o_tile, mask=m_b[:, None] & m_g[None, :], other=0.0).to(b_a_hh.dtype)
+    o_s = o_b[:, None] * H + o_h[None, :]
+    m_s = m_b[:, None] & m_h[None, :]
     if FOLDED:
         p_fold_t = p_fold + t * 14 * H
         b_z = (_load_vector(p_fold_t, o_g, m_g, b_x.dtype) * b_x
@@ -260,8 +263,6 @@ def bnlstm_infer_step_kernel(
         b_z = b_a_hh + b_x
     if HAS_BIAS:
         b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
-    o_s = o_b[:, None] * H + o_h[None, :]
-    m_s = m_b[:, None] & m_h[None, :]
     b_o, b_c, b_c_prev = _cell(b_z, o_gate, p_c + o_prev, o_s, m_s, BB, BH)
     if FOLDED:
         b_y = (_load_vector(p_fold_t + 12 * H, o_h, m_h, b_c.dtype) * b_c
@@ -276,10 +277,10 @@ def bnlstm_infer_step_kernel(
     "FRAME": lambda args: args["p_affine"] is not None,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
 })
-@triton.jit(do_not_specialize=["t", "T", "n", "use_batch", "B"])
+@triton.jit(do_not_specialize=["t", "T", "B"])
 def bnlstm_bwd_step_kernel(
-    p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da, p_dparams,
-    t, T, n, use_batch, eps, B, H: tl.constexpr,
+    p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
+    p_dparams, t, T, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
@@ -294,9 +295,7 @@ def bnlstm_bwd_step_kernel(
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
     o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
-    o_g, m_g, o_gate = _gate_columns(i_h, H, BH)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
+    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
     o_s = o_b[:, None] * H + o_h[None, :]
     m_s = m_b[:, None] & m_h[None, :]
     p_dc = p_dstate + B * H
@@ -325,6 +324,8 @@ def bnlstm_bwd_step_kernel(
     b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
     b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(b_a_hh.dtype)
     if FRAME:
+        n = tl.load(p_steps + 2 * t)
+        use_batch = tl.load(p_steps + 2 * t + 1)
         p_stats_t = p_stats + t * 18 * H
         b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
         b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
