@@ -1,42 +1,43 @@
 """The BN-LSTM layer op on persistent Triton kernels: the whole sequence in one launch forward, one backward.
 
-A program owns BH hidden units of all four gates (one gate-strided [BB, 4*BH] tile, as the per-step kernels
-of ``triton_kernels.py``, whose ``@triton.jit`` helpers this file reuses) and **every** batch row, so both
-batch norms and BN(c) stay inside it, and it loops over T inside the kernel. Two forms of the same kernels:
+A column block is BH hidden units of all four gates (one gate-strided [BB, 4*BH] tile, as the per-step
+kernels of ``triton_kernels.py``, whose ``@triton.jit`` helpers this file reuses) for **every** batch row,
+so both batch norms and BN(c) stay inside the program that owns it. The kernels loop over T inside; one
+kernel pair, three forms (``FORMS``):
 
-- **single** (``CARRY``): one program per layer-direction owns all 4H gate columns (BH >= H). W_hh is
-  loaded once before the time loop; h_t (forward) and da_hh_t (backward) stay in registers as loop-carried
-  tensors and feed the next step's dot directly: no global round trip, no barrier. This is the form the
-  interpreter proves end to end.
-- **grid**: ``NUM_PROGRAMS`` programs (at most one per SM, a cooperative launch), each a column slice for
-  all rows. h_t (forward) and da_hh_t (backward) are exchanged through global memory (L2, read with
-  ``.cg``), with one grid barrier per step (``_grid_barrier``: release / acquire atomics on a monotonic
-  counter). With one program the barrier is only a CTA barrier: that is how the interpreter, which runs
-  programs one after another, proves this path's arithmetic.
+- **registers** (``CARRY``): one program owns all 4H gate columns as one block (BH >= H). W_hh is loaded
+  once before the time loop; h_t (forward) and da_hh_t (backward), c and dc, and the gamma / beta / bias
+  gradient sums stay in registers as loop-carried tensors: no global round trip, no barrier. It fits one
+  SM only for small H * B (``persistent_fits``, from the sm90 compile report in ``README.md``).
+- **single**: one program walks every 16-unit column block at each step; h_{t-1} (forward) and
+  da_hh_{t+1} (backward) are read back from global memory (L1/L2) after a CTA barrier, W_hh is streamed
+  from L2 each step, the per-block states and sums live in their buffers.
+- **grid**: the same kernel with ``NUM_PROGRAMS`` programs (at most one per SM, a cooperative launch), each
+  walking blocks i_p, i_p + NUM_PROGRAMS, ...; h / da_hh are exchanged through L2 (``.cg`` loads) with one
+  grid barrier per step (``_grid_barrier``: release / acquire atomics on a monotonic counter). With one
+  program the barrier is only the CTA barrier: "single" is "grid" with one program, which is how the
+  interpreter (it runs programs one after another) proves this path's arithmetic.
 
-Both directions keep the cell state (forward) and the c-state gradient (backward) in registers across
-steps, and the backward keeps the gamma / beta / bias gradient sums in registers and writes them once. The
-input branch is hoisted into one GEMM before the loop (sequence-wise also normalized there); dW_ih, dW_hh,
-dx and dh0 are GEMMs after the backward loop, as in ``fused_triton.py``. Conventions, the BN backward
-derivation and the compile report behind ``persistent_fits`` are in ``README.md`` beside this file.
+The input branch is hoisted into one GEMM before the loop (sequence-wise also normalized there); dW_ih,
+dW_hh, dx and dh0 are GEMMs after the backward loop, as in ``fused_triton.py``. Conventions and the BN
+backward derivation are in ``README.md`` beside this file.
 
 Buffers (C-contiguous, layouts as ``triton_kernels.py``):
 
     x_gates [T, B, 4H]  frame: W_ih x (raw); otherwise the finished input branch
     w_hh    [4H, H]     h [T+1, B, H] (input dtype), c [T+1, B, H] (accumulation dtype); without SAVE
-                        [2, B, H] each (the grid form exchanges h through slot t % 2; the final state at T % 2)
+                        [2, B, H] each (step t reads slot t % 2, writes the other; the final state at T % 2)
     a_hh    [T, B, 4H]  W_hh h_{t-1} (accumulation dtype), saved for backward
     stats   [T, 18H]    the moments each step normalized with; pop [T, 18H] the population's (frame)
     steps   [T, 2]      int32: rows running at t, and whether t normalizes with batch statistics (frame)
     dstate  [2, B, H]   the h and c state gradients: dh_n, dc_n on entry, after step 0 on exit
     da      [., T, B, 4H]  da_hh, then (frame) da_ih
-    dparams [14H]       d(affine) [10H] | dbias [4H], each program writing its columns once
+    dparams [14H]       d(affine) [10H] | dbias [4H] (zeros on entry), each block's program its columns
     sem     [1] int32   the grid barrier's counter, zero at launch
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -69,7 +70,7 @@ from fused_bnlstm.ops.triton_kernels import (
     _xhat,
 )
 
-__all__ = ["FORMS", "available", "bnlstm_layer_triton_persistent", "persistent_fits"]
+__all__ = ["FORMS", "available", "bnlstm_layer_triton_persistent", "persistent_fits", "persistent_preferred"]
 
 # "registers": one program, one tile, h carried in registers; "single": one program walking column blocks,
 # h through memory; "grid": column blocks over up to one program per SM, one grid barrier per step
@@ -629,28 +630,36 @@ def _single_block_h(H: int) -> int:
 
 
 def persistent_fits(B: int, H: int, dtype: torch.dtype) -> bool:
-    """Whether the single-program form compiles for sm90 without spilling: its [BB, 4*BH] tile, W_hh
-    [BH, 4*BH] and the carried state fit one SM (limits from the compile report in ``README.md``)."""
-    return _single_num_warps(B, H, dtype) is not None
+    """Whether the "registers" form (one program, one [BB, 4*BH] tile) fits one SM: compiled for sm90 with
+    8 warps, both kernels stay within 255 registers a thread without spilling up to a tile of 4096
+    elements (B = 64 with H <= 16, B = 32 with H <= 32); s-MNIST's H = 100 (a [64, 512] tile) needs 256-384
+    KiB of shared memory and spills kilobytes a thread (the compile report in ``README.md``)."""
+    return _block_rows(B) * 4 * _single_block_h(H) <= _REGISTERS_TILE.get(dtype, _REGISTERS_TILE[torch.float32])
 
 
-def _single_num_warps(B: int, H: int, dtype: torch.dtype) -> int | None:
-    """The warps the single-program form launches with, or None where it does not fit (``persistent_fits``)."""
-    BB, BH = _block_rows(B), _single_block_h(H)
-    limit = _SINGLE_LIMITS.get(dtype, _SINGLE_LIMITS[torch.float32])
-    for (max_rows, max_h), num_warps in limit:
-        if BB <= max_rows and BH <= max_h:
-            return num_warps
-    return None
+# the largest [BB, 4*BH] tile (elements) the "registers" form holds without spilling, from the sm90 report
+_REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
+# warps of every form: the one tile of "registers"; a [BB, 64] block tile of "single" and "grid", which
+# spills in backward at 8 warps (684 B a thread at B = 64, H = 100) and hardly at 16 (92 B)
+_REGISTERS_WARPS = 8
+_BLOCK_WARPS = 16
 
 
-# (BB, BH) envelopes of the single-program form with the warps each runs, from the sm90 compile report
-_SINGLE_LIMITS = {
-    torch.float32: [((64, 64), 8), ((128, 32), 8)],
-    torch.float64: [((32, 32), 8)],
-    torch.bfloat16: [((64, 128), 16), ((128, 64), 16)],
-    torch.float16: [((64, 128), 16), ((128, 64), 16)],
-}
+def persistent_preferred(B: int, H: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The proposed choice between these kernels and the per-step launches of ``fused_triton.py`` (a
+    prediction from the sm90 compile report, not a measurement; ``README.md``, Persistent kernels).
+
+    Persistent on CUDA where its block tile holds without heavy spills (B <= 128) and its grid is at most one
+    program per SM (H <= 16 * SMs): one grid barrier (about 1 us) replaces a launch per step (a CUDA-graph
+    kernel boundary of about 1 us plus the prologue that reloads every parameter row), and the cell state
+    stays in registers. Per-step otherwise, and under the interpreter (both are proven there).
+    """
+    if device.type != "cuda":
+        return False
+    if persistent_fits(B, H, dtype):
+        return True
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return _block_rows(B) <= 128 and triton.cdiv(H, _BLOCK_H) <= sms
 
 
 def _plan_run(inputs: LayerInput, config: LayerConfig, dtype: torch.dtype, form: str | None) -> _Run:
@@ -663,9 +672,9 @@ def _plan_run(inputs: LayerInput, config: LayerConfig, dtype: torch.dtype, form:
     if form not in FORMS:
         raise ValueError(f"the persistent Triton form must be one of {', '.join(FORMS)}, got {form!r}")
     if form == "registers":
-        programs, block_h, num_warps = 1, _single_block_h(H), _single_num_warps(B, H, dtype) or 16
+        programs, block_h, num_warps = 1, _single_block_h(H), _REGISTERS_WARPS
     else:
-        programs, block_h, num_warps = 1, _BLOCK_H, min(16, max(4, _block_rows(B) // 8))
+        programs, block_h, num_warps = 1, _BLOCK_H, _BLOCK_WARPS
         if form == "grid" and device.type == "cuda":
             # at most one program per SM (the cooperative launch checks co-residency); programs walk the
             # blocks i_p, i_p + programs, ...
@@ -681,10 +690,11 @@ def bnlstm_layer_triton_persistent(*, inputs: LayerInput, params: LayerParams, c
     """One BN-LSTM layer-direction in one persistent launch forward and one backward (``prepare_layer`` has
     checked the inputs). Returns as ``fused_bnlstm.ops.bnlstm_layer``.
 
-    ``form``: ``"single"`` (one program, W_hh and h on chip; ``persistent_fits`` says where it compiles
-    without spills), ``"grid"`` (column slices, h through L2, a grid barrier per step; CUDA, at most one
-    program per SM), or None for the heuristic (single where it fits, else grid). Under the interpreter the
-    grid form runs with one program.
+    ``form`` (``FORMS``): ``"registers"`` (one program, one tile, W_hh, h and c on chip; ``persistent_fits``
+    says where it compiles without spills), ``"single"`` (one program walking 16-unit column blocks, h
+    through L1/L2), ``"grid"`` (up to one program per SM walking the blocks, one grid barrier per step; one
+    program under the interpreter), or None for the heuristic: "registers" where it fits, else "grid" on
+    CUDA and "single" under the interpreter.
     """
     x = inputs.x
     device = x.device
