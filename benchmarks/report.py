@@ -278,14 +278,17 @@ def _row_id(row: dict) -> tuple:
     return row["mode"], row["implementation"], row["normalization_label"], row.get("precision", "fp32")
 
 
-def format_comparison(records: list[dict], names: list[str]) -> str:
-    """One Markdown table per mode with every record's median and x nn.LSTM side by side, rows matched by
-    implementation, normalization and precision (e.g. the same preset before and after a change)."""
+def format_comparison(records: list[dict], names: list[str], metric: str = "median_ms") -> str:
+    """One Markdown table per mode with every record's ``metric`` (median_ms, min_ms or cpu_ms) and that
+    metric over nn.LSTM's at the same precision, side by side; rows matched by implementation,
+    normalization and precision (e.g. the same preset before and after a change)."""
+    label = metric.replace("_ms", "")
     columns = ["implementation", "norm", "precision"]
     for name in names:
-        columns += [f"{name} median ms", f"{name} x nn.LSTM"]
+        columns += [f"{name} {label} ms", f"{name} x nn.LSTM"]
     lines = []
-    by_record = [{_row_id(r): r for r in record["results"]} for record in records]
+    by_record = [{_row_id(r): r for r in record["results"] if r["status"] == "ok" and r.get(metric) is not None}
+                 for record in records]
     for mode in MODES:
         ids = list(dict.fromkeys(i for rows in by_record for i in rows if i[0] == mode))
         if not ids:
@@ -296,8 +299,9 @@ def format_comparison(records: list[dict], names: list[str]) -> str:
             cells = list(row_id[1:])
             for rows in by_record:
                 row = rows.get(row_id)
-                ok = row is not None and row["status"] == "ok"
-                cells += [f"{row['median_ms']:.2f}" if ok else "-", _fmt(row["ratio_vs_lstm"] if ok else None, ".2f")]
+                lstm = [r for i, r in rows.items() if i[0] == mode and i[3] == row_id[3] and r["kind"] == "lstm"]
+                ratio = row[metric] / lstm[0][metric] if row and lstm else None
+                cells += [_fmt(row[metric] if row else None, ".2f"), _fmt(ratio, ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,6 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action="store_true", help="medians and ratios side by side, one column "
                         "pair per record (named by --names, else by commit)")
     parser.add_argument("--names", nargs="+", help="column names for --compare, one per record")
+    parser.add_argument("--metric", choices=("median_ms", "min_ms", "cpu_ms"), default="median_ms",
+                        help="what --compare sets side by side (default median_ms)")
     args = parser.parse_args(argv)
     records = []
     for path in args.records:
@@ -323,7 +329,7 @@ def main(argv=None) -> int:
             parser.error(f"--names: {len(names)} names for {len(records)} records")
         for name, record in zip(names, records):
             print(f"{name}: {header_line(record)}")
-        print(format_comparison(records, names))
+        print(format_comparison(records, names, args.metric))
         return 0
     for record in records:
         print(f"`{record['config']['command']}`: {header_line(record)}")

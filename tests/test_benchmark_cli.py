@@ -211,7 +211,8 @@ def test_report_compare_puts_records_side_by_side(tmp_path):
     precision; a row one record lacks shows '-'."""
     def record(commit, medians):
         rows = [{"mode": "eval-forward", "implementation": name, "normalization_label": "none", "precision": "fp32",
-                 "status": "ok", "median_ms": median, "ratio_vs_lstm": median / medians["nn.LSTM (oneDNN)"]}
+                 "kind": "lstm" if name.startswith("nn.LSTM") else "bnlstm", "status": "ok", "median_ms": median,
+                 "cpu_ms": median / 2}
                 for name, median in medians.items()]
         return {"machine": {"commit": commit}, "config": {}, "results": rows}
 
@@ -223,3 +224,5 @@ def test_report_compare_puts_records_side_by_side(tmp_path):
     assert "| implementation | norm | precision | before median ms | before x nn.LSTM | after median ms |" in table
     assert "| BNLSTM cpp | none | fp32 | 3.00 | 1.50 | 2.00 | 1.00 |" in table
     assert "| BNLSTM triton | none | fp32 | - | - | 8.00 | 4.00 |" in table
+    cpu = format_comparison(records, ["before", "after"], metric="cpu_ms")
+    assert "| BNLSTM cpp | none | fp32 | 1.50 | 1.50 | 1.00 | 1.00 |" in cpu and "before cpu ms" in cpu
