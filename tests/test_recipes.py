@@ -224,3 +224,36 @@ def test_whole_model_with_weights_only_true_fails_as_nn_lstm_does_and_safe_globa
             assert type(torch.load(buf, weights_only=True)) is cls
     assert type(errors[BNLSTM]) is type(errors[nn.LSTM])
     assert "fused_bnlstm.modules.BNLSTM" in str(errors[BNLSTM])  # names the class to allow
+
+
+# The warning proposed for modules.py (issue #16): runs once fused_bnlstm exports PopulationStatisticsWarning.
+
+
+def test_eval_on_running_averages_that_training_moved_warns_once_and_not_after_the_re_estimate():
+    import fused_bnlstm
+
+    category = getattr(fused_bnlstm, "PopulationStatisticsWarning", None)
+    if category is None:
+        pytest.skip("fused_bnlstm.PopulationStatisticsWarning not there yet")
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 2, dtype=DTYPE)
+
+    def eval_warnings(module):
+        module.eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                module(x)
+        module.train()
+        return [w for w in caught if issubclass(w.category, category)]
+
+    fresh = BNLSTM(2, 3, backend="reference", dtype=DTYPE)
+    assert eval_warnings(fresh) == []  # never trained: nothing to lag
+    trained = copy.deepcopy(fresh)
+    trained(x)  # a training call folds its batch statistics into the running averages
+    re_estimated = copy.deepcopy(trained)
+    update_population_statistics([x], re_estimated)
+    assert eval_warnings(re_estimated) == []
+    caught = eval_warnings(trained)
+    assert len(caught) == 1 and "update_population_statistics" in str(caught[0].message)
+    assert eval_warnings(trained) == []  # once per module
