@@ -234,7 +234,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         carry = form == "registers"
         common = dict(H=H, CARRY=carry, NUM_PROGRAMS=programs, PRECISION=precision, BB=P._block_rows(B),
                       BH=P._single_block_h(H) if carry else P._BLOCK_H, BK=P._BLOCK_K)
-        warps = P._REGISTERS_WARPS if carry else P._BLOCK_WARPS
+        warps = P._REGISTERS_WARPS if carry else P._block_warps(B)
         for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True)),
                                          ("bwd", P.bnlstm_persistent_bwd_kernel, common)):
             report = compile_for_sm90(kernel, dtype, dict(constexprs, FRAME=True, HAS_BIAS=True), warps)
@@ -265,9 +265,9 @@ def test_triton_persistent_kernels_compile_for_sm90():
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(reports) == 4, result.stdout
     for report in reports:
-        assert report["shared"] <= 227 * 1024, report
-        if report["form"] == "registers":
-            assert report["fits"] and report["spills"] == 0, report
+        # both forms without a spill: "registers" where persistent_fits says so, "grid" at B = 64
+        assert report["shared"] <= 227 * 1024 and report["spills"] == 0, report
+        assert report["fits"] == (report["form"] == "registers"), report
 
 
 @requires_cuda

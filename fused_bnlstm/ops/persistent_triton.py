@@ -639,10 +639,14 @@ def persistent_fits(B: int, H: int, dtype: torch.dtype) -> bool:
 
 # the largest [BB, 4*BH] tile (elements) the "registers" form holds without spilling, from the sm90 report
 _REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
-# warps of every form: the one tile of "registers"; a [BB, 64] block tile of "single" and "grid", which
-# spills in backward at 8 warps (684 B a thread at B = 64, H = 100) and hardly at 16 (92 B)
+# warps of the "registers" form's one tile
 _REGISTERS_WARPS = 8
-_BLOCK_WARPS = 16
+
+
+def _block_warps(B: int) -> int:
+    """Warps of the block forms: their [BB, 64] tile compiles without spills at B <= 64 with 8 (16 warps
+    spill 204 B a thread in backward there); B = 128 and 256 spill about 1 KiB and 3.6 KiB with 16."""
+    return 8 if _block_rows(B) <= 64 else 16
 
 
 def persistent_preferred(B: int, H: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -674,7 +678,7 @@ def _plan_run(inputs: LayerInput, config: LayerConfig, dtype: torch.dtype, form:
     if form == "registers":
         programs, block_h, num_warps = 1, _single_block_h(H), _REGISTERS_WARPS
     else:
-        programs, block_h, num_warps = 1, _BLOCK_H, _BLOCK_WARPS
+        programs, block_h, num_warps = 1, _BLOCK_H, _block_warps(B)
         if form == "grid" and device.type == "cuda":
             # at most one program per SM (the cooperative launch checks co-residency); programs walk the
             # blocks i_p, i_p + programs, ...
