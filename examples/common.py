@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,19 @@ def init_paper_weights(lstm: nn.Module, recurrent: str = "identity") -> None:
             if name.startswith("bias_ih"):
                 H = param.shape[0] // 4
                 param[H:2 * H] = 1.0
+
+
+@contextlib.contextmanager
+def on_running_averages():
+    """For comparisons that evaluate on the running averages on purpose: no warning that they may lag the
+    weights (``fused_bnlstm.PopulationStatisticsWarning``, where the package has it)."""
+    import fused_bnlstm
+
+    with warnings.catch_warnings():
+        category = getattr(fused_bnlstm, "PopulationStatisticsWarning", None)
+        if category is not None:
+            warnings.simplefilter("ignore", category)
+        yield
 
 
 def clean_floats(value):

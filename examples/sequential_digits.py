@@ -32,8 +32,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.common import (add_common_arguments, environment, finish_record, init_paper_weights,
-                             load_pixel_data, progress, pyplot, save_figure, seed_everything, setting_name,
-                             start_run)
+                             load_pixel_data, on_running_averages, progress, pyplot, save_figure, seed_everything,
+                             setting_name, start_run)
 from fused_bnlstm import BNLSTM, update_population_statistics
 
 NAME = "sequential_digits"
@@ -163,7 +163,8 @@ def train_one(job: dict) -> dict:
     if model_name == "bnlstm":
         # For comparison: the running (momentum 0.1) averages training kept, instead of the exact re-estimate.
         model.load_state_dict(best["running_state"])
-        result["test_accuracy_running_stats"] = evaluate(model, x_test, y_test, cfg["eval_batch"], device)[0]
+        with on_running_averages():
+            result["test_accuracy_running_stats"] = evaluate(model, x_test, y_test, cfg["eval_batch"], device)[0]
     model.load_state_dict(best["state"])
     refresh_statistics(model, x_train, y_train, cfg["eval_batch"], None, device)
     result["test_accuracy"], result["test_loss"] = evaluate(model, x_test, y_test, cfg["eval_batch"], device)

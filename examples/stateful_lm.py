@@ -40,8 +40,8 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.common import (add_common_arguments, environment, finish_record, init_paper_weights, progress, pyplot,
-                             save_figure, setting_name, start_run)
+from examples.common import (add_common_arguments, environment, finish_record, init_paper_weights,
+                             on_running_averages, progress, pyplot, save_figure, setting_name, start_run)
 from fused_bnlstm import BNLSTM, update_population_statistics
 
 NAME = "stateful_lm"
@@ -166,7 +166,8 @@ def run(args) -> dict:
         train_seconds = time.perf_counter() - start
         bar.close()
 
-        running = perplexity(model, valid, cfg["bptt"], device)
+        with on_running_averages():
+            running = perplexity(model, valid, cfg["bptt"], device)
         restart = copy.deepcopy(model)
         update_population_statistics(((x, y) for x, y, _ in chunks(train, cfg["bptt"])), restart, device=device)
         carried = copy.deepcopy(model)

@@ -31,7 +31,7 @@ def _stats_buffers(model):
     return {name: buf for name, buf in model.named_buffers() if "running_" in name or "num_batches" in name}
 
 
-# Evaluating after training: re-estimate, do not trust the running averages ----------------------------
+# Evaluating after training: re-estimate, do not trust the running averages
 
 
 def test_eval_after_training_on_sequences_that_start_alike_needs_the_re_estimate():
@@ -61,7 +61,7 @@ def test_eval_after_training_on_sequences_that_start_alike_needs_the_re_estimate
     assert err_running > 10 * err_exact
 
 
-# a. Truncated BPTT over a stream ------------------------------------------------------------------------
+# A stream: truncated BPTT with the state carried
 
 
 def test_stream_of_1000_chunks_keeps_buffers_fixed_and_warns_once():
@@ -93,7 +93,7 @@ def test_stream_of_1000_chunks_keeps_buffers_fixed_and_warns_once():
     assert torch.isfinite(out).all()
 
 
-# b. Population statistics for a stateful model (forward=) ---------------------------------------------
+# Population statistics for a model called with a state (forward=)
 
 
 class _StreamModel(nn.Module):
@@ -176,7 +176,7 @@ def test_stateful_lm_example_pieces():
     assert torch.equal(pieces[1][1], stream[3:5])
 
 
-# c. Saving and loading -----------------------------------------------------------------------------------
+# Saving and loading
 
 
 def _trained():
