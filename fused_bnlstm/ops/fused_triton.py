@@ -44,7 +44,6 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fused_bnlstm.ops.common import (
     LayerConfig,
@@ -53,6 +52,8 @@ from fused_bnlstm.ops.common import (
     LayerParams,
     Population,
     finish_statistics,
+    needs_reference_backward,
+    reference_backward,
 )
 
 try:
@@ -110,7 +111,8 @@ def available(device) -> tuple[bool, str]:
 
 
 class _Plan(NamedTuple):
-    """What the launchers need besides tensors, all known on the host (no device reads)."""
+    """Everything of a call but the differentiable tensors: the per-step plan as host ints (no device
+    reads), the configuration, and what a backward through the reference needs."""
 
     counts: tuple[int, ...]  # [T] rows still running at each step
     lengths: Tensor | None  # [B] int64 on the host (None: every row runs T steps)
@@ -119,6 +121,7 @@ class _Plan(NamedTuple):
     eps: float
     normalization: str | None
     precision: str | None  # tl.dot input_precision of the recurrent GEMMs
+    population: Population | None  # as prepare_layer handed it, for ``reference_backward``
 
 
 class _Operands(NamedTuple):
@@ -556,37 +559,54 @@ def _layer_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved
     return grads + (None,) * (len(needs) - len(grads))
 
 
+def _legacy_batched(*cotangents: Tensor | None) -> bool:
+    # autograd.grad(is_grads_batched=True) batches the cotangents with the legacy vmap, which
+    # ``needs_reference_backward`` does not see (yet); kernels cannot read such tensors either
+    is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return is_batched is not None and any(g is not None and is_batched(g) for g in cotangents)
+
+
 class BNLSTMLayerFunction(torch.autograd.Function):
     """One layer-direction on the fused kernels: outputs out, h_n, c_n and the (non-differentiable) moments
     buffer. Arguments: the ``_Plan`` and the packed population, then x, h0, c0 and the ``LayerParams``
-    tensors in order."""
+    tensors in order. The backward runs the fused kernels, or the reference's VJP where the caller wants a
+    differentiable backward (``create_graph``) or batches the cotangents (``torch.func``)."""
 
     @staticmethod
     def forward(ctx, plan, population, x, h0, c0, *params):
-        params = LayerParams(*params)
-        workspace = _workspace_for(x=x, weight_hh=params.weight_hh, plan=plan, population=population,
-                                   bias=params.bias, save=True)
+        layer_params = LayerParams(*params)
+        workspace = _workspace_for(x=x, weight_hh=layer_params.weight_hh, plan=plan, population=population,
+                                   bias=layer_params.bias, save=True)
         out, h_n, c_n, moments, operands, saved = _layer_forward(
-            x=x, h0=h0, c0=c0, params=params, plan=plan, population=population, workspace=workspace, save=True,
+            x=x, h0=h0, c0=c0, params=layer_params, plan=plan, population=population, workspace=workspace,
+            save=True,
         )
         # the workspace (whose buffers backward reads) goes back to the pool when autograd frees the saved
         # tensors: after backward, or with the graph when backward never runs
         token = torch.empty(0)
         weakref.finalize(token, _WORKSPACES.release, workspace)
-        ctx.save_for_backward(*operands, *saved, token)
+        ctx.save_for_backward(*operands, *saved, token, x, h0, c0, *params)
         ctx.plan, ctx.workspace = plan, workspace
         if moments is not None:
             ctx.mark_non_differentiable(moments)
         return out, h_n, c_n, moments
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dh_n, dc_n, _):
         tensors = ctx.saved_tensors
-        split = len(_Operands._fields)
-        grads = _layer_backward(workspace=ctx.workspace, operands=_Operands(*tensors[:split]),
-                                saved=_Saved(*tensors[split:-1]), cotangents=(dout, dh_n, dc_n),
-                                needs=ctx.needs_input_grad[2:], plan=ctx.plan)
+        n_operands, n_saved = len(_Operands._fields), len(_Saved._fields)
+        x, h0, c0, *params = tensors[n_operands + n_saved + 1:]
+        plan = ctx.plan
+        if needs_reference_backward(dout, dh_n, dc_n) or _legacy_batched(dout, dh_n, dc_n):
+            inputs = LayerInput(x=x, h0=h0, c0=c0, lengths=plan.lengths, counts=plan.counts,
+                                batch_stats=plan.batch_stats, population=plan.population)
+            config = LayerConfig(normalization=plan.normalization, eps=plan.eps, use_batch_stats=plan.use_batch_stats)
+            grads = reference_backward(inputs=inputs, params=LayerParams(*params), config=config,
+                                       cotangents=(dout, dh_n, dc_n), needs_input_grad=ctx.needs_input_grad[2:])
+        else:
+            grads = _layer_backward(workspace=ctx.workspace, operands=_Operands(*tensors[:n_operands]),
+                                    saved=_Saved(*tensors[n_operands:n_operands + n_saved]),
+                                    cotangents=(dout, dh_n, dc_n), needs=ctx.needs_input_grad[2:], plan=plan)
         return (None, None, *grads)
 
 
@@ -652,7 +672,8 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
     plan = _Plan(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats,
                  use_batch_stats=bool(config.use_batch_stats), eps=float(config.eps),
-                 normalization=config.normalization, precision=_precision(dtype, device))
+                 normalization=config.normalization, precision=_precision(dtype, device),
+                 population=inputs.population)
     population = _pack_population(inputs.population, config.normalization)
     if inputs.lengths is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("inside a CUDA graph capture the 'triton' backend takes full-length batches only "
