@@ -452,6 +452,20 @@ def test_bnlstm_layer_triton_graph_replay_matches_reference(fake_graphs, normali
     assert len(fake_graphs) == 3
 
 
+@requires_interpreter
+def test_bnlstm_layer_triton_graph_capture_refused_launches_steps(monkeypatch):
+    from fused_bnlstm.ops import fused_triton
+
+    def refuse(launches):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fused_triton, "_graphs_enabled", lambda device: True)
+    monkeypatch.setattr(fused_triton, "_capture", refuse)
+    monkeypatch.setattr(fused_triton, "_WORKSPACES", fused_triton._WorkspacePool())
+    with pytest.warns(UserWarning, match="launching each step instead"):
+        compare_repeated_calls("frame", True, ([4, 1, 3], [4, 4, 2], [2, 4, 4]))
+
+
 def _module_pair(normalization="frame", **kwargs):
     torch.manual_seed(0)
     reference = BNLSTM(normalization=normalization, backend="reference", **kwargs)

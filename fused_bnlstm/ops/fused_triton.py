@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import warnings
 import weakref
 from typing import Callable, NamedTuple
 
@@ -279,7 +280,13 @@ class _Workspace:
             if self.runs[phase] == 1:
                 launches()
                 return
-            self.replays[phase] = _capture(launches)
+            try:
+                self.replays[phase] = _capture(launches)
+            except RuntimeError as error:
+                # a capture the driver refuses: this phase keeps launching step by step
+                warnings.warn(f"fused_bnlstm: capturing the Triton step loop as a CUDA graph failed ({error}); "
+                              f"launching each step instead (set {GRAPHS_ENV}=0 to skip the attempt)")
+                self.replays[phase] = launches
         self.replays[phase]()
 
 
