@@ -37,6 +37,7 @@ No call reads a device tensor back to the host: the per-step plan is host ints (
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import warnings
@@ -693,7 +694,9 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
             f"{max_rows} for {dtype}, got B={B}; split the batch or use backend='reference' (eval and "
             f"inference without gradients tile the batch and have no such limit)"
         )
-    with torch.autocast(device.type, enabled=False):
+    # Triton launches on the current device: make it the tensors'
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.autocast(device.type, enabled=False), on_device:
         if needs_grad:
             out, h_n, c_n, moments = BNLSTMLayerFunction.apply(plan, population, *tensors)
         else:
