@@ -257,3 +257,32 @@ def test_eval_on_running_averages_that_training_moved_warns_once_and_not_after_t
     caught = eval_warnings(trained)
     assert len(caught) == 1 and "update_population_statistics" in str(caught[0].message)
     assert eval_warnings(trained) == []  # once per module
+
+
+def test_the_readme_training_recipes_run_as_written(tmp_path, monkeypatch):
+    """The python blocks of README.md's "Training recipes" in order, with tiny stand-ins for the data."""
+    import re
+
+    readme = (Path(ROOT) / "README.md").read_text()
+    if "## Training recipes" not in readme:
+        pytest.skip("README.md has no 'Training recipes' section yet")
+    section = readme.split("## Training recipes", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    from examples.stateful_lm import WordLM
+
+    torch.manual_seed(0)
+    namespace = {
+        "train_loader": [(torch.rand(64, 16, 1), torch.zeros(16)) for _ in range(2)],
+        "x": torch.randn(120, 4, 3), "y": torch.randn(120, 4, 5), "input_size": 3, "hidden_size": 5,
+        "loss_fn": lambda output, target: (output - target).pow(2).mean(),
+        "WordLM": lambda vocab, emb, hidden, max_length: WordLM(vocab, emb, hidden, max_length, "reference"),
+        "vocab": 20, "bptt": 5, "chunks": chunks, "train_stream": batchify(torch.randint(0, 20, (240,)), 4),
+    }
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, block in enumerate(blocks):
+            # "..." stands for the rest of a training step
+            exec(compile(block.replace("    ...\n", "    logits.sum().backward()\n"), f"recipe {k}", "exec"), namespace)
+    assert isinstance(namespace["lstm"], BNLSTM)
