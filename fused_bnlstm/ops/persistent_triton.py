@@ -329,6 +329,21 @@ def _store_sums(p_dparams, i_h, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b
         tl.store(p_dparams + 10 * H + o_g, b_dbias, mask=m_g)
 
 
+@triton.jit
+def _store_partial(p_part, b_da_hh, p_w_hh, i_h, o_b, m_b, H: tl.constexpr, PRECISION: tl.constexpr,
+                   BB: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
+    """A block's share of the next h-state gradient: da_hh [BB, 4*BH] (its gate columns) times the rows of
+    W_hh [4*BH, H] of those columns, stored to ``p_part`` [B, H] in chunks of BN hidden units."""
+    o_g, m_g, _, _, _ = _gate_columns(i_h, H, BH)
+    for i_n in range(0, H, BN):
+        o_n = i_n + tl.arange(0, BN)
+        m_n = o_n < H
+        # [4*BH, BN] W_hh[o_g, o_n]
+        b_w = tl.load(p_w_hh + o_g[:, None] * H + o_n[None, :], mask=m_g[:, None] & m_n[None, :], other=0.0)
+        b_part = tl.dot(b_da_hh, b_w, input_precision=PRECISION, out_dtype=ACC)
+        tl.store(p_part + o_b[:, None] * H + o_n[None, :], b_part, mask=m_b[:, None] & m_n[None, :])
+
+
 @triton.heuristics({
     "FRAME": lambda args: args["p_affine"] is not None,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
@@ -336,7 +351,7 @@ def _store_sums(p_dparams, i_h, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b
 @triton.jit(do_not_specialize=["T", "B"])
 def bnlstm_persistent_bwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
-    p_dparams, p_sem, T, eps, B, H: tl.constexpr,
+    p_dparams, p_dpart, p_sem, T, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
@@ -345,9 +360,13 @@ def bnlstm_persistent_bwd_kernel(
     The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (one program, one
     block): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh [4*BH, BH] is loaded
     once, and dh, dc and the parameter-gradient sums stay in registers, written once at the end. Otherwise
-    every column of da_hh_{t+1} is read from ``p_da`` after the grid barrier, the state gradients live in
-    ``p_dstate`` and the sums in ``p_dparams`` (zeros on entry), each block updating its own columns.
+    each block writes its partial da_hh_t[:, block columns] W_hh[block columns, :] [B, H] to ``p_dpart``
+    ([2, NB, B, H], slot t % 2), and after the grid barrier a block sums the NB partials of its own columns
+    in block order (deterministic): B * H values read a block instead of all of da_hh [B, 4H]. The state
+    gradients live in ``p_dstate`` and the sums in ``p_dparams`` (zeros on entry), each block updating its
+    own columns.
     """
+    NB: tl.constexpr = (H + BH - 1) // BH
     i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
@@ -395,18 +414,20 @@ def bnlstm_persistent_bwd_kernel(
             m_run = (m_b & (b_len > t))[:, None]
             m_next = (m_b & (b_len > t + 1))[:, None]
             i_h = i_p
-            while i_h < (H + BH - 1) // BH:
+            while i_h < NB:
                 o_h = i_h * BH + tl.arange(0, BH)
                 m_h = o_h < H
                 o_s = o_b[:, None] * H + o_h[None, :]
                 m_s = m_b[:, None] & m_h[None, :]
                 b_dh_state = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
                 if t + 1 < T:
-                    # [BB, BH] da_hh_{t+1} [B, 4H] (every program's columns) times W_hh[:, block]
-                    b_dh_state = tl.where(m_next, _exchanged_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h,
-                                                                 m_h, 4 * H, H, 1, PRECISION, BB, BH, BK,
-                                                                 b_dh_state.dtype), b_dh_state)
-                _, b_dc_state, b_ih, b_hh, b_b, b_gc, b_bc = _backward_block(
+                    # [BB, BH] da_hh_{t+1} W_hh[:, block]: the blocks' partials of step t + 1, in block order
+                    p_part = p_dpart + ((t + 1) % 2) * NB * B * H
+                    b_dh = tl.zeros([BB, BH], dtype=b_dh_state.dtype)
+                    for j in range(NB):
+                        b_dh += tl.load(p_part + j * B * H + o_s, mask=m_s, other=0.0, cache_modifier=".cg")
+                    b_dh_state = tl.where(m_next, b_dh, b_dh_state)
+                b_da_hh, b_dc_state, b_ih, b_hh, b_b, b_gc, b_bc = _backward_block(
                     b_dh_state, tl.load(p_dstate + B * H + o_s, mask=m_s, other=0.0),
                     tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0),
                     tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0), t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias,
@@ -414,6 +435,9 @@ def bnlstm_persistent_bwd_kernel(
                 tl.store(p_dstate + o_s, b_dh_state, mask=m_s)
                 tl.store(p_dstate + B * H + o_s, b_dc_state, mask=m_s)
                 _store_sums(p_dparams, i_h, b_ih, b_hh, b_b, b_gc, b_bc, True, H, FRAME, HAS_BIAS, BH)
+                if t > 0:
+                    _store_partial(p_dpart + (t % 2) * NB * B * H + i_h * B * H, b_da_hh, p_w_hh, i_h, o_b, m_b, H,
+                                   PRECISION, BB, BH, BK, b_dh_state.dtype)
                 i_h += NUM_PROGRAMS
             _grid_barrier(p_sem, T - 1 - t, NUM_PROGRAMS)
             t -= 1
@@ -560,10 +584,13 @@ def _layer_backward(*, x: Tensor, params: LayerParams, saved: _Saved, cotangents
     has_sums = frame or params.bias is not None
     # (the block-walking forms add each step's sums to it)
     dparams = torch.zeros(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
+    # [2, NB, B, H] the blocks' partial h-state gradients, by step parity (block-walking forms)
+    blocks = triton.cdiv(H, run.block_h)
+    dpart = None if run.form == "registers" else torch.empty(2, blocks, B, H, dtype=saved.c.dtype, device=device)
     bnlstm_persistent_bwd_kernel[(run.programs,)](
         p_x_gates=saved.x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=saved.affine,
         p_stats=saved.stats, p_steps=saved.steps, p_lengths=saved.lengths, p_c=saved.c, p_a_hh=saved.a_hh,
-        p_dout=dout.contiguous(), p_dstate=dstate, p_da=da, p_dparams=dparams,
+        p_dout=dout.contiguous(), p_dstate=dstate, p_da=da, p_dparams=dparams, p_dpart=dpart,
         p_sem=torch.zeros(1, dtype=torch.int32, device=device), T=T, eps=run.eps, B=B, H=H,
         BB=_block_rows(B), **_launch(run),
     )
