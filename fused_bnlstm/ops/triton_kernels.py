@@ -371,7 +371,8 @@ def bnlstm_bwd_step_kernel(
         tl.store(p_dparams_t + 9 * H + o_h, tl.sum(b_dy, axis=0), mask=m_h)
         b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
         b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
-        tl.store(p_da + T * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
+        # da_ih sits T*B*4H (int64: it can pass 2^31) after da_hh
+        tl.store(p_da + T.to(tl.int64) * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
     else:
         b_da_hh = b_dz
     tl.store(p_da + o_tile, b_da_hh.to(p_da.dtype.element_ty), mask=m_tile)
