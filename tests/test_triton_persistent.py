@@ -166,6 +166,21 @@ def test_bnlstm_layer_triton_persistent_double_backward(persistent):
 
 
 @requires_interpreter
+def test_bnlstm_layer_triton_persistent_batched_cotangents(persistent):
+    """is_grads_batched=True (batched cotangents) goes through the reference's VJP and matches it."""
+    persistent("single")
+    T, B, I, H, lengths = 3, 3, 2, 8, [3, 1, 2]
+    pop = population(T, H, "frame", torch.float64)
+    cotangents = torch.randn(2, T, B, H, dtype=torch.float64)
+    grads = {}
+    for backend in ("reference", BACKEND):
+        inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+        out = call_layer(inputs, backend=backend, lengths=lengths, population=pop).output
+        (grads[backend],) = torch.autograd.grad(out, inputs["weight_hh"], cotangents, is_grads_batched=True)
+    torch.testing.assert_close(grads[BACKEND], grads["reference"])
+
+
+@requires_interpreter
 def test_bnlstm_layer_triton_persistent_refuses_projection_and_process_group():
     from fused_bnlstm.ops.common import prepare_layer
     from fused_bnlstm.ops.persistent_triton import bnlstm_layer_triton_persistent

@@ -52,7 +52,7 @@ from fused_bnlstm.ops.common import (
     needs_reference_backward,
     reference_backward,
 )
-from fused_bnlstm.ops.fused_triton import _moment_views, _pack_population, _precision, available
+from fused_bnlstm.ops.fused_triton import _legacy_batched, _moment_views, _pack_population, _precision, available
 
 import triton
 import triton.language as tl
@@ -638,7 +638,7 @@ class BNLSTMPersistentFunction(torch.autograd.Function):
         split = len(LayerParams._fields)
         params = LayerParams(*tensors[:split])
         needs = ctx.needs_input_grad[4:]
-        if needs_reference_backward(dout, dh_n, dc_n):
+        if needs_reference_backward(dout, dh_n, dc_n) or _legacy_batched(dout, dh_n, dc_n):
             # a graph of the gradients (double backward) or torch.func-batched cotangents: the reference's VJP
             grads = reference_backward(inputs=ctx.inputs._replace(x=x, h0=h0, c0=c0), params=params,
                                        config=ctx.config, cotangents=(dout, dh_n, dc_n), needs_input_grad=needs)
