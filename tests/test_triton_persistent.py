@@ -181,7 +181,7 @@ def test_bnlstm_layer_triton_persistent_batched_cotangents(persistent):
 
 
 @requires_interpreter
-def test_bnlstm_layer_triton_persistent_refuses_projection_and_process_group():
+def test_bnlstm_layer_triton_persistent_refusals():
     from fused_bnlstm.ops.common import prepare_layer
     from fused_bnlstm.ops.persistent_triton import bnlstm_layer_triton_persistent
 
@@ -197,6 +197,11 @@ def test_bnlstm_layer_triton_persistent_refuses_projection_and_process_group():
         bnlstm_layer_triton_persistent(inputs=layer_input, params=params, config=LayerConfig(process_group=object()))
     with pytest.raises(ValueError, match="form"):
         bnlstm_layer_triton_persistent(inputs=layer_input, params=params, config=LayerConfig(), form="cooperative")
+    with pytest.raises(ValueError, match="B <= 256"):
+        wide = op_inputs(1, 257, I, H, None, torch.float32)
+        bnlstm_layer_triton_persistent(
+            inputs=prepare_layer(wide["x"], wide["h0"], wide["c0"], params, LayerConfig(normalization=None), None,
+                                 None), params=params, config=LayerConfig(normalization=None))
 
 
 def test_persistent_fits_follows_the_compile_report():

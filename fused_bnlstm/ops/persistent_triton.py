@@ -664,6 +664,9 @@ def persistent_fits(B: int, H: int, dtype: torch.dtype) -> bool:
     return _block_rows(B) * 4 * _single_block_h(H) <= _REGISTERS_TILE.get(dtype, _REGISTERS_TILE[torch.float32])
 
 
+# the most rows a program holds: the sm90 compile of a [256, 64] block tile needs 120 KiB of shared memory
+# forward (227 KiB exist) and spills 3.6 KiB a thread backward; 512 rows would not launch
+_MAX_ROWS = 256
 # the largest [BB, 4*BH] tile (elements) the "registers" form holds without spilling, from the sm90 report
 _REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
 # warps of the "registers" form's one tile
@@ -747,6 +750,9 @@ def bnlstm_layer_triton_persistent(*, inputs: LayerInput, params: LayerParams, c
     if dtype == torch.bfloat16 and device.type == "cpu":
         raise TypeError("the Triton interpreter (CPU tensors) has no bfloat16; use float32, float64 or float16")
 
+    if _block_rows(B) > _MAX_ROWS:
+        raise ValueError(f"the persistent Triton backend holds every batch row in one program: B <= {_MAX_ROWS}, "
+                         f"got B={B}; use the per-step 'triton' backend (or split the batch)")
     run = _plan_run(inputs, config, dtype, form)
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
     population = _pack_population(inputs.population, config.normalization)
