@@ -41,8 +41,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
+from fused_bnlstm.ops import triton_kernels as step_kernels
 from fused_bnlstm.ops.common import (
     LayerConfig,
     LayerInput,
@@ -53,11 +56,6 @@ from fused_bnlstm.ops.common import (
     reference_backward,
 )
 from fused_bnlstm.ops.fused_triton import _legacy_batched, _moment_views, _pack_population, _precision, available
-
-import triton
-import triton.language as tl
-
-from fused_bnlstm.ops import triton_kernels as step_kernels
 from fused_bnlstm.ops.triton_kernels import (
     _activate,
     _batch_norm,
@@ -82,6 +80,13 @@ _BLOCK_K = 32
 # rows / features per program of the sequence-wise input-branch kernels
 _BLOCK_ROWS = 64
 _BLOCK_FEATURES = 32
+# the most rows a program holds: the sm90 compile of a [256, 64] block tile needs 120 KiB of shared memory
+# forward (227 KiB exist) and spills 3.6 KiB a thread backward; 512 rows would not launch
+_MAX_ROWS = 256
+# the largest [BB, 4*BH] tile (elements) the "registers" form holds without spilling, from the sm90 report
+_REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
+# warps of the "registers" form's one tile
+_REGISTERS_WARPS = 8
 
 
 @triton.jit
@@ -102,6 +107,7 @@ def _grid_barrier(p_sem, i_step, NUM_PROGRAMS: tl.constexpr):
             arrived = tl.atomic_add(p_sem, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
+
 @triton.jit
 def _exchanged_dot(p_a, p_w, o_b, m_b, o_n, m_n, K: tl.constexpr, stride_k, stride_n, PRECISION: tl.constexpr,
                    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
@@ -117,6 +123,7 @@ def _exchanged_dot(p_a, p_w, o_b, m_b, o_n, m_n, K: tl.constexpr, stride_k, stri
                       mask=m_k[:, None] & m_n[None, :], other=0.0)
         b_acc += tl.dot(b_a, b_w, input_precision=PRECISION, out_dtype=ACC)
     return b_acc
+
 
 @triton.jit
 def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop, p_steps,
@@ -167,6 +174,8 @@ def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gate
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
     "SAVE": lambda args: args["p_a_hh"] is not None,
 })
+
+
 @triton.jit(do_not_specialize=["T", "B"])
 def bnlstm_persistent_fwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats, p_sem,
@@ -348,6 +357,8 @@ def _store_partial(p_part, b_da_hh, p_w_hh, i_h, o_b, m_b, H: tl.constexpr, PREC
     "FRAME": lambda args: args["p_affine"] is not None,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
 })
+
+
 @triton.jit(do_not_specialize=["T", "B"])
 def bnlstm_persistent_bwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
@@ -664,18 +675,9 @@ def persistent_fits(B: int, H: int, dtype: torch.dtype) -> bool:
     return _block_rows(B) * 4 * _single_block_h(H) <= _REGISTERS_TILE.get(dtype, _REGISTERS_TILE[torch.float32])
 
 
-# the most rows a program holds: the sm90 compile of a [256, 64] block tile needs 120 KiB of shared memory
-# forward (227 KiB exist) and spills 3.6 KiB a thread backward; 512 rows would not launch
-_MAX_ROWS = 256
-# the largest [BB, 4*BH] tile (elements) the "registers" form holds without spilling, from the sm90 report
-_REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
-# warps of the "registers" form's one tile
-_REGISTERS_WARPS = 8
-
-
 def _block_warps(B: int) -> int:
     """Warps of the block forms: their [BB, 64] tile compiles without spills at B <= 64 with 8 (16 warps
-    spill 204 B a thread in backward there); B = 128 and 256 spill about 1 KiB and 3.6 KiB with 16."""
+    spilled in backward there); B = 128 and 256 spill about 1 KiB and 3.6 KiB a thread with 16."""
     return 8 if _block_rows(B) <= 64 else 16
 
 
@@ -685,8 +687,7 @@ def persistent_preferred(B: int, H: int, dtype: torch.dtype, device: torch.devic
 
     Persistent on CUDA where its block tile holds without heavy spills (B <= 128) and its grid is at most one
     program per SM (H <= 16 * SMs): one grid barrier (about 1 us) replaces a launch per step (a CUDA-graph
-    kernel boundary of about 1 us plus the prologue that reloads every parameter row), and the cell state
-    stays in registers. Per-step otherwise, and under the interpreter (both are proven there).
+    kernel boundary of about 1 us plus the prologue that reloads every parameter row). Per-step otherwise, and under the interpreter (both are proven there).
     """
     if device.type != "cuda":
         return False
