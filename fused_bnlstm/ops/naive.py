@@ -91,7 +91,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         x, pop = _pad_steps(x, pop, steps_run)
     # [T, B]: the rows still running at each step
     steps = torch.arange(steps_run, device=x.device).unsqueeze(1)
-    running = steps < (lengths.to(x.device) if lengths is not None else T)
+    running = (steps < (lengths.to(x.device) if lengths is not None else T)).expand(steps_run, B)
     h, c = inputs.h0, inputs.c0
     outputs = []
     moments = []
