@@ -38,6 +38,7 @@ Buffers (C-contiguous, layouts as ``triton_kernels.py``):
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -382,7 +383,9 @@ def bnlstm_persistent_bwd_kernel(
     o_b = tl.arange(0, BB)
     m_b = o_b < B
     b_len = tl.load(p_lengths + o_b, mask=m_b, other=0)
-    t = T.to(tl.int64) - 1
+    # int64: offsets such as T * B * 4H (da_ih after da_hh) can pass 2^31
+    T = T.to(tl.int64)
+    t = T - 1
     if CARRY:
         o_g, m_g, _, o_h, m_h = _gate_columns(0, H, BH)
         o_s = o_b[:, None] * H + o_h[None, :]
@@ -392,7 +395,7 @@ def bnlstm_persistent_bwd_kernel(
         # [BB, BH] the h and c state gradients after step T - 1, carried backwards, and c_T
         b_dh_state = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
         b_dc_state = tl.load(p_dstate + B * H + o_s, mask=m_s, other=0.0)
-        b_c = tl.load(p_c + T.to(tl.int64) * B * H + o_s, mask=m_s, other=0.0)
+        b_c = tl.load(p_c + T * B * H + o_s, mask=m_s, other=0.0)
         # [BB, 4*BH] da_hh of the step after the one processed (none after T - 1: no row runs there)
         b_da_next = tl.zeros([BB, 4 * BH], dtype=p_da.dtype.element_ty)
         b_dgamma_ih = tl.zeros([4 * BH], dtype=b_c.dtype)
@@ -758,7 +761,9 @@ def bnlstm_layer_triton_persistent(*, inputs: LayerInput, params: LayerParams, c
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
     population = _pack_population(inputs.population, config.normalization)
     needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
-    with torch.autocast(device.type, enabled=False):
+    # Triton launches on the current device: make it the tensors'
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.autocast(device.type, enabled=False), on_device:
         if needs_grad:
             out, h_n, c_n, moments = BNLSTMPersistentFunction.apply(run, inputs, config, population, *tensors)
         else:
