@@ -27,6 +27,10 @@ _FUSED_WITHOUT_PROJECTION = ("triton", "cpp")
 DEFAULT_MAX_LENGTH = 256
 
 
+class PopulationStatisticsWarning(UserWarning):
+    """Eval on running averages that training calls moved since the last exact re-estimate."""
+
+
 def _check_common_arguments(input_size, hidden_size, bias, momentum, eps, gamma_init, normalization,
                             track_running_stats, max_length, backend):
     """Constructor checks shared by BNLSTM and BNLSTMCell, in nn.LSTM's words where it has them."""
@@ -147,10 +151,28 @@ class _PopulationStatsMixin:
             warnings.warn(
                 f"{type(self).__name__}: a training call reached step {last_step} (time_offset included) but "
                 f"max_length={self.max_length}: steps from {self.max_length - 1} on share the last statistics "
-                "slot (the paper's practice past T_max). Pass max_length= the longest sequence to give every "
-                "step its own statistics.",
-                stacklevel=3,
+                "slot (the paper's practice past T_max; expected on a stream with time_offset=position). For "
+                "sequences of bounded length, pass max_length= the longest to give every step its own statistics.",
+                stacklevel=5,
             )
+
+    def _warn_if_running_averages_lag(self) -> None:
+        """Once per module: an eval call on running averages that training calls updated since the last
+        ``update_population_statistics`` (they lag the weights; see the README's "Training recipes")."""
+        if torch.compiler.is_compiling():
+            return
+        if not getattr(self, "_stats_from_training", False) or getattr(self, "_warned_stats_from_training", False):
+            return
+        self._warned_stats_from_training = True
+        warnings.warn(
+            f"{type(self).__name__}: eval on running averages (momentum={self.momentum}) that training updated "
+            "while the weights moved. They lag the weights, and BN divides that lag by each step's standard "
+            "deviation (about sqrt(eps) where every sequence starts alike). After training, call "
+            "fused_bnlstm.update_population_statistics(train_loader, model) (forward= for a model called with a "
+            "state); see the README's 'Training recipes'.",
+            PopulationStatisticsWarning,
+            stacklevel=5,
+        )
 
     def _population(self, suffix: str, slots: Tensor, like: Tensor) -> Population | None:
         """The statistics each step falls back on (or uses in eval), one row per step."""
@@ -183,6 +205,8 @@ class _PopulationStatsMixin:
             yield
         finally:
             self._stats_accumulator = None
+        if any((id(self), suffix) in accumulator.sums for suffix in self._stats_suffixes):
+            self._stats_from_training = False
 
     def _record_statistics(self, suffix: str, slots: Tensor, time_offset: int, stats) -> None:
         """Fold a training call's batch statistics into the buffers (or into a re-estimation pass);
@@ -191,6 +215,7 @@ class _PopulationStatsMixin:
         if self._stats_accumulator is not None:
             self._stats_accumulator.add((id(self), suffix), running, slots, stats)
         else:
+            self._stats_from_training = True
             first_slot = min(time_offset, running.count.shape[0] - 1)
             _stats.apply_batch_statistics(running, first_slot, stats, self.momentum)
 
@@ -413,6 +438,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             raise ValueError(f"time_offset must be >= 0, got {time_offset}")
 
         use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats and self.normalization is not None:
+            self._warn_if_running_averages_lag()
         update_stats = self.training and self.track_running_stats and self.normalization is not None
         group = self._sync_group(use_batch_stats)
         if self.normalization is not None and use_batch_stats and (B > 0 or group is not None):
@@ -637,6 +664,8 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
                     raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {value.size(1)}, "
                                        f"expected {self.hidden_size}")
         use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats and self.normalization is not None:
+            self._warn_if_running_averages_lag()
         if self.normalization is not None and use_batch_stats and B == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input size "
                              f"{torch.Size([1, 4 * self.hidden_size])}")

@@ -175,9 +175,13 @@ def finish_statistics(inputs: LayerInput, config: LayerConfig, moments, dtype: t
         counts = torch.tensor([sum(inputs.counts)], dtype=torch.long)
         return BatchStatistics(counts, *[m.detach().to(dtype) for m in moments])
     counts = torch.tensor(inputs.counts, dtype=torch.long)
-    device = moments[0].device
-    fell_back = ~torch.tensor(inputs.batch_stats, dtype=torch.bool).to(device, non_blocking=True)[:, None]  # [T, 1]
-    return BatchStatistics(counts, *[m.detach().to(dtype).masked_fill(fell_back, float("nan")) for m in moments])
+    # rows only ever stop running, so the steps that fell back are a suffix [first, T): a device fill, no
+    # host-to-device copy (the op may run inside a CUDA graph capture)
+    first = inputs.batch_stats.index(False) if False in inputs.batch_stats else len(inputs.batch_stats)
+    moments = [m.detach().to(dtype, copy=True) for m in moments]
+    for m in moments:
+        m[first:] = float("nan")
+    return BatchStatistics(counts, *moments)
 
 
 def needs_reference_backward(*cotangents: Tensor | None) -> bool:
@@ -187,7 +191,10 @@ def needs_reference_backward(*cotangents: Tensor | None) -> bool:
     kernels cannot read."""
     if torch.is_grad_enabled():
         return True
-    return any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in cotangents)
+    functorch = torch._C._functorch
+    # autograd.grad(is_grads_batched=True) batches with the legacy vmap, torch.func with the new one
+    return any(g is not None and (functorch.is_functorch_wrapped_tensor(g) or functorch.is_legacy_batchedtensor(g))
+               for g in cotangents)
 
 
 def reference_backward(*, inputs: LayerInput, params: LayerParams, config: LayerConfig, cotangents,
