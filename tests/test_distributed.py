@@ -275,8 +275,10 @@ SYNC_CASES_2 = {
     "frame-plain-T4-T6": (dict(max_length=8), [(4, 2, None), (6, 3, [6, 1, 3])]),
     "frame-2layers-bidirectional": (dict(num_layers=2, bidirectional=True, max_length=8),
                                     [(6, 2, [6, 3]), (4, 3, [4, 4, 2])]),
+    # rank 0 plain (its reverse direction flips time), rank 1 packed (it gathers per row)
     "sequence-bidirectional-T5-T3": (dict(normalization="sequence", bidirectional=True),
-                                     [(5, 2, [5, 2]), (3, 3, [3, 1, 2])]),
+                                     [(5, 2, None), (3, 3, [3, 1, 2])]),
+    "frame-bidirectional-plain-packed": (dict(bidirectional=True, max_length=8), [(5, 2, None), (4, 2, [4, 1])]),
     # a rank with no rows still takes part in every collective
     "frame-empty-rank": (dict(max_length=8), [(5, 3, [5, 4, 1]), (2, 0, None)]),
     # one row per rank: a batch of two for the group, not BatchNorm's error
