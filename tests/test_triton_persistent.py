@@ -255,11 +255,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         common = dict(H=H, CARRY=carry, NUM_PROGRAMS=programs, PRECISION=precision, BB=P._block_rows(B),
                       BH=P._single_block_h(H) if carry else P._BLOCK_H, BK=P._BLOCK_K)
         warps = P._REGISTERS_WARPS if carry else P._block_warps(B)
-        for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True)),
+        for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True, BATCH=True)),
                                          ("bwd", P.bnlstm_persistent_bwd_kernel, common)):
             report = compile_for_sm90(kernel, dtype, dict(constexprs, FRAME=True, HAS_BIAS=True), warps)
-            print(json.dumps(dict(kernel=name, B=B, H=H, dtype=dtype, form=form, fits=P.persistent_fits(B, H, torch_dtype),
-                                  **report)), flush=True)
+            fits = P.persistent_fits(B, H, torch_dtype)
+            print(json.dumps(dict(kernel=name, B=B, H=H, dtype=dtype, form=form, fits=fits, **report)), flush=True)
 """)
 
 

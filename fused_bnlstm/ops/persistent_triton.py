@@ -127,9 +127,24 @@ def _exchanged_dot(p_a, p_w, o_b, m_b, o_n, m_n, K: tl.constexpr, stride_k, stri
 
 
 @triton.jit
+def _normalize(b_v, m_run, n, use_batch, eps, p_pop, p_stats, o_col, m_col, V, BATCH: tl.constexpr):
+    """xhat [BB, W] as ``_batch_norm`` (moments stored to ``p_stats``); without ``BATCH`` (no step of the
+    call uses batch statistics: eval) with the population's moments only, no reduction over the rows."""
+    if BATCH:
+        b_xhat = _batch_norm(b_v, m_run, n, use_batch, eps, p_pop, p_stats, o_col, m_col, V)
+    else:
+        b_mean = tl.load(p_pop + o_col, mask=m_col, other=0.0).to(b_v.dtype)
+        b_var = tl.load(p_pop + V + o_col, mask=m_col, other=1.0).to(b_v.dtype)
+        tl.store(p_stats + o_col, b_mean, mask=m_col)
+        tl.store(p_stats + V + o_col, b_var, mask=m_col)
+        b_xhat = (b_v - b_mean[None, :]) / tl.sqrt(b_var + eps)[None, :]
+    return b_xhat
+
+
+@triton.jit
 def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop, p_steps,
-                   p_out, p_a_hh, p_stats, eps, B, H: tl.constexpr, FRAME: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   SAVE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+                   p_out, p_a_hh, p_stats, eps, B, H: tl.constexpr, FRAME: tl.constexpr, BATCH: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t of hidden units [i_h * BH, (i_h + 1) * BH) given their a_hh = W_hh h_{t-1} tile [BB, 4*BH]:
     both batch norms, the gates, c_t, BN(c_t), h_t; stores the output row (and a_hh, the moments used).
     Returns the states after the step [BB, BH] (finished rows keep theirs)."""
@@ -147,10 +162,10 @@ def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gate
         use_batch = tl.load(p_steps + 2 * t + 1)
         p_pop_t = p_pop + t * 18 * H
         p_stats_t = p_stats + t * 18 * H
-        b_z = _load_vector(p_affine + 4 * H, o_g, m_g, ACC) * _batch_norm(
-            b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H, p_stats_t + 4 * H, o_g, m_g, 9 * H)
-        b_z += _load_vector(p_affine, o_g, m_g, ACC) * _batch_norm(
-            b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H)
+        b_z = _load_vector(p_affine + 4 * H, o_g, m_g, ACC) * _normalize(
+            b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H, p_stats_t + 4 * H, o_g, m_g, 9 * H, BATCH)
+        b_z += _load_vector(p_affine, o_g, m_g, ACC) * _normalize(
+            b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H, BATCH)
     else:
         b_z = b_a_hh + b_x
     if HAS_BIAS:
@@ -159,8 +174,8 @@ def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gate
     b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
     b_c = b_f * b_c_prev + b_i * b_g
     if FRAME:
-        b_y = _load_vector(p_affine + 8 * H, o_h, m_h, ACC) * _batch_norm(
-            b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H)
+        b_y = _load_vector(p_affine + 8 * H, o_h, m_h, ACC) * _normalize(
+            b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H, BATCH)
         b_y += _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
     else:
         b_y = b_c
@@ -175,13 +190,11 @@ def _forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gate
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
     "SAVE": lambda args: args["p_a_hh"] is not None,
 })
-
-
 @triton.jit(do_not_specialize=["T", "B"])
 def bnlstm_persistent_fwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats, p_sem,
     T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CARRY: tl.constexpr,
+    FRAME: tl.constexpr, BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CARRY: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
     """All T steps of every row: program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
@@ -210,7 +223,7 @@ def bnlstm_persistent_fwd_kernel(
             m_run = (m_b & (b_len > t))[:, None]
             b_a_hh = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=p_c.dtype.element_ty)
             b_h, b_c = _forward_block(b_a_hh, b_h, b_c, t, 0, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop,
-                                      p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, HAS_BIAS, SAVE, BB, BH)
+                                      p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, BATCH, HAS_BIAS, SAVE, BB, BH)
             if SAVE:
                 tl.store(p_h + (t + 1) * B * H + o_s, b_h, mask=m_s)
                 tl.store(p_c + (t + 1) * B * H + o_s, b_c, mask=m_s)
@@ -234,7 +247,7 @@ def bnlstm_persistent_fwd_kernel(
                 b_h, b_c = _forward_block(
                     b_a_hh, tl.load(p_h + o_prev + o_s, mask=m_s, other=0.0),
                     tl.load(p_c + o_prev + o_s, mask=m_s, other=0.0), t, i_h, o_b, m_b, m_run, p_x_gates, p_bias,
-                    p_affine, p_pop, p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, HAS_BIAS, SAVE, BB, BH)
+                    p_affine, p_pop, p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, BATCH, HAS_BIAS, SAVE, BB, BH)
                 tl.store(p_h + o_next + o_s, b_h, mask=m_s)
                 tl.store(p_c + o_next + o_s, b_c, mask=m_s)
                 i_h += NUM_PROGRAMS
@@ -358,8 +371,6 @@ def _store_partial(p_part, b_da_hh, p_w_hh, i_h, o_b, m_b, H: tl.constexpr, PREC
     "FRAME": lambda args: args["p_affine"] is not None,
     "HAS_BIAS": lambda args: args["p_bias"] is not None,
 })
-
-
 @triton.jit(do_not_specialize=["T", "B"])
 def bnlstm_persistent_bwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
@@ -569,7 +580,7 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, po
         p_x_gates=x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=affine, p_pop=population,
         p_steps=steps, p_lengths=lengths, p_h=h, p_c=c, p_out=out, p_a_hh=a_hh, p_stats=stats,
         p_sem=torch.zeros(1, dtype=torch.int32, device=device), T=T, eps=run.eps, B=B, H=H,
-        BB=_block_rows(B), **_launch(run),
+        BATCH=frame and any(run.batch_stats), BB=_block_rows(B), **_launch(run),
     )
     last = T if save else T % 2
     h_n, c_n = h[last].clone(), c[last].to(dtype, copy=True)
@@ -690,7 +701,8 @@ def persistent_preferred(B: int, H: int, dtype: torch.dtype, device: torch.devic
 
     Persistent on CUDA where its block tile holds without heavy spills (B <= 128) and its grid is at most one
     program per SM (H <= 16 * SMs): one grid barrier (about 1 us) replaces a launch per step (a CUDA-graph
-    kernel boundary of about 1 us plus the prologue that reloads every parameter row). Per-step otherwise, and under the interpreter (both are proven there).
+    kernel boundary of about 1 us plus the prologue that reloads every parameter row). Per-step otherwise,
+    and under the interpreter (both are proven there).
     """
     if device.type != "cuda":
         return False
