@@ -123,7 +123,10 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # torchrun's environment names the group; a caller that already joined one (the tests) keeps it
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -136,7 +139,8 @@ def main(argv=None) -> None:
         else:
             train(args, device, generator, rank, world_size)
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
 
 
 def train(args, device, generator, rank, world_size) -> None:

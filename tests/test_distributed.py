@@ -236,6 +236,22 @@ def _population_forward(model, batch):
     model(_model_input(batch))
 
 
+def _job_example(rank, world_size):
+    """examples/ddp_train.py in sync mode, a few tiny steps, in this rank's group: what rank 0 prints."""
+    import contextlib
+    import io
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from examples import ddp_train
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ddp_train.main(["--sync", "--steps", "2", "--batch", "3", "--length", "5", "--hidden", "6"])
+    return printed.getvalue()
+
+
 # ---- the expectations ---------------------------------------------------------------------------------------
 
 def _assert_matches_concatenated(results: list[dict], batches: list[dict], single: dict, *, ddp=False,
@@ -323,6 +339,7 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
     jobs["sync/ddp-sync"] = (_job_sync, dict(spec=ddp_spec, batches=ddp_batches, ddp=True))
     for backend in DDP_BACKENDS:
         jobs[f"ddp/{backend}"] = (_job_ddp, dict(spec=ddp_spec, batches=ddp_batches, backend=backend))
+    jobs["example"] = (_job_example, {})
     one_row = _spec(3)
     jobs["sync-error"] = (_job_sync_error, dict(spec=one_row, batches=[_batch(one_row, 3, 1), _batch(one_row, 3, 0)]))
     return jobs, {"cases": cases, "population": population, "ddp": (ddp_spec, ddp_batches)}
@@ -377,6 +394,14 @@ def test_sync_global_batch_of_one_raises_on_every_rank(world):
         pytest.skip("runs on 2 ranks")
     messages = [r["sync-error"] for r in results]
     assert all(m is not None and "Expected more than 1 value per channel" in m for m in messages), messages
+
+
+def test_example_ddp_train_with_sync(world):
+    world_size, results, inputs = world
+    if "ddp" not in inputs:
+        pytest.skip("runs on 2 ranks")
+    assert "sync=True" in results[0]["example"] and "buffers equal on every rank: True" in results[0]["example"]
+    assert results[1]["example"] == ""
 
 
 @pytest.mark.parametrize("backend", DDP_BACKENDS)
