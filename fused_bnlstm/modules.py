@@ -75,6 +75,13 @@ class _PopulationStatsMixin:
     of the last step trained (the paper's T_max), whatever ``max_length`` is.
     """
 
+    def _init_stats_state(self) -> None:
+        self._stats_accumulator = None  # set by collecting_statistics
+        self._stats_suffixes: list[str] = []  # one per layer-direction with buffers
+        self._stats_from_training = False  # training calls moved the running averages since a re-estimate
+        self._warned_stats_from_training = False
+        self._warned_past_max_length = False
+
     def _register_stats(self, suffix: str, gate_width: int, cell_width: int, factory_kwargs):
         if self.normalization is None:
             return
@@ -91,7 +98,8 @@ class _PopulationStatsMixin:
         self.register_buffer(f"num_batches_tracked{suffix}", count if self.track_running_stats else None)
         if not self._stats_suffixes and self.normalization == "frame" and self.track_running_stats:
             # the longest training sequence seen, T + time_offset, capped at max_length: eval's last slot
-            self.register_buffer("running_length", torch.zeros((), dtype=torch.long, device=factory_kwargs["device"]))
+            running_length = torch.zeros((), dtype=torch.long, device=factory_kwargs["device"])
+            self.register_buffer("running_length", running_length)
         self._stats_suffixes.append(suffix)
 
     def _widths(self, gate_width: int, cell_width: int) -> dict[str, int]:
@@ -124,15 +132,16 @@ class _PopulationStatsMixin:
         if self.normalization == "frame":
             self.running_length.zero_()
 
-    def _slots(self, T: int, time_offset: int, training: bool, device) -> Tensor:
+    def _slots(self, T: int, time_offset: int, use_batch_stats: bool) -> Tensor:
         """[T] int64: the statistics slot each step reads (and, in training, updates).
 
-        Training: ``min(t + time_offset, max_length - 1)``, on the CPU (the update reads it on the host).
-        Otherwise: clamped to ``running_length - 1`` as well, on the buffers' device (no host sync).
+        Batch statistics (training): ``min(t + time_offset, max_length - 1)``, on the CPU, built from host
+        ints. Population statistics (eval): clamped to ``running_length - 1`` as well, on the buffers' device
+        (no host sync).
         """
         if self.normalization != "frame":
             return torch.zeros(1, dtype=torch.long)
-        if training or not self.track_running_stats:
+        if use_batch_stats or not self.track_running_stats:
             return _stats.slot_indices(T, time_offset, self.max_length)
         # never trained (0): every step its own slot
         last = torch.where(self.running_length > 0, self.running_length, self.max_length) - 1
@@ -146,7 +155,7 @@ class _PopulationStatsMixin:
             self.running_length.clamp_(min=min(steps, self.max_length))
 
     def _warn_past_max_length(self, last_step: int) -> None:
-        if self.normalization == "frame" and last_step >= self.max_length and not getattr(self, "_warned_past_max_length", False):
+        if self.normalization == "frame" and last_step >= self.max_length and not self._warned_past_max_length:
             self._warned_past_max_length = True
             warnings.warn(
                 f"{type(self).__name__}: a training call reached step {last_step} (time_offset included) but "
@@ -161,7 +170,7 @@ class _PopulationStatsMixin:
         ``update_population_statistics`` (they lag the weights; see the README's "Training recipes")."""
         if torch.compiler.is_compiling():
             return
-        if not getattr(self, "_stats_from_training", False) or getattr(self, "_warned_stats_from_training", False):
+        if not self._stats_from_training or self._warned_stats_from_training:
             return
         self._warned_stats_from_training = True
         warnings.warn(
@@ -334,9 +343,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self.track_running_stats = track_running_stats
         self.backend = backend
         self.weight_dropout = float(weight_dropout)
-        self._stats_accumulator = None
-        self._stats_suffixes: list[str] = []
-        self._warned_past_max_length = False
+        self._init_stats_state()
         # synchronized statistics across a torch.distributed group (fused_bnlstm.convert_sync_bnlstm)
         self.sync_statistics = False
         self.process_group = None
@@ -461,7 +468,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         # Validation is over: from here on buffers may change.
         if update_stats:
             self._warn_past_max_length(T + time_offset - 1)
-        slots = self._slots(T, time_offset, use_batch_stats, x.device)
+        slots = self._slots(T, time_offset, use_batch_stats)
         config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats,
                              process_group=group)
         reverse_index = _reverse_index(T, lengths, x.device) if self.bidirectional else None
@@ -610,9 +617,7 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
         self.max_length, self.momentum, self.eps = max_length, momentum, float(eps)
         self.gamma_init, self.normalization = float(gamma_init), normalization
         self.track_running_stats = track_running_stats
-        self._stats_accumulator = None
-        self._stats_suffixes: list[str] = []
-        self._warned_past_max_length = False
+        self._init_stats_state()
         factory_kwargs = {"device": device, "dtype": dtype}
         G = 4 * hidden_size
         shapes = {"weight_ih": (G, input_size), "weight_hh": (G, hidden_size)}
@@ -672,7 +677,7 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
         update_stats = self.training and self.track_running_stats and self.normalization is not None
         if update_stats:
             self._warn_past_max_length(time_step)
-        slots = self._slots(1, time_step, use_batch_stats, x.device)
+        slots = self._slots(1, time_step, use_batch_stats)
         config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
         _, h, c, stats = bnlstm_layer(
             x.unsqueeze(0), h0, c0, _layer_parameters(self, ""), population=self._population("", slots, x),
