@@ -81,6 +81,18 @@ class _PopulationStatsMixin:
         self._stats_from_training = False  # training calls moved the running averages since a re-estimate
         self._warned_stats_from_training = False
         self._warned_past_max_length = False
+        # synchronized statistics across a torch.distributed group (fused_bnlstm.convert_sync_bnlstm)
+        self.sync_statistics = False
+        self.process_group = None
+
+    def _sync_group(self, use_batch_stats: bool):
+        """The process group every batch norm of this call spans (sync mode, see ``convert_sync_bnlstm``),
+        or None to normalize over this process's rows only."""
+        if not (self.sync_statistics and use_batch_stats and self.normalization is not None):
+            return None
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
 
     def _register_stats(self, suffix: str, gate_width: int, cell_width: int, factory_kwargs):
         if self.normalization is None:
@@ -344,9 +356,6 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         self.backend = backend
         self.weight_dropout = float(weight_dropout)
         self._init_stats_state()
-        # synchronized statistics across a torch.distributed group (fused_bnlstm.convert_sync_bnlstm)
-        self.sync_statistics = False
-        self.process_group = None
 
         factory_kwargs = {"device": device, "dtype": dtype}
         num_directions = 2 if bidirectional else 1
@@ -520,15 +529,6 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             "weight by name (e.g. module.weight_hh_l0 = dropped, after removing the parameter)."
         )
 
-    def _sync_group(self, use_batch_stats: bool):
-        """The process group every batch norm of this call spans (sync mode, see ``convert_sync_bnlstm``),
-        or None to normalize over this process's rows only."""
-        if not (self.sync_statistics and use_batch_stats and self.normalization is not None):
-            return None
-        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return None
-        return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
-
     def _as_padded(self, input):
         """Any input form -> (x [T, B, I] time-major, lengths [B] CPU int64 or None, packing, is_batched)."""
         if isinstance(input, PackedSequence):
@@ -678,7 +678,8 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
         if update_stats:
             self._warn_past_max_length(time_step)
         slots = self._slots(1, time_step, use_batch_stats)
-        config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats)
+        config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats,
+                             process_group=self._sync_group(use_batch_stats))
         _, h, c, stats = bnlstm_layer(
             x.unsqueeze(0), h0, c0, _layer_parameters(self, ""), population=self._population("", slots, x),
             config=config, backend="reference",
