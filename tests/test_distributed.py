@@ -331,7 +331,7 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
     jobs = {f"sync/{name}": (_job_sync, dict(spec=spec, batches=batches)) for name, (spec, batches) in cases.items()}
     population = _population_inputs(world_size, seed=5)
     jobs["population"] = (_job_population, population)
-    if world_size == 3:  # (each process costs seconds here: DDP and the error run on 2 ranks only)
+    if world_size == 3:  # (each process costs seconds here: DDP, the error and the example run on 2 ranks)
         return jobs, {"cases": cases, "population": population}
     ddp_spec = _spec(7, max_length=8)
     ddp_batches = [_batch(ddp_spec, 4 + 2 * r, 3, [4 + 2 * r, 2, 1]) for r in range(world_size)]
@@ -345,11 +345,25 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
     return jobs, {"cases": cases, "population": population, "ddp": (ddp_spec, ddp_batches)}
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def world(request):
-    world_size = request.param
+def _run_world(world_size: int):
     jobs, inputs = _jobs(world_size)
     return world_size, _spawn(world_size, jobs), inputs
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return _run_world(2)
+
+
+@pytest.fixture(scope="module")
+def world3():
+    return _run_world(3)
+
+
+@pytest.fixture(params=[2, 3], ids=["2ranks", "3ranks"])
+def world(request):
+    """The results of one spawn (one per world size and module), for checks that run on both."""
+    return request.getfixturevalue(f"world{request.param}")
 
 
 # ---- the tests -----------------------------------------------------------------------------------------------
@@ -388,29 +402,23 @@ def test_sync_matches_concatenated_batch(world):
             raise AssertionError(f"case {name}: {error}") from None
 
 
-def test_sync_global_batch_of_one_raises_on_every_rank(world):
-    world_size, results, inputs = world
-    if "ddp" not in inputs:
-        pytest.skip("runs on 2 ranks")
+def test_sync_global_batch_of_one_raises_on_every_rank(world2):
+    _, results, _ = world2
     messages = [r["sync-error"] for r in results]
     assert all(m is not None and "Expected more than 1 value per channel" in m for m in messages), messages
 
 
-def test_example_ddp_train_with_sync(world):
-    world_size, results, inputs = world
-    if "ddp" not in inputs:
-        pytest.skip("runs on 2 ranks")
+def test_example_ddp_train_with_sync(world2):
+    _, results, _ = world2
     assert "sync=True" in results[0]["example"] and "buffers equal on every rank: True" in results[0]["example"]
     assert results[1]["example"] == ""
 
 
 @pytest.mark.parametrize("backend", DDP_BACKENDS)
-def test_ddp_without_sync(world, backend):
+def test_ddp_without_sync(world2, backend):
     """Each rank normalizes over its own rows: DDP's gradient is the mean of the ranks' own gradients, each
     rank's buffers are its own update, and the next call starts from rank 0's buffers on every rank."""
-    world_size, results, inputs = world
-    if "ddp" not in inputs:
-        pytest.skip("runs on 2 ranks")
+    world_size, results, inputs = world2
     spec, batches = inputs["ddp"]
     local = [_train_call(_model(spec, backend="reference"), batch) for batch in batches]
     tolerance = TOLERANCE if backend == "reference" else dict(rtol=1e-7, atol=1e-9)
