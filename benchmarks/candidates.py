@@ -12,6 +12,7 @@ A ``Runner`` binds a candidate to a shape and a mode: ``before()`` runs outside 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
@@ -44,23 +45,55 @@ def module_accepts(option: str) -> Callable[[torch.device], tuple[bool, str]]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running a backend, timed as its own row: the ``BNLSTM`` keyword arguments and environment
-    variables that select it. ``environment`` is set around each timed call (a few microseconds)."""
+    """One way of running a backend, timed as its own row: the ``BNLSTM`` keyword arguments, environment
+    variables or context that select it. ``environment`` and ``context`` wrap each call (microseconds)."""
 
     name: str  # in keys and on the command line: "steps"
     label: str  # in the table: "per-step launches"
     module_options: tuple[tuple[str, object], ...] = ()
     environment: tuple[tuple[str, str], ...] = ()
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
     available: Callable[[torch.device], tuple[bool, str]] = _always
 
 
+def _persistent_available(device: torch.device) -> tuple[bool, str]:
+    from fused_bnlstm import ops
+
+    if "triton_persistent" in ops.BACKENDS:
+        return False, "the persistent kernels are a backend of their own now (timed as such)"
+    if importlib.util.find_spec("fused_bnlstm.ops.persistent_triton") is None:
+        return False, "no fused_bnlstm/ops/persistent_triton.py in this checkout"
+    if not hasattr(ops, "_backend_function"):
+        return False, "fused_bnlstm.ops has no _backend_function to route the triton backend through"
+    return True, ""
+
+
+@contextlib.contextmanager
+def _triton_routed_to_persistent():
+    """``backend="triton"`` runs the persistent kernels (form chosen by their heuristic) inside this context:
+    the way ``tests/test_triton_persistent.py`` reaches them until they are a backend the module can name."""
+    from fused_bnlstm import ops
+    from fused_bnlstm.ops.persistent_triton import bnlstm_layer_triton_persistent
+
+    original = ops._backend_function
+    ops._backend_function = lambda name: bnlstm_layer_triton_persistent if name == "triton" else original(name)
+    try:
+        yield
+    finally:
+        ops._backend_function = original
+
+
 # backend -> its variants, each timed as a row; a backend not listed runs as it is (one row). A new
-# variant (CUDA graph replay, a persistent kernel) is one entry, e.g.
+# variant (CUDA graph replay, another kernel) is one entry, e.g.
 #   Variant("graph", "CUDA graph replay", module_options=(("cuda_graphs", True),),
 #           available=module_accepts("cuda_graphs")),
 # and ``--triton-variants`` picks among them by name.
 VARIANTS: dict[str, tuple[Variant, ...]] = {
-    "triton": (Variant("steps", "per-step launches"),),
+    "triton": (
+        Variant("steps", "per-step launches"),
+        Variant("persistent", "persistent kernels", context=_triton_routed_to_persistent,
+                available=_persistent_available),
+    ),
 }
 
 
@@ -277,8 +310,16 @@ class Runner:
             self.x.requires_grad_(True)
         self.module.train(mode != "eval-forward")
         self.parameters = list(self.module.parameters())
-        variant = candidate.variant
-        self._variant_env = dict(variant.environment) if variant and variant.environment else None
+        self.variant = candidate.variant
+
+    def _variant_scope(self) -> contextlib.AbstractContextManager:
+        """What selects the row's variant, around a call: its environment variables and context."""
+        stack = contextlib.ExitStack()
+        if self.variant is not None and self.variant.environment:
+            stack.enter_context(_environment(**dict(self.variant.environment)))
+        if self.variant is not None and self.variant.context is not None:
+            stack.enter_context(self.variant.context())
+        return stack
 
     def before(self) -> None:
         for p in self.parameters:
@@ -287,11 +328,8 @@ class Runner:
         if self.device.type == "cuda":
             set_precision_switches(self.candidate.precision)
 
-    def _variant_environment(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if self._variant_env is None else _environment(**self._variant_env)
-
     def __call__(self) -> None:
-        with self._variant_environment():
+        with self._variant_scope():
             self._call()
 
     def _call(self) -> None:
@@ -325,7 +363,7 @@ class Runner:
         """One untimed call that keeps its results: None when the output (and, in forward+backward, the
         input and weight gradients) are finite, else what was not. A row that computes NaN is not timed."""
         self.before()
-        with self._variant_environment():
+        with self._variant_scope():
             if self.mode == "eval-forward":
                 with torch.inference_mode():
                     output = self.module(self.x)[0]

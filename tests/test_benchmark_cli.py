@@ -105,12 +105,15 @@ def test_gpu_check_script_parses_and_its_time_limits_add_up_to_under_9_minutes()
     text = _gpu_check_text()
     code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     limits = [int(v) for line in code for v in re.findall(r"(?<![\w-])timeout (\d+)", line)]
-    limits += [int(v) for line in code for v in re.findall(r"^bench \S+ (\d+)\s*$", line)]
-    # two timeouts in the machine block, install, pytest, three presets
-    assert len(limits) == 7, limits
+    # the script's own functions, each a `timeout` inside: tests FILE LIMIT LOG, bench PRESET LIMIT
+    limits += [int(v) for line in code for v in re.findall(r"^(?:tests|bench) \S+ (\d+)\b", line)]
+    # two timeouts in the machine block, install, two test files, three presets
+    assert len(limits) == 8, limits
     assert sum(limits) < 9 * 60, limits
     for preset in ("smnist", "charptb", "generic"):
         assert re.search(rf"^bench {preset} \d+$", text, re.MULTILINE)
+    for tests in ("tests/test_triton.py", "tests/test_triton_persistent.py"):
+        assert re.search(rf"^tests {tests} \d+ ", text, re.MULTILINE)
     assert "gpu_triton_bench" not in text
 
 
