@@ -94,6 +94,15 @@ class _PopulationStatsMixin:
             return None
         return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
 
+    def _check_training_rows(self, rows: int, group, device) -> None:
+        """BatchNorm1d's error for a training batch of one row (in sync mode, of the group's rows: one
+        collective, so every rank decides alike)."""
+        if group is not None:
+            rows = global_sum(rows, group, device)
+        if rows == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size([rows, 4 * self.hidden_size])}")
+
     def _register_stats(self, suffix: str, gate_width: int, cell_width: int, factory_kwargs):
         if self.normalization is None:
             return
@@ -460,14 +469,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         group = self._sync_group(use_batch_stats)
         if self.normalization is not None and use_batch_stats and (B > 0 or group is not None):
             rows = B if self.normalization == "frame" else int(lengths.sum()) if lengths is not None else T * B
-            if group is not None:
-                # synchronized statistics: the group's rows (one collective; every rank decides alike)
-                rows = global_sum(rows, group, x.device)
-            if rows == 1:
-                raise ValueError(
-                    "Expected more than 1 value per channel when training, got input size "
-                    f"{torch.Size([rows, 4 * self.hidden_size])}"
-                )
+            self._check_training_rows(rows, group, x.device)
         # the reference runs what the fused kernels do not: an empty batch (zero-sized outputs that still
         # carry gradients, as nn.LSTM's do), a projection, and synchronized statistics
         fused_ok = B > 0 and self.proj_size == 0 and group is None
@@ -505,7 +507,9 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         for suffix, stats in pending:
             self._record_statistics(suffix, slots, time_offset, stats)
         if update_stats:
-            self._track_steps(T + time_offset)
+            # in sync mode the group's longest sequence (the statistics cover it), so every rank agrees
+            steps = max(T, pending[0][1].counts.shape[0]) if group is not None and pending else T
+            self._track_steps(steps + time_offset)
         return self._pack_result(layer_input, torch.stack(h_n), torch.stack(c_n), packing, is_batched, input)
 
     def _call_parameters(self, suffix: str) -> LayerParams:
@@ -671,20 +675,20 @@ class BNLSTMCell(_PopulationStatsMixin, nn.Module):
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats and self.normalization is not None:
             self._warn_if_running_averages_lag()
-        if self.normalization is not None and use_batch_stats and B == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{torch.Size([1, 4 * self.hidden_size])}")
+        group = self._sync_group(use_batch_stats)
+        if self.normalization is not None and use_batch_stats and (B > 0 or group is not None):
+            self._check_training_rows(B, group, x.device)
         update_stats = self.training and self.track_running_stats and self.normalization is not None
         if update_stats:
             self._warn_past_max_length(time_step)
         slots = self._slots(1, time_step, use_batch_stats)
         config = LayerConfig(normalization=self.normalization, eps=self.eps, use_batch_stats=use_batch_stats,
-                             process_group=self._sync_group(use_batch_stats))
+                             process_group=group)
         _, h, c, stats = bnlstm_layer(
             x.unsqueeze(0), h0, c0, _layer_parameters(self, ""), population=self._population("", slots, x),
             config=config, backend="reference",
         )
-        if update_stats and stats is not None and B > 0:
+        if update_stats and stats is not None and (B > 0 or group is not None):
             self._record_statistics("", slots, time_step, stats)
         if update_stats:
             self._track_steps(time_step + 1)

@@ -254,8 +254,7 @@ def _job_example(rank, world_size):
 
 # ---- the expectations ---------------------------------------------------------------------------------------
 
-def _assert_matches_concatenated(results: list[dict], batches: list[dict], single: dict, *, ddp=False,
-                                 skip_buffers=()):
+def _assert_matches_concatenated(results: list[dict], batches: list[dict], single: dict, *, ddp=False):
     """Each rank's outputs, input gradients and buffers equal the single process's (its rows, its steps);
     the ranks' parameter gradients, summed, equal its parameter gradients (of the summed loss). Under DDP,
     which averages, each rank's gradients times N equal them."""
@@ -268,9 +267,8 @@ def _assert_matches_concatenated(results: list[dict], batches: list[dict], singl
         for name in ("h0", "c0"):
             torch.testing.assert_close(result["grads"][name], single["grads"][name][:, rows], **TOLERANCE)
         for name, value in single["buffers"].items():
-            if name not in skip_buffers:
-                torch.testing.assert_close(result["buffers"][name], value, **TOLERANCE,
-                                           msg=lambda m, name=name: f"rank {rank} buffer {name}: {m}")
+            torch.testing.assert_close(result["buffers"][name], value, **TOLERANCE,
+                                       msg=lambda m, name=name: f"rank {rank} buffer {name}: {m}")
     for name, value in single["grads"].items():
         if name in ("x", "h0", "c0"):
             continue
@@ -392,12 +390,8 @@ def test_sync_matches_concatenated_batch(world):
     for name, (spec, batches) in inputs["cases"].items():
         single = _single(spec, batches)
         ranks = [r[f"sync/{name}"] for r in results]
-        # the module counts running_length from this rank's T (see the report to the lead): skipped where
-        # ranks run different T
-        Ts = {b["x"].shape[0] for b in batches}
-        skip = ("running_length",) if len(Ts) > 1 else ()
         try:
-            _assert_matches_concatenated(ranks, batches, single, ddp=name == "ddp-sync", skip_buffers=skip)
+            _assert_matches_concatenated(ranks, batches, single, ddp=name == "ddp-sync")
         except AssertionError as error:
             raise AssertionError(f"case {name}: {error}") from None
 
