@@ -211,6 +211,7 @@ def test_triton_backend_unavailable_without_interpreter(monkeypatch):
 ])
 def test_triton_precision_policy(monkeypatch, setting, device_type, cudnn_rnn, expected):
     from fused_bnlstm.ops import fused_triton
+    from fused_bnlstm.ops.triton_common import recurrent_precision
 
     if setting is None:
         monkeypatch.delenv(fused_triton.PRECISION_ENV, raising=False)
@@ -222,20 +223,21 @@ def test_triton_precision_policy(monkeypatch, setting, device_type, cudnn_rnn, e
         # nn.LSTM's own switch (torch's per-operator TF32 setting for cuDNN RNNs)
         rnn.fp32_precision = cudnn_rnn
         device = torch.device(device_type)
-        assert fused_triton._precision(torch.float32, device) == expected
+        assert recurrent_precision(torch.float32, device) == expected
         # other dtypes ignore the setting: fp64 in IEEE, half types on their own tensor-core path
-        assert fused_triton._precision(torch.float64, device) == "ieee"
-        assert fused_triton._precision(torch.bfloat16, device) is None
+        assert recurrent_precision(torch.float64, device) == "ieee"
+        assert recurrent_precision(torch.bfloat16, device) is None
     finally:
         rnn.fp32_precision = saved
 
 
 def test_triton_precision_rejects_unknown_setting(monkeypatch):
     from fused_bnlstm.ops import fused_triton
+    from fused_bnlstm.ops.triton_common import recurrent_precision
 
     monkeypatch.setenv(fused_triton.PRECISION_ENV, "fp32")
     with pytest.raises(ValueError, match="FUSED_BNLSTM_TRITON_PRECISION must be one of auto, ieee, tf32, tf32x3"):
-        fused_triton._precision(torch.float32, CPU)
+        recurrent_precision(torch.float32, CPU)
 
 
 @requires_interpreter
@@ -779,6 +781,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     from fused_bnlstm.ops import fused_triton as F
     from fused_bnlstm.ops import triton_kernels as K
+    from fused_bnlstm.ops.triton_common import _BLOCK_FEATURES, _BLOCK_ROWS, block_rows
 
     TARGET = GPUTarget("cuda", 90, 32)
     BACKEND = make_backend(TARGET)
@@ -802,7 +805,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
     B = 64
-    tiles = dict(H=100, BB=F._block_rows(B), BH=F._BLOCK_H, BK=F._BLOCK_K)
+    tiles = dict(H=100, BB=block_rows(B), BH=F._BLOCK_H)
     infer_tiles = dict(tiles, BB=F._INFER_ROWS)
     # every kernel in fp32 IEEE and bf16, the dot kernels in TF32 as well; plain variants once
     for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", None)):
@@ -814,7 +817,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         if precision == "tf32":
             continue
         for kernel in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
-            compile_for_sm90(kernel, dtype, dict(BR=F._BLOCK_ROWS, BF=F._BLOCK_FEATURES), 4)
+            compile_for_sm90(kernel, dtype, dict(BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES), 4)
     plain = dict(FRAME=False, HAS_BIAS=False, PRECISION="ieee", p_bias=None, p_affine=None, p_steps=None, **tiles)
     compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(plain, SAVE=False, p_pop=None, p_a_hh=None, p_stats=None),
                      F._num_warps(B))

@@ -29,9 +29,10 @@ backward derivation in ``README.md`` beside this file):
 Statistics, accumulation and the cell state are float32 (float64 for float64 tensors); bf16 and fp16 run
 the GEMMs in their dtype with float32 accumulation; under autocast the op computes in autocast's dtype.
 fp32 recurrent GEMMs follow ``nn.LSTM`` on the same device (TF32 on CUDA where cuDNN's RNN uses it) unless
-``FUSED_BNLSTM_TRITON_PRECISION`` says otherwise (``_precision``). A training program holds every batch row
-of its columns in registers, which suits the batch sizes recurrent models train with (B <= 512).
-No call reads a device tensor back to the host: the per-step plan is host ints (``LayerInput.counts``).
+``FUSED_BNLSTM_TRITON_PRECISION`` says otherwise (``triton_common.recurrent_precision``). A training
+program holds every batch row of its columns in registers, which suits the batch sizes recurrent models
+train with (B <= 512). No call reads a device tensor back to the host: the per-step plan is host ints
+(``LayerInput.counts``).
 """
 
 from __future__ import annotations
@@ -57,33 +58,35 @@ from fused_bnlstm.ops.common import (
     needs_reference_backward,
     reference_backward,
 )
+from fused_bnlstm.ops.triton_common import (
+    PRECISION_ENV,
+    PRECISIONS,
+    acc_dtype,
+    available,
+    block_rows,
+    check_call,
+    compute_dtype,
+    device_steps,
+    gradients_after_loop,
+    host_to_device,
+    moment_views,
+    pack_population,
+    recurrent_precision,
+    sequence_bn_backward,
+    sequence_bn_forward,
+    triton,
+)
 
-try:
-    import triton
-
+if triton is not None:
     from fused_bnlstm.ops import triton_kernels as kernels
-except ImportError as error:
-    triton = None
-    _IMPORT_ERROR = error
-else:
-    _IMPORT_ERROR = None
-    # triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at this import
-    _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = ["GRAPHS_ENV", "PRECISION_ENV", "PRECISIONS", "available", "bnlstm_layer_triton"]
 
 # step loops replayed as CUDA graphs: 1 (default) or 0
 GRAPHS_ENV = "FUSED_BNLSTM_TRITON_GRAPHS"
 
-# the float32 recurrent-GEMM precision switch (see ``_precision``)
-PRECISION_ENV = "FUSED_BNLSTM_TRITON_PRECISION"
-PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
-
-# hidden units per program, reduction chunk of the recurrent GEMMs, rows / features per sequence-BN chunk
+# hidden units per program (the recurrent dots reduce in chunks of ``triton_kernels.BLOCK_K``)
 _BLOCK_H = 16
-_BLOCK_K = 32
-_BLOCK_ROWS = 64
-_BLOCK_FEATURES = 32
 # rows per program of the inference kernel, which tiles the batch
 _INFER_ROWS = 32
 # the most rows one program of the training kernels holds: sm90 compiles of BB = 512 need up to 216 KiB of
@@ -92,24 +95,6 @@ _MAX_ROWS = {torch.float64: 256}
 _MAX_ROWS_DEFAULT = 512
 # released workspaces kept for later calls of the same shapes (each holds its buffers and captured graphs)
 _MAX_IDLE_WORKSPACES = 8
-
-
-def available(device) -> tuple[bool, str]:
-    """Whether the Triton kernels can run on ``device``; if not, a sentence that says why."""
-    if triton is None:
-        return False, f"triton is not importable ({_IMPORT_ERROR}); install it with `pip install triton`"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if _INTERPRETED_AT_IMPORT:
-            return False, ("the Triton kernels were loaded under TRITON_INTERPRET=1, which runs them on CPU "
-                           "tensors only; unset it to run them on CUDA")
-        return True, ""
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1" and _INTERPRETED_AT_IMPORT:
-            return True, ""
-        return False, ("Triton kernels run on CUDA tensors, or on CPU tensors only under the Triton interpreter "
-                       "(set TRITON_INTERPRET=1 before triton is first imported)")
-    return False, f"Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), not on {device.type}"
 
 
 class _Plan(NamedTuple):
@@ -169,55 +154,14 @@ class _Gradients(NamedTuple):
     dparams: Tensor | None  # [T, 14H] per-step partial sums: d(affine) [10H] | dbias [4H]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _cudnn_rnn_uses_tf32() -> bool:
-    """Whether ``nn.LSTM`` (cuDNN's RNN) runs float32 as TF32 here: torch's per-operator setting where it
-    has one (``torch.backends.cudnn.rnn.fp32_precision``, unset levels inherit), else ``cudnn.allow_tf32``."""
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if rnn is None:
-        return bool(torch.backends.cudnn.allow_tf32)
-    for setting in (rnn.fp32_precision, torch.backends.cudnn.fp32_precision,
-                    getattr(torch.backends, "fp32_precision", "none")):
-        if setting != "none":
-            return setting == "tf32"
-    return False
-
-
-def _precision(dtype: torch.dtype, device: torch.device) -> str | None:
-    """The ``tl.dot`` input precision of the recurrent GEMMs.
-
-    float32: ``FUSED_BNLSTM_TRITON_PRECISION`` (``auto`` by default): ``auto`` does what ``nn.LSTM`` does on
-    the same device, TF32 on CUDA where cuDNN's RNN would use it (torch's default) and IEEE otherwise;
-    ``ieee``, ``tf32`` and ``tf32x3`` (three TF32 products, close to IEEE on tensor cores) force one.
-    float64: IEEE. bf16 / fp16: None, their own tensor-core path with float32 accumulation.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        return None
-    if dtype == torch.float64:
-        return "ieee"
-    setting = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
-    if setting not in PRECISIONS:
-        raise ValueError(f"{PRECISION_ENV} must be one of {', '.join(PRECISIONS)}, got {setting!r}")
-    if setting != "auto":
-        return setting
-    return "tf32" if device.type == "cuda" and _cudnn_rnn_uses_tf32() else "ieee"
-
-
-def _block_rows(B: int) -> int:
-    return max(16, triton.next_power_of_2(B))
-
-
 def _num_warps(B: int) -> int:
     # a program holds a [BB, 4*BH] tile: more warps for more rows keep it in registers
-    return min(16, max(4, _block_rows(B) // 8))
+    return min(16, max(4, block_rows(B) // 8))
 
 
 def _step_launch(B: int, H: int, plan: _Plan) -> dict:
     """The launch arguments every step of both directions shares."""
-    return dict(eps=plan.eps, B=B, H=H, PRECISION=plan.precision, BB=_block_rows(B), BH=_BLOCK_H, BK=_BLOCK_K,
+    return dict(eps=plan.eps, B=B, H=H, PRECISION=plan.precision, BB=block_rows(B), BH=_BLOCK_H,
                 num_warps=_num_warps(B))
 
 
@@ -268,7 +212,7 @@ class _Workspace:
     def take_host(self, name: str, host: Tensor, device: torch.device) -> Tensor:
         """A host tensor on the device without a host sync (an asynchronous copy from pinned memory)."""
         if self.key is None:
-            return _to_device(host, device)
+            return host_to_device(host, device)
         source = host.pin_memory() if device.type == "cuda" else host
         return self.empty(name, host.shape, host.dtype, device).copy_(source, non_blocking=True)
 
@@ -334,7 +278,7 @@ def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tenso
     T, B, G = operands.x_gates.shape
     H = G // 4
     dtype, device = operands.x_gates.dtype, operands.x_gates.device
-    acc = _acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     rows = T + 1 if save else 2
     h = workspace.empty("h", (rows, B, H), dtype, device)
     c = workspace.empty("c", (rows, B, H), acc, device)
@@ -366,7 +310,7 @@ def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor,
     H = G // 4
     dtype, device = operands.x_gates.dtype, operands.x_gates.device
     h = workspace.empty("h", (2, B, H), dtype, device)
-    c = workspace.empty("c", (2, B, H), _acc_dtype(dtype), device)
+    c = workspace.empty("c", (2, B, H), acc_dtype(dtype), device)
     h[0] = h0
     c[0] = c0
     out = workspace.empty("out", (T, B, H), dtype, device)
@@ -378,7 +322,7 @@ def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor,
             kernels.bnlstm_infer_step_kernel[grid](
                 p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=bias, p_fold=fold,
                 p_lengths=operands.lengths, p_h=h, p_c=c, p_out=out, t=t, B=B, H=H, PRECISION=plan.precision,
-                BB=_INFER_ROWS, BH=_BLOCK_H, BK=_BLOCK_K, num_warps=4,
+                BB=_INFER_ROWS, BH=_BLOCK_H, num_warps=4,
             )
 
     workspace.run("forward", launches)
@@ -389,7 +333,7 @@ def _fold_population(*, params: LayerParams, population: Tensor, eps: float) -> 
     """Frame-wise normalization with population moments as per-step affine maps, in the accumulation dtype:
     [T, 14H] = scale of a_ih | scale of a_hh | shift of the gates (bias included) [4H each], scale | shift
     of c [H each], where scale = gamma / sqrt(var + eps) and shift = beta - mean * scale."""
-    acc = _acc_dtype(params.weight_hh.dtype)
+    acc = acc_dtype(params.weight_hh.dtype)
     H = params.gamma_c.shape[0]
     mean, var = population.to(acc).split(9 * H, dim=1)  # [T, 9H] each: ih | hh | c
     gamma = torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c]).to(acc)
@@ -434,45 +378,6 @@ def _recurrence_backward(*, workspace: _Workspace, operands: _Operands, saved: _
     return _Gradients(da=da, dstate=dstate, dparams=dparams)
 
 
-def _sequence_bn_forward(*, a_ih: Tensor, u: Tensor, gamma_ih: Tensor, population: Tensor, lengths: Tensor,
-                         plan: _Plan) -> Tensor:
-    """u = gamma_ih * BN(a_ih) over every valid frame, into u [T, B, 4H]; returns the moments used [2, 4H]."""
-    T, B, G = a_ih.shape
-    seq_stats = torch.empty(2, G, dtype=_acc_dtype(a_ih.dtype), device=a_ih.device)
-    kernels.sequence_bn_fwd_kernel[(triton.cdiv(G, _BLOCK_FEATURES),)](
-        p_a=a_ih, p_u=u, p_gamma=gamma_ih, p_pop=population, p_lengths=lengths, p_stats=seq_stats,
-        n=sum(plan.counts), use_batch=int(plan.batch_stats[0]), eps=plan.eps, T=T, B=B, F=G,
-        BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES,
-    )
-    return seq_stats
-
-
-def _sequence_bn_backward(*, a_ih: Tensor, du: Tensor, gamma_ih: Tensor, seq_stats: Tensor, lengths: Tensor,
-                          plan: _Plan) -> tuple[Tensor, Tensor]:
-    """da_ih [T, B, 4H] and dgamma_ih [4H] (accumulation dtype) from du [T, B, 4H]."""
-    T, B, G = a_ih.shape
-    da = torch.empty_like(du)
-    dgamma = torch.empty(G, dtype=seq_stats.dtype, device=a_ih.device)
-    kernels.sequence_bn_bwd_kernel[(triton.cdiv(G, _BLOCK_FEATURES),)](
-        p_a=a_ih, p_du=du, p_da=da, p_gamma=gamma_ih, p_stats=seq_stats, p_lengths=lengths, p_dgamma=dgamma,
-        n=sum(plan.counts), use_batch=int(plan.batch_stats[0]), eps=plan.eps, T=T, B=B, F=G,
-        BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES,
-    )
-    return da, dgamma
-
-
-def _device_steps(*, workspace: _Workspace, plan: _Plan, device: torch.device) -> Tensor:
-    """[T, 2] int32 the per-step plan as the kernels read it (rows running, batch statistics or not): two
-    fills when every step is alike (no padding), else host ints copied without a sync."""
-    steps = workspace.empty("steps", (len(plan.counts), 2), torch.int32, device)
-    if len(set(plan.counts)) == 1 and len(set(plan.batch_stats)) == 1:
-        steps[:, 0] = plan.counts[0]
-        steps[:, 1] = int(plan.batch_stats[0])
-        return steps
-    host = torch.tensor(list(zip(plan.counts, plan.batch_stats)), dtype=torch.int32)
-    return steps.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
-
-
 def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, plan: _Plan,
                    population: Tensor | None, workspace: _Workspace, save: bool):
     """The hoisted input GEMM, the input branch's normalization (sequence-wise), then the recurrence.
@@ -494,8 +399,9 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
     if plan.normalization == "sequence":
         # [T, B, 4H] the hoisted input branch, one GEMM over every step, then BN over every valid frame
         a_ih = torch.matmul(x, params.weight_ih.t())
-        seq_stats = _sequence_bn_forward(a_ih=a_ih, u=x_gates, gamma_ih=params.gamma_ih, population=population,
-                                         lengths=lengths, plan=plan)
+        seq_stats = sequence_bn_forward(a_ih=a_ih, u=x_gates, gamma_ih=params.gamma_ih, population=population,
+                                        lengths=lengths, counts=plan.counts, use_batch=plan.batch_stats[0],
+                                        eps=plan.eps)
     else:
         a_ih = torch.matmul(x, params.weight_ih.t(), out=x_gates)
     # nothing to save and no batch statistics to use or return: the inference kernel
@@ -504,7 +410,7 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
     if frame and not infer:
         affine = workspace.take("affine", torch.cat([params.gamma_ih, params.gamma_hh, params.gamma_c,
                                                      params.beta_c]))
-        steps = _device_steps(workspace=workspace, plan=plan, device=device)
+        steps = device_steps(plan.counts, plan.batch_stats, workspace.empty("steps", (T, 2), torch.int32, device))
     operands = _Operands(x_gates=x_gates, weight_hh=workspace.take("weight_hh", params.weight_hh),
                          bias=workspace.take("bias", params.bias), affine=affine, steps=steps, lengths=lengths)
     if infer:
@@ -536,42 +442,17 @@ def _layer_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved
     """The whole backward: reverse-time launches, then the weight, input and h0 gradients as GEMMs over all
     steps. ``needs`` and the result run over (x, h0, c0, *LayerParams); None where not needed or unused.
     """
-    T, B, _ = saved.x.shape
-    G = operands.weight_hh.shape[0]
-    H = G // 4
     grads = _recurrence_backward(workspace=workspace, operands=operands, saved=saved, cotangents=cotangents,
                                  plan=plan)
-    da_hh = grads.da[0]
-    da_ih = grads.da[-1]
-    sums = grads.dparams.sum(0) if grads.dparams is not None else None  # [14H]
-    affine_grads = [None] * 4
-    if plan.normalization == "frame":
-        affine_grads = [sums[:4 * H], sums[4 * H:8 * H], sums[8 * H:9 * H], sums[9 * H:10 * H]]
-    elif plan.normalization == "sequence":
-        da_ih, affine_grads[0] = _sequence_bn_backward(a_ih=saved.a_ih, du=da_ih, gamma_ih=saved.gamma_ih,
-                                                       seq_stats=saved.seq_stats, lengths=operands.lengths,
-                                                       plan=plan)
-    dbias = sums[10 * H:] if operands.bias is not None else None
-    dx = torch.matmul(da_ih, saved.weight_ih) if needs[0] else None
-    # every row runs step 0 (lengths >= 1): the h state before it gets da_hh_0 W_hh
-    dh0 = torch.matmul(da_hh[0], operands.weight_hh) if needs[1] else None
-    dc0 = grads.dstate[1].clone() if needs[2] else None
-    # [4H, I] and [4H, H]: sums over all T*B frames of da^T x and da^T h_{t-1}
-    dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), saved.x.reshape(T * B, -1)) if needs[3] else None
-    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), saved.h[:T].reshape(T * B, H)) if needs[4] else None
-    dtype = saved.x.dtype
-    cast = [None if g is None or not need else g.to(dtype)
-            for g, need in zip((dh0, dc0, dbias, *affine_grads), (needs[1], needs[2], *needs[5:]))]
-    grads = (dx, cast[0], cast[1], dW_ih, dW_hh, *cast[2:])
-    # LayerParams fields the kernels do not read (checked absent) get no gradient
-    return grads + (None,) * (len(needs) - len(grads))
-
-
-def _legacy_batched(*cotangents: Tensor | None) -> bool:
-    # autograd.grad(is_grads_batched=True) batches the cotangents with the legacy vmap, which
-    # ``needs_reference_backward`` does not see (yet); kernels cannot read such tensors either
-    is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return is_batched is not None and any(g is not None and is_batched(g) for g in cotangents)
+    da_ih, dgamma_ih = grads.da[-1], None
+    if plan.normalization == "sequence":
+        da_ih, dgamma_ih = sequence_bn_backward(a_ih=saved.a_ih, du=da_ih, gamma_ih=saved.gamma_ih,
+                                                seq_stats=saved.seq_stats, lengths=operands.lengths,
+                                                counts=plan.counts, use_batch=plan.batch_stats[0], eps=plan.eps)
+    params = LayerParams(weight_ih=saved.weight_ih, weight_hh=operands.weight_hh, bias=operands.bias)
+    return gradients_after_loop(da_hh=grads.da[0], da_ih=da_ih, dc0=grads.dstate[1], x=saved.x, h=saved.h,
+                                params=params, sums=None if grads.dparams is None else grads.dparams.sum(0),
+                                dgamma_ih=dgamma_ih, frame=plan.normalization == "frame", needs=needs)
 
 
 class BNLSTMLayerFunction(torch.autograd.Function):
@@ -605,7 +486,7 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         n_operands, n_saved = len(_Operands._fields), len(_Saved._fields)
         x, h0, c0, *params = tensors[n_operands + n_saved + 1:]
         plan = ctx.plan
-        if needs_reference_backward(dout, dh_n, dc_n) or _legacy_batched(dout, dh_n, dc_n):
+        if needs_reference_backward(dout, dh_n, dc_n):
             inputs = LayerInput(x=x, h0=h0, c0=c0, lengths=plan.lengths, counts=plan.counts,
                                 batch_stats=plan.batch_stats, population=plan.population)
             config = LayerConfig(normalization=plan.normalization, eps=plan.eps, use_batch_stats=plan.use_batch_stats)
@@ -618,74 +499,25 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on the kernels' device without a host sync: an asynchronous copy from pinned memory
-    (the caching host allocator keeps the pinned block alive until the copy has run)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _pack_population(population: Population | None, normalization: str | None) -> Tensor | None:
-    """The population's moments in the kernels' layout: frame [T, 18H] (means of ih | hh | c, then the
-    variances), sequence [2, 4H] (means, then variances)."""
-    if normalization == "frame":
-        p = population
-        return torch.cat([p.mean_ih, p.mean_hh, p.mean_c, p.var_ih, p.var_hh, p.var_c], dim=1).contiguous()
-    if normalization == "sequence":
-        return torch.cat([population.mean_ih, population.var_ih]).contiguous()
-    return None
-
-
-def _moment_views(moments: Tensor | None, normalization: str | None) -> tuple[Tensor, ...] | None:
-    """The moments buffer as ``finish_statistics`` takes it: frame (mean_ih, var_ih, mean_hh, var_hh,
-    mean_c, var_c) [T, 4H] / [T, H]; sequence (mean_ih, var_ih) [1, 4H]."""
-    if moments is None:
-        return None
-    if normalization == "sequence":
-        return moments[0:1], moments[1:2]
-    H = moments.shape[1] // 18
-    mean, var = moments[:, :9 * H], moments[:, 9 * H:]
-    return (mean[:, :4 * H], var[:, :4 * H], mean[:, 4 * H:8 * H], var[:, 4 * H:8 * H], mean[:, 8 * H:],
-            var[:, 8 * H:])
-
-
 def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: LayerConfig) -> LayerOutput:
     """One BN-LSTM layer-direction on the fused Triton kernels (``prepare_layer`` has checked the inputs).
 
     Returns as ``fused_bnlstm.ops.bnlstm_layer`` (the reference ``bnlstm_layer_naive`` is the oracle this is
     tested against): output [T, B, H], h_n, c_n [B, H] and the ``BatchStatistics`` used.
     """
+    check_call("'triton'", inputs, params, config)
     x = inputs.x
     device = x.device
-    ok, reason = available(device)
-    if not ok:
-        raise RuntimeError(f"the 'triton' BN-LSTM backend cannot run on {device.type} tensors: {reason}")
-    if getattr(config, "process_group", None) is not None:
-        raise NotImplementedError("the 'triton' backend has no synchronized statistics (process_group); use the "
-                                  "reference backend")
-    if getattr(params, "weight_hr", None) is not None:
-        raise NotImplementedError("the 'triton' backend has no projection (proj_size); use the reference backend")
     T, B, _ = x.shape
-    if T == 0 or B == 0:
-        raise ValueError(f"the 'triton' backend needs T > 0 and B > 0, got T={T}, B={B}")
-    # one compute dtype for every operand: autocast's where it is on (as nn.LSTM under autocast), else x's;
-    # casts and layout fixes happen here, differentiably, at the one boundary into the kernels
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
-    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"the 'triton' backend runs float32, float64, float16 and bfloat16, got {dtype}")
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        raise TypeError("the Triton interpreter (CPU tensors) has no bfloat16; use float32, float64 or float16")
-
+    # one compute dtype for every operand; casts and layout fixes happen below, differentiably, at the one
+    # boundary into the kernels
+    dtype = compute_dtype("'triton'", x)
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
     plan = _Plan(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats,
                  use_batch_stats=bool(config.use_batch_stats), eps=float(config.eps),
-                 normalization=config.normalization, precision=_precision(dtype, device),
+                 normalization=config.normalization, precision=recurrent_precision(dtype, device),
                  population=inputs.population)
-    population = _pack_population(inputs.population, config.normalization)
-    if inputs.lengths is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("inside a CUDA graph capture the 'triton' backend takes full-length batches only "
-                           "(lengths=None): a replay would read the lengths from a host buffer that is gone")
+    population = pack_population(inputs.population, config.normalization)
     needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
     max_rows = _MAX_ROWS.get(dtype, _MAX_ROWS_DEFAULT)
     if B > max_rows and (needs_grad or (config.normalization == "frame" and config.use_batch_stats)):
@@ -708,5 +540,5 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
                 workspace=workspace, save=False,
             )
             _WORKSPACES.release(workspace)
-    stats = finish_statistics(inputs, config, _moment_views(moments, config.normalization), x.dtype)
+    stats = finish_statistics(inputs, config, moment_views(moments, config.normalization), x.dtype)
     return LayerOutput(output=out, h_n=h_n, c_n=c_n, stats=stats)

@@ -1,4 +1,6 @@
-"""Triton kernels of the fused BN-LSTM layer (launched from ``fused_triton.py``, which documents the calls).
+"""Triton kernels of the fused BN-LSTM layer: the per-step kernels (launched from ``fused_triton.py``, which
+documents the calls) and the ``@triton.jit`` helpers they share with the persistent kernels of
+``persistent_triton.py``.
 
 Every kernel is time-major and one layer-direction. A step kernel owns a block of BH hidden units j for
 all four gates and **all** batch rows, so every batch-norm reduction over the rows stays inside the
@@ -7,6 +9,13 @@ tile: one dot per reduction chunk, and the moments, normalization, bias, gamma a
 over the tile; the cell update splits it into its i, f, g, o blocks. Statistics and accumulation are in
 the cell state's dtype (float32, or float64 for float64 tensors); stores go out in each buffer's dtype.
 The BN backward used here is derived in ``README.md`` beside this file.
+
+Shared with ``persistent_triton.py`` (public names; the underscored helpers are this file's own):
+``gate_columns`` / ``hidden_units`` / ``state_tile`` (a column block's offsets), ``load_states`` /
+``store_states``, ``state_offset``, ``recurrent_dot`` (chunks of ``BLOCK_K``), ``forward_block`` and
+``backward_block`` (one column block's step, forward and in reverse: everything but the recurrent dot and
+where the states live), ``store_sums`` (a block's parameter-gradient sums) and the kernels' constexpr flags
+(``FORWARD_FLAGS`` / ``BACKWARD_FLAGS``).
 
 Buffers (C-contiguous; "state" buffers hold the state *after* each step, index 0 the initial one):
 
@@ -30,17 +39,53 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _gate_columns(i_h, H, BH: tl.constexpr):
-    """Program i_h's hidden units [i_h * BH, (i_h + 1) * BH) and their [4*BH] gate-axis columns.
+# the reduction chunk of every recurrent dot (a global constexpr the kernels read, not a parameter)
+BLOCK_K = tl.constexpr(32)
 
-    Returns the gate columns (gate k's block at k * H), whether each is inside the [4H] gate axis, each
-    column's gate k (0..3), then the hidden units [BH] and whether each is inside [H].
-    """
+
+def _passed(name):
+    """A ``@triton.heuristics`` flag: whether the launch passed tensor ``name`` (None where a mode has none)."""
+    return lambda args: args[name] is not None
+
+
+# the constexpr flags of the forward and backward kernels (per-step and persistent), from their optional tensors
+FORWARD_FLAGS = {"FRAME": _passed("p_affine"), "HAS_BIAS": _passed("p_bias"), "SAVE": _passed("p_a_hh")}
+BACKWARD_FLAGS = {"FRAME": _passed("p_affine"), "HAS_BIAS": _passed("p_bias")}
+
+
+@triton.jit
+def gate_columns(i_h, H, BH: tl.constexpr):
+    """Column block i_h's [4*BH] columns of the [4H] gate axis (gate k's units at k * H + j): their offsets,
+    whether each is inside the axis, and each column's gate k (0..3)."""
     o_j = tl.arange(0, 4 * BH)
     o_jh = i_h * BH + o_j % BH
+    return (o_j // BH) * H + o_jh, o_jh < H, o_j // BH
+
+
+@triton.jit
+def hidden_units(i_h, H, BH: tl.constexpr):
+    """Column block i_h's hidden units [i_h * BH, (i_h + 1) * BH) [BH] and whether each is inside [H]."""
     o_h = i_h * BH + tl.arange(0, BH)
-    return (o_j // BH) * H + o_jh, o_jh < H, o_j // BH, o_h, o_h < H
+    return o_h, o_h < H
+
+
+@triton.jit
+def state_tile(o_b, m_b, o_h, m_h, H):
+    """[BB, BH] offsets of rows o_b and units o_h in a [B, H] state, and the mask of those inside both."""
+    return o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
+
+
+@triton.jit
+def load_states(p_h, p_c, o_s, m_s):
+    """The h and c states [BB, BH] at a state tile's offsets (h in its buffer's dtype, c in the cell's)."""
+    return tl.load(p_h + o_s, mask=m_s, other=0.0), tl.load(p_c + o_s, mask=m_s, other=0.0)
+
+
+@triton.jit
+def store_states(p_h, p_c, o_s, m_s, b_h, b_c):
+    """The inverse of ``load_states``."""
+    tl.store(p_h + o_s, b_h, mask=m_s)
+    tl.store(p_c + o_s, b_c, mask=m_s)
 
 
 @triton.jit
@@ -88,18 +133,21 @@ def _load_vector(p_v, o_col, m_col, dtype):
 
 
 @triton.jit
-def _batch_norm(b_v, m_run, n, use_batch, eps, p_pop, p_stats, o_col, m_col, V):
+def _batch_norm(b_v, m_run, n, use_batch, eps, p_pop, p_stats, o_col, m_col, V, BATCH: tl.constexpr):
     """xhat [BB, W] of b_v normalized over the running rows, or with the population's moments.
 
     ``p_pop`` / ``p_stats`` point at one step's moments row (means at o_col, variances V further); the
-    moments used are stored to ``p_stats``.
+    moments used are stored to ``p_stats``. Without ``BATCH`` (no step of the call uses batch statistics:
+    eval) only the population's, with no reduction over the rows.
     """
-    n_f = tl.maximum(n, 1).to(b_v.dtype)
-    b_mean = tl.sum(tl.where(m_run, b_v, 0.0), axis=0) / n_f  # [W]
-    b_dev = tl.where(m_run, b_v - b_mean[None, :], 0.0)
-    b_var = tl.sum(b_dev * b_dev, axis=0) / n_f  # [W]
-    b_mean = tl.where(use_batch != 0, b_mean, tl.load(p_pop + o_col, mask=m_col, other=0.0).to(b_v.dtype))
-    b_var = tl.where(use_batch != 0, b_var, tl.load(p_pop + V + o_col, mask=m_col, other=1.0).to(b_v.dtype))
+    b_mean = tl.load(p_pop + o_col, mask=m_col, other=0.0).to(b_v.dtype)
+    b_var = tl.load(p_pop + V + o_col, mask=m_col, other=1.0).to(b_v.dtype)
+    if BATCH:
+        n_f = tl.maximum(n, 1).to(b_v.dtype)
+        b_batch_mean = tl.sum(tl.where(m_run, b_v, 0.0), axis=0) / n_f  # [W]
+        b_dev = tl.where(m_run, b_v - b_batch_mean[None, :], 0.0)
+        b_mean = tl.where(use_batch != 0, b_batch_mean, b_mean)
+        b_var = tl.where(use_batch != 0, tl.sum(b_dev * b_dev, axis=0) / n_f, b_var)
     tl.store(p_stats + o_col, b_mean, mask=m_col)
     tl.store(p_stats + V + o_col, b_var, mask=m_col)
     return (b_v - b_mean[None, :]) / tl.sqrt(b_var + eps)[None, :]
@@ -126,56 +174,198 @@ def _bn_backward(b_dxhat, b_xhat, b_rstd, m_run, n, use_batch):
 
 
 @triton.jit
-def _state_offset(t, B, H, SAVE: tl.constexpr):
+def state_offset(t, B, H, SAVE: tl.constexpr):
     """Where the state after step t - 1 sits: row t of the [T+1, B, H] history, or slot t % 2 of two."""
     return t * B * H if SAVE else (t % 2) * B * H
 
 
 @triton.jit
-def _recurrent_dot(p_h_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION: tl.constexpr, BB: tl.constexpr,
-                   BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
-    """[BB, 4*BH] a_hh = h_{t-1} W_hh^T on the tile's gate columns: one dot per reduction chunk."""
-    b_a_hh = tl.zeros([BB, 4 * BH], dtype=ACC)
-    for i_k in range(0, H, BK):
-        o_k = i_k + tl.arange(0, BK)
-        m_k = o_k < H
-        # [BB, BK] h_{t-1}; [BK, 4*BH] W_hh^T
-        b_h = tl.load(p_h_prev + o_b[:, None] * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w_hh + o_g[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_g[None, :], other=0.0)
-        b_a_hh += tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)
-    return b_a_hh
+def recurrent_dot(p_a, p_w, o_b, m_b, o_n, m_n, K: tl.constexpr, stride_k, stride_n, PRECISION: tl.constexpr,
+                  BB: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, CACHE: tl.constexpr):
+    """[BB, BN] = A W over chunks of ``BLOCK_K``: A [B, K] row-major at ``p_a`` (rows o_b), W's element (k, n)
+    at ``p_w + k * stride_k + n * stride_n`` (columns o_n). ``CACHE`` is A's load cache modifier: ``".cg"``
+    where other programs of the same launch wrote A (read through L2, never a stale L1 line), else ``""``."""
+    b_acc = tl.zeros([BB, BN], dtype=ACC)
+    for i_k in range(0, K, BLOCK_K):
+        o_k = i_k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(p_a + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0,
+                      cache_modifier=CACHE)
+        b_w = tl.load(p_w + o_k[:, None] * stride_k + o_n[None, :] * stride_n, mask=m_k[:, None] & m_n[None, :],
+                      other=0.0)
+        b_acc += tl.dot(b_a, b_w, input_precision=PRECISION, out_dtype=ACC)
+    return b_acc
 
 
 @triton.jit
-def _cell(b_z, o_gate, p_c_prev, o_s, m_s, BB: tl.constexpr, BH: tl.constexpr):
-    """From the [BB, 4*BH] pre-activation tile: the o gate, c_t and c_{t-1} [BB, BH]."""
+def _cell(b_z, o_gate, b_c_prev, BB: tl.constexpr, BH: tl.constexpr):
+    """From the [BB, 4*BH] pre-activation tile and c_{t-1} [BB, BH]: the o gate and c_t [BB, BH]."""
     b_i, b_f, b_g, b_o = _split_gates(_activate(b_z, o_gate), BB, BH)
-    b_c_prev = tl.load(p_c_prev + o_s, mask=m_s, other=0.0)
-    return b_o, b_f * b_c_prev + b_i * b_g, b_c_prev
+    return b_o, b_f * b_c_prev + b_i * b_g
 
 
 @triton.jit
-def _store_step(p_h, p_c, p_out, b_h, b_c, b_c_prev, m_run, o_prev, o_next, o_s, m_s):
-    """Write h_t, c_t and the output row [BB, BH]; finished rows keep their state and output zeros."""
-    b_h_prev = tl.load(p_h + o_prev + o_s, mask=m_s, other=0.0)
-    tl.store(p_h + o_next + o_s, tl.where(m_run, b_h.to(b_h_prev.dtype), b_h_prev), mask=m_s)
-    tl.store(p_c + o_next + o_s, tl.where(m_run, b_c, b_c_prev), mask=m_s)
-    tl.store(p_out + o_s, tl.where(m_run, b_h, 0.0).to(p_out.dtype.element_ty), mask=m_s)
+def _emit(b_o, b_y, b_h_prev, b_c, b_c_prev, m_run, p_out_t, o_s, m_s):
+    """h_t = o * tanh(y): stores the output row [BB, BH] (zeros on finished rows) and returns the states
+    after the step, finished rows keeping theirs."""
+    b_h = b_o * _tanh(b_y)
+    tl.store(p_out_t + o_s, tl.where(m_run, b_h, 0.0).to(p_out_t.dtype.element_ty), mask=m_s)
+    return tl.where(m_run, b_h.to(b_h_prev.dtype), b_h_prev), tl.where(m_run, b_c, b_c_prev)
 
 
-@triton.heuristics({
-    "FRAME": lambda args: args["p_affine"] is not None,
-    "HAS_BIAS": lambda args: args["p_bias"] is not None,
-    "SAVE": lambda args: args["p_a_hh"] is not None,
-})
+@triton.jit
+def forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop, p_steps,
+                  p_out, p_a_hh, p_stats, eps, B, H: tl.constexpr, FRAME: tl.constexpr, BATCH: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Step t of column block i_h (hidden units [i_h * BH, (i_h + 1) * BH), rows o_b) given its a_hh =
+    W_hh h_{t-1} tile [BB, 4*BH] and the states before the step [BB, BH]: both batch norms, the gates, c_t,
+    BN(c_t), h_t. Stores the output row (and with ``SAVE`` a_hh, frame-wise the moments used); returns the
+    states after the step, finished rows keeping theirs. The per-step and the persistent forward kernels
+    both run a block's step through this."""
+    ACC = b_a_hh.dtype
+    o_g, m_g, o_gate = gate_columns(i_h, H, BH)
+    o_h, m_h = hidden_units(i_h, H, BH)
+    # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    if SAVE:
+        tl.store(p_a_hh + o_tile, b_a_hh, mask=m_tile)
+    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
+    if FRAME:
+        # gates = gamma_hh * BN(a_hh) + gamma_ih * BN(a_ih), with the moments each step used saved
+        n = tl.load(p_steps + 2 * t)
+        use_batch = tl.load(p_steps + 2 * t + 1)
+        p_pop_t = p_pop + t * 18 * H
+        p_stats_t = p_stats + t * 18 * H
+        b_z = _load_vector(p_affine + 4 * H, o_g, m_g, ACC) * _batch_norm(
+            b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H, p_stats_t + 4 * H, o_g, m_g, 9 * H, BATCH)
+        b_z += _load_vector(p_affine, o_g, m_g, ACC) * _batch_norm(
+            b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H, BATCH)
+    else:
+        b_z = b_a_hh + b_x
+    if HAS_BIAS:
+        b_z += _load_vector(p_bias, o_g, m_g, ACC)
+    b_o, b_c = _cell(b_z, o_gate, b_c_prev, BB, BH)
+    if FRAME:
+        b_y = _load_vector(p_affine + 8 * H, o_h, m_h, ACC) * _batch_norm(
+            b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H, BATCH)
+        b_y += _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
+    else:
+        b_y = b_c
+    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    return _emit(b_o, b_y, b_h_prev, b_c, b_c_prev, m_run, p_out + t * B * H, o_s, m_s)
+
+
+@triton.jit
+def backward_block(b_dh_state, b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine,
+                   p_stats, p_steps, p_a_hh, p_dout, p_da, eps, B, H: tl.constexpr, FRAME: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Step t in reverse for column block i_h, given the h- and c-state gradients after the step [BB, BH]
+    (the h one complete) and c_t, c_{t-1}: the cell and BN backward of the block's tile, recomputed from what
+    forward saved. Stores da_hh (and frame-wise da_ih, T*B*4H further) of the tile.
+
+    Returns da_hh [BB, 4*BH] (in ``p_da``'s dtype), the c-state gradient before the step [BB, BH], and
+    the step's parameter-gradient sums over the rows: dgamma_ih, dgamma_hh, dbias [4*BH], dgamma_c,
+    dbeta_c [BH] (zeros where the mode has no such parameter). Both backward kernels run a block through this.
+    """
+    ACC = b_c.dtype
+    o_g, m_g, o_gate = gate_columns(i_h, H, BH)
+    o_h, m_h = hidden_units(i_h, H, BH)
+    m_s = m_b[:, None] & m_h[None, :]
+    b_dh = tl.load(p_dout + t * B * H + o_b[:, None] * H + o_h[None, :], mask=m_s, other=0.0).to(ACC)
+    b_dh = tl.where(m_run, b_dh_state + b_dh, 0.0)
+
+    # recompute the step's [BB, 4*BH] gate tile from what forward saved
+    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
+    m_tile = m_b[:, None] & m_g[None, :]
+    b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
+    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(ACC)
+    if FRAME:
+        n = tl.load(p_steps + 2 * t)
+        use_batch = tl.load(p_steps + 2 * t + 1)
+        p_stats_t = p_stats + t * 18 * H
+        b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
+        b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
+        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, ACC)
+        b_gamma_ih = _load_vector(p_affine, o_g, m_g, ACC)
+        b_z = b_gamma_hh * b_xhat_hh + b_gamma_ih * b_xhat_ih
+    else:
+        b_z = b_a_hh + b_x
+    if HAS_BIAS:
+        b_z += _load_vector(p_bias, o_g, m_g, ACC)
+    b_act = _activate(b_z, o_gate)
+    b_i, b_f, b_g, b_o = _split_gates(b_act, BB, BH)
+    if FRAME:
+        b_xhat_c, b_rstd_c = _xhat(b_c, p_stats_t + 8 * H, o_h, m_h, 9 * H, eps)
+        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, ACC)
+        b_y = b_gamma_c * b_xhat_c + _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
+    else:
+        b_y = b_c
+    b_tanh_y = _tanh(b_y)
+
+    # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
+    b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
+    if FRAME:
+        b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
+        b_sum_dy_c = tl.sum(b_dy * b_xhat_c, axis=0)
+    else:
+        b_dc_new = b_dy
+        b_sum_dy_c = tl.zeros([BH], dtype=ACC)
+    b_dc = tl.where(m_run, b_dc_new + b_dc_state, 0.0)
+
+    # [BB, 4*BH] gradient of each gate's activation, then of its pre-activation
+    b_dact = _join_gates(b_dc * b_g, b_dc * b_c_prev, b_dc * b_i, b_dh * b_tanh_y, BB, BH)
+    b_dz = b_dact * tl.where((o_gate == 2)[None, :], 1.0 - b_act * b_act, b_act * (1.0 - b_act))
+    if FRAME:
+        b_sum_dz_ih = tl.sum(b_dz * b_xhat_ih, axis=0)
+        b_sum_dz_hh = tl.sum(b_dz * b_xhat_hh, axis=0)
+        b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
+        b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
+        # da_ih sits T*B*4H (int64: it can pass 2^31) after da_hh
+        tl.store(p_da + T.to(tl.int64) * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
+    else:
+        b_sum_dz_ih = tl.zeros([4 * BH], dtype=ACC)
+        b_sum_dz_hh = tl.zeros([4 * BH], dtype=ACC)
+        b_da_hh = b_dz
+    b_da_hh = b_da_hh.to(p_da.dtype.element_ty)
+    tl.store(p_da + o_tile, b_da_hh, mask=m_tile)
+    return (b_da_hh, tl.where(m_run, b_dc * b_f, b_dc_state), b_sum_dz_ih, b_sum_dz_hh, tl.sum(b_dz, axis=0),
+            b_sum_dy_c, tl.sum(b_dy, axis=0))
+
+
+@triton.jit
+def store_sums(p_dparams, i_h, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b_dbeta_c, ACCUMULATE: tl.constexpr,
+               H: tl.constexpr, FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
+    """Write (or with ``ACCUMULATE`` add) column block i_h's parameter-gradient sums to a [14H] row
+    d(affine) [10H] | dbias [4H] at ``p_dparams``: only the program owning the block touches its columns
+    (deterministic, no atomics)."""
+    o_g, m_g, _ = gate_columns(i_h, H, BH)
+    o_h, m_h = hidden_units(i_h, H, BH)
+    if FRAME:
+        if ACCUMULATE:
+            b_dgamma_ih += tl.load(p_dparams + o_g, mask=m_g, other=0.0)
+            b_dgamma_hh += tl.load(p_dparams + 4 * H + o_g, mask=m_g, other=0.0)
+            b_dgamma_c += tl.load(p_dparams + 8 * H + o_h, mask=m_h, other=0.0)
+            b_dbeta_c += tl.load(p_dparams + 9 * H + o_h, mask=m_h, other=0.0)
+        tl.store(p_dparams + o_g, b_dgamma_ih, mask=m_g)
+        tl.store(p_dparams + 4 * H + o_g, b_dgamma_hh, mask=m_g)
+        tl.store(p_dparams + 8 * H + o_h, b_dgamma_c, mask=m_h)
+        tl.store(p_dparams + 9 * H + o_h, b_dbeta_c, mask=m_h)
+    if HAS_BIAS:
+        if ACCUMULATE:
+            b_dbias += tl.load(p_dparams + 10 * H + o_g, mask=m_g, other=0.0)
+        tl.store(p_dparams + 10 * H + o_g, b_dbias, mask=m_g)
+
+
+@triton.heuristics(FORWARD_FLAGS)
 @triton.jit(do_not_specialize=["t", "B"])
 def bnlstm_fwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats,
     t, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr,
 ):
-    """One time step t for hidden units [i_h * BH, (i_h + 1) * BH): gates, cell, BN(c), h.
+    """One time step t for column block i_h: W_hh h_{t-1} on its tile, then ``forward_block``.
 
     ``p_steps`` [T, 2] (int32, frame only): the rows running at each step, and whether the step normalizes
     with their batch moments (1) or the population's (0).
@@ -183,56 +373,25 @@ def bnlstm_fwd_step_kernel(
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
     o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
-    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
-    o_prev = _state_offset(t, B, H, SAVE)
-    b_a_hh = _recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION, BB, BH, BK,
-                            p_c.dtype.element_ty)
-
-    # [BB, 4*BH] offsets of the tile in a [T, B, 4H] buffer
-    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
-    m_tile = m_b[:, None] & m_g[None, :]
-    if SAVE:
-        tl.store(p_a_hh + o_tile, b_a_hh, mask=m_tile)
-    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(b_a_hh.dtype)
-    if FRAME:
-        # gates = gamma_hh * BN(a_hh) + gamma_ih * BN(a_ih), with the moments each step used saved
-        n = tl.load(p_steps + 2 * t)
-        use_batch = tl.load(p_steps + 2 * t + 1)
-        p_pop_t = p_pop + t * 18 * H
-        p_stats_t = p_stats + t * 18 * H
-        b_z = _load_vector(p_affine + 4 * H, o_g, m_g, b_x.dtype) * _batch_norm(
-            b_a_hh, m_run, n, use_batch, eps, p_pop_t + 4 * H, p_stats_t + 4 * H, o_g, m_g, 9 * H)
-        b_z += _load_vector(p_affine, o_g, m_g, b_x.dtype) * _batch_norm(
-            b_x, m_run, n, use_batch, eps, p_pop_t, p_stats_t, o_g, m_g, 9 * H)
-    else:
-        b_z = b_a_hh + b_x
-    if HAS_BIAS:
-        b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
-
-    # [BB, BH] the cell update on the program's hidden units
-    o_s = o_b[:, None] * H + o_h[None, :]
-    m_s = m_b[:, None] & m_h[None, :]
-    b_o, b_c, b_c_prev = _cell(b_z, o_gate, p_c + o_prev, o_s, m_s, BB, BH)
-    if FRAME:
-        b_y = _load_vector(p_affine + 8 * H, o_h, m_h, b_c.dtype) * _batch_norm(
-            b_c, m_run, n, use_batch, eps, p_pop_t + 8 * H, p_stats_t + 8 * H, o_h, m_h, 9 * H)
-        b_y += _load_vector(p_affine + 9 * H, o_h, m_h, b_c.dtype)
-    else:
-        b_y = b_c
-    _store_step(p_h, p_c, p_out + t * B * H, b_o * _tanh(b_y), b_c, b_c_prev, m_run, o_prev,
-                _state_offset(t + 1, B, H, SAVE), o_s, m_s)
+    o_g, m_g, _ = gate_columns(i_h, H, BH)
+    o_h, m_h = hidden_units(i_h, H, BH)
+    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    o_prev = state_offset(t, B, H, SAVE)
+    b_a_hh = recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
+                           p_c.dtype.element_ty, "")
+    b_h_prev, b_c_prev = load_states(p_h + o_prev, p_c + o_prev, o_s, m_s)
+    b_h, b_c = forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop,
+                             p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, True, HAS_BIAS, SAVE, BB, BH)
+    store_states(p_h + state_offset(t + 1, B, H, SAVE), p_c + state_offset(t + 1, B, H, SAVE), o_s, m_s, b_h, b_c)
 
 
-@triton.heuristics({
-    "FOLDED": lambda args: args["p_fold"] is not None,
-    "HAS_BIAS": lambda args: args["p_bias"] is not None,
-})
+@triton.heuristics({"FOLDED": _passed("p_fold"), "HAS_BIAS": _passed("p_bias")})
 @triton.jit(do_not_specialize=["t", "B"])
 def bnlstm_infer_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_fold, p_lengths, p_h, p_c, p_out,
     t, B, H: tl.constexpr,
     FOLDED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr,
 ):
     """One step t that normalizes with no batch statistics and saves nothing (eval, inference).
 
@@ -243,17 +402,15 @@ def bnlstm_infer_step_kernel(
     and z = a_hh + u (+ bias). States live in two slots [2, B, H].
     """
     i_h = tl.program_id(0).to(tl.int64)
-    i_b = tl.program_id(1).to(tl.int64)
     t = t.to(tl.int64)
-    o_b, m_b, m_run = _running_rows(p_lengths, i_b * BB, B, t, BB)
-    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
-    o_prev = _state_offset(t, B, H, False)
-    b_a_hh = _recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, PRECISION, BB, BH, BK,
-                            p_c.dtype.element_ty)
-    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
-    b_x = tl.load(p_x_gates + o_tile, mask=m_b[:, None] & m_g[None, :], other=0.0).to(b_a_hh.dtype)
-    o_s = o_b[:, None] * H + o_h[None, :]
-    m_s = m_b[:, None] & m_h[None, :]
+    o_b, m_b, m_run = _running_rows(p_lengths, tl.program_id(1).to(tl.int64) * BB, B, t, BB)
+    o_g, m_g, o_gate = gate_columns(i_h, H, BH)
+    o_h, m_h = hidden_units(i_h, H, BH)
+    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    o_prev = state_offset(t, B, H, False)
+    b_x = tl.load(p_x_gates + t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :], mask=m_b[:, None] & m_g[None, :],
+                  other=0.0).to(p_c.dtype.element_ty)
+    b_a_hh = recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH, b_x.dtype, "")
     if FOLDED:
         p_fold_t = p_fold + t * 14 * H
         b_z = (_load_vector(p_fold_t, o_g, m_g, b_x.dtype) * b_x
@@ -263,28 +420,27 @@ def bnlstm_infer_step_kernel(
         b_z = b_a_hh + b_x
     if HAS_BIAS:
         b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
-    b_o, b_c, b_c_prev = _cell(b_z, o_gate, p_c + o_prev, o_s, m_s, BB, BH)
+    b_h_prev, b_c_prev = load_states(p_h + o_prev, p_c + o_prev, o_s, m_s)
+    b_o, b_c = _cell(b_z, o_gate, b_c_prev, BB, BH)
     if FOLDED:
         b_y = (_load_vector(p_fold_t + 12 * H, o_h, m_h, b_c.dtype) * b_c
                + _load_vector(p_fold_t + 13 * H, o_h, m_h, b_c.dtype))
     else:
         b_y = b_c
-    _store_step(p_h, p_c, p_out + t * B * H, b_o * _tanh(b_y), b_c, b_c_prev, m_run, o_prev,
-                _state_offset(t + 1, B, H, False), o_s, m_s)
+    b_h, b_c = _emit(b_o, b_y, b_h_prev, b_c, b_c_prev, m_run, p_out + t * B * H, o_s, m_s)
+    o_next = state_offset(t + 1, B, H, False)
+    store_states(p_h + o_next, p_c + o_next, o_s, m_s, b_h, b_c)
 
 
-@triton.heuristics({
-    "FRAME": lambda args: args["p_affine"] is not None,
-    "HAS_BIAS": lambda args: args["p_bias"] is not None,
-})
+@triton.heuristics(BACKWARD_FLAGS)
 @triton.jit(do_not_specialize=["t", "T", "B"])
 def bnlstm_bwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
     p_dparams, t, T, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr,
 ):
-    """Step t in reverse for hidden units [i_h * BH, (i_h + 1) * BH): dgates, BN backward, dc_{t-1}.
+    """Step t in reverse for column block i_h: the h-state gradient, then ``backward_block``.
 
     ``p_dstate`` [2, B, H] holds the gradients of the h and c states after step t + 1 on entry and after
     step t on exit, each program touching only its columns. The h-state gradient of rows still running at
@@ -295,87 +451,28 @@ def bnlstm_bwd_step_kernel(
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
     o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
-    o_g, m_g, o_gate, o_h, m_h = _gate_columns(i_h, H, BH)
-    o_s = o_b[:, None] * H + o_h[None, :]
-    m_s = m_b[:, None] & m_h[None, :]
-    p_dc = p_dstate + B * H
-
-    # [BB, BH] gradient of the h state after step t
-    b_dh = tl.load(p_dstate + o_s, mask=m_s, other=0.0)
+    o_h, m_h = hidden_units(i_h, H, BH)
+    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    b_dh, b_dc = load_states(p_dstate, p_dstate + B * H, o_s, m_s)
     if t + 1 < T:
-        b_acc = tl.zeros([BB, BH], dtype=b_dh.dtype)
-        p_da_next = p_da + (t + 1) * B * 4 * H
-        for i_k in range(0, 4 * H, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < 4 * H
-            # [BB, BK] da_hh_{t+1}; [BK, BH] W_hh
-            b_da = tl.load(p_da_next + o_b[:, None] * 4 * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :],
-                           other=0.0)
-            b_w = tl.load(p_w_hh + o_k[:, None] * H + o_h[None, :], mask=m_k[:, None] & m_h[None, :], other=0.0)
-            b_acc += tl.dot(b_da, b_w, input_precision=PRECISION, out_dtype=b_acc.dtype)
+        # [BB, BH] da_hh_{t+1} W_hh[:, block], over the 4H gate columns
+        b_da_w = recurrent_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h, m_h, 4 * H, H, 1, PRECISION, BB,
+                               BH, b_dh.dtype, "")
         _, _, m_next = _running_rows(p_lengths, 0, B, t + 1, BB)
-        b_dh = tl.where(m_next, b_acc, b_dh)
-    tl.store(p_dstate + o_s, b_dh, mask=m_s)
-    b_dh = tl.where(m_run, b_dh + tl.load(p_dout + t * B * H + o_s, mask=m_s, other=0.0).to(b_dh.dtype), 0.0)
+        b_dh = tl.where(m_next, b_da_w, b_dh)
+    _, b_dc, b_ih, b_hh, b_b, b_gc, b_bc = backward_block(
+        b_dh, b_dc, tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0),
+        tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0), t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine,
+        p_stats, p_steps, p_a_hh, p_dout, p_da, eps, B, H, FRAME, HAS_BIAS, BB, BH)
+    store_states(p_dstate, p_dstate + B * H, o_s, m_s, b_dh, b_dc)
+    if FRAME or HAS_BIAS:
+        store_sums(p_dparams + t * 14 * H, i_h, b_ih, b_hh, b_b, b_gc, b_bc, False, H, FRAME, HAS_BIAS, BH)
 
-    # recompute the step's [BB, 4*BH] gate tile from what forward saved
-    o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
-    m_tile = m_b[:, None] & m_g[None, :]
-    b_a_hh = tl.load(p_a_hh + o_tile, mask=m_tile, other=0.0)
-    b_x = tl.load(p_x_gates + o_tile, mask=m_tile, other=0.0).to(b_a_hh.dtype)
-    if FRAME:
-        n = tl.load(p_steps + 2 * t)
-        use_batch = tl.load(p_steps + 2 * t + 1)
-        p_stats_t = p_stats + t * 18 * H
-        b_xhat_hh, b_rstd_hh = _xhat(b_a_hh, p_stats_t + 4 * H, o_g, m_g, 9 * H, eps)
-        b_xhat_ih, b_rstd_ih = _xhat(b_x, p_stats_t, o_g, m_g, 9 * H, eps)
-        b_gamma_hh = _load_vector(p_affine + 4 * H, o_g, m_g, b_x.dtype)
-        b_gamma_ih = _load_vector(p_affine, o_g, m_g, b_x.dtype)
-        b_z = b_gamma_hh * b_xhat_hh + b_gamma_ih * b_xhat_ih
-    else:
-        b_z = b_a_hh + b_x
-    if HAS_BIAS:
-        b_z += _load_vector(p_bias, o_g, m_g, b_z.dtype)
-    b_act = _activate(b_z, o_gate)
-    b_i, b_f, b_g, b_o = _split_gates(b_act, BB, BH)
-    b_c_prev = tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0)
-    b_c = tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0)
-    if FRAME:
-        b_xhat_c, b_rstd_c = _xhat(b_c, p_stats_t + 8 * H, o_h, m_h, 9 * H, eps)
-        b_gamma_c = _load_vector(p_affine + 8 * H, o_h, m_h, b_c.dtype)
-        b_y = b_gamma_c * b_xhat_c + _load_vector(p_affine + 9 * H, o_h, m_h, b_c.dtype)
-    else:
-        b_y = b_c
-    b_tanh_y = _tanh(b_y)
 
-    # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
-    b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
-    if FRAME:
-        b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
-    else:
-        b_dc_new = b_dy
-    b_dc_state = tl.load(p_dc + o_s, mask=m_s, other=0.0)
-    b_dc = tl.where(m_run, b_dc_new + b_dc_state, 0.0)
-    tl.store(p_dc + o_s, tl.where(m_run, b_dc * b_f, b_dc_state), mask=m_s)
-
-    # [BB, 4*BH] gradient of each gate's activation, then of its pre-activation
-    b_dact = _join_gates(b_dc * b_g, b_dc * b_c_prev, b_dc * b_i, b_dh * b_tanh_y, BB, BH)
-    b_dz = b_dact * tl.where((o_gate == 2)[None, :], 1.0 - b_act * b_act, b_act * (1.0 - b_act))
-    if HAS_BIAS:
-        tl.store(p_dparams + t * 14 * H + 10 * H + o_g, tl.sum(b_dz, axis=0), mask=m_g)
-    if FRAME:
-        p_dparams_t = p_dparams + t * 14 * H
-        tl.store(p_dparams_t + o_g, tl.sum(b_dz * b_xhat_ih, axis=0), mask=m_g)
-        tl.store(p_dparams_t + 4 * H + o_g, tl.sum(b_dz * b_xhat_hh, axis=0), mask=m_g)
-        tl.store(p_dparams_t + 8 * H + o_h, tl.sum(b_dy * b_xhat_c, axis=0), mask=m_h)
-        tl.store(p_dparams_t + 9 * H + o_h, tl.sum(b_dy, axis=0), mask=m_h)
-        b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
-        b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
-        # da_ih sits T*B*4H (int64: it can pass 2^31) after da_hh
-        tl.store(p_da + T.to(tl.int64) * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
-    else:
-        b_da_hh = b_dz
-    tl.store(p_da + o_tile, b_da_hh.to(p_da.dtype.element_ty), mask=m_tile)
+@triton.jit
+def _rows(p_v, o_r, o_f, m_rf, F, dtype):
+    """[BR, BF] rows o_r, columns o_f of a [T*B, F] buffer (zero outside m_rf), in ``dtype``."""
+    return tl.load(p_v + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(dtype)
 
 
 @triton.jit
@@ -405,8 +502,7 @@ def sequence_bn_fwd_kernel(
     i_r = 0
     while i_r * BR < T * B:
         o_r, _, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
-        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_valid[:, None] & m_f[None, :], other=0.0)
-        b_sum += tl.sum(b_a.to(b_sum.dtype), axis=0)
+        b_sum += tl.sum(_rows(p_a, o_r, o_f, m_valid[:, None] & m_f[None, :], F, b_sum.dtype), axis=0)
         i_r += 1
     b_mean = b_sum / n_f
     b_sq = tl.zeros([BF], dtype=b_sum.dtype)
@@ -414,8 +510,7 @@ def sequence_bn_fwd_kernel(
     while i_r * BR < T * B:
         o_r, _, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
         m_rf = m_valid[:, None] & m_f[None, :]
-        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_sum.dtype)
-        b_dev = tl.where(m_rf, b_a - b_mean[None, :], 0.0)
+        b_dev = tl.where(m_rf, _rows(p_a, o_r, o_f, m_rf, F, b_sum.dtype) - b_mean[None, :], 0.0)
         b_sq += tl.sum(b_dev * b_dev, axis=0)
         i_r += 1
     b_var = b_sq / n_f
@@ -428,8 +523,7 @@ def sequence_bn_fwd_kernel(
     while i_r * BR < T * B:
         o_r, m_r, _ = _frame_rows(i_r, p_lengths, T, B, BR)
         m_rf = m_r[:, None] & m_f[None, :]
-        b_a = tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_sum.dtype)
-        b_u = (b_a - b_mean[None, :]) * b_scale[None, :]
+        b_u = (_rows(p_a, o_r, o_f, m_rf, F, b_sum.dtype) - b_mean[None, :]) * b_scale[None, :]
         tl.store(p_u + o_r[:, None] * F + o_f[None, :], b_u.to(p_u.dtype.element_ty), mask=m_rf)
         i_r += 1
 
@@ -455,9 +549,8 @@ def sequence_bn_bwd_kernel(
     while i_r * BR < T * B:
         o_r, _, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
         m_rf = m_valid[:, None] & m_f[None, :]
-        b_xhat = (tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_mean.dtype)
-                  - b_mean[None, :]) * b_rstd[None, :]
-        b_du = tl.load(p_du + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_mean.dtype)
+        b_xhat = (_rows(p_a, o_r, o_f, m_rf, F, b_mean.dtype) - b_mean[None, :]) * b_rstd[None, :]
+        b_du = _rows(p_du, o_r, o_f, m_rf, F, b_mean.dtype)
         b_sum_du += tl.sum(b_du, axis=0)
         b_sum_dux += tl.sum(tl.where(m_rf, b_du * b_xhat, 0.0), axis=0)
         i_r += 1
@@ -468,10 +561,8 @@ def sequence_bn_bwd_kernel(
     while i_r * BR < T * B:
         o_r, m_r, m_valid = _frame_rows(i_r, p_lengths, T, B, BR)
         m_rf = m_valid[:, None] & m_f[None, :]
-        b_xhat = (tl.load(p_a + o_r[:, None] * F + o_f[None, :], mask=m_rf, other=0.0).to(b_mean.dtype)
-                  - b_mean[None, :]) * b_rstd[None, :]
-        b_dxhat = b_gamma[None, :] * tl.load(p_du + o_r[:, None] * F + o_f[None, :], mask=m_rf,
-                                             other=0.0).to(b_mean.dtype)
+        b_xhat = (_rows(p_a, o_r, o_f, m_rf, F, b_mean.dtype) - b_mean[None, :]) * b_rstd[None, :]
+        b_dxhat = b_gamma[None, :] * _rows(p_du, o_r, o_f, m_rf, F, b_mean.dtype)
         b_da = tl.where(m_rf, b_rstd[None, :] * (b_dxhat - b_mean_d[None, :] - b_xhat * b_mean_dx[None, :]), 0.0)
         tl.store(p_da + o_r[:, None] * F + o_f[None, :], b_da.to(p_da.dtype.element_ty),
                  mask=m_r[:, None] & m_f[None, :])
