@@ -34,6 +34,16 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def per_step_variant(monkeypatch):
+    """These tests are the per-step kernels' (the persistent ones have tests/test_triton_persistent.py): on
+    CUDA ``auto`` may choose the persistent kernels, so the variant is pinned; tests that route elsewhere
+    set it themselves."""
+    from fused_bnlstm.ops import fused_triton
+
+    monkeypatch.setenv(fused_triton.VARIANT_ENV, "step")
+
+
 LAYER_CASES = [
     # frame-wise training; lengths with steps where fewer than two rows still run
     pytest.param(7, 3, 5, 24, [7, 1, 4], "frame", True, id="B3-T7-I5-H24-frame-train-varlen-tail1"),
@@ -575,6 +585,70 @@ def test_bnlstm_module_triton_matches_padded_output():
     out = pad_packed_sequence(triton_model(packed)[0], total_length=5)[0]
     expected = pad_packed_sequence(reference(packed)[0], total_length=5)[0]
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-4)
+
+
+def _count_variant_launches(monkeypatch):
+    """Count, by name, the launches of both variants' forward and backward kernels."""
+    from fused_bnlstm.ops import persistent_triton, triton_kernels
+
+    counter = {}
+    kernels = {triton_kernels: ("bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel", "bnlstm_infer_step_kernel"),
+               persistent_triton: ("bnlstm_persistent_fwd_kernel", "bnlstm_persistent_bwd_kernel")}
+    for module, names in kernels.items():
+        for name in names:
+            monkeypatch.setattr(module, name, _CountingKernel(getattr(module, name), counter, name))
+    return counter
+
+
+@requires_interpreter
+def test_bnlstm_module_triton_variant_persistent(monkeypatch):
+    """FUSED_BNLSTM_TRITON_VARIANT=persistent: BNLSTM(..., backend="triton") runs the persistent kernels (one
+    launch per layer-direction forward and one backward, no per-step launch) and matches the reference
+    module: outputs, every parameter's gradient and the running statistics, in training and in eval."""
+    from fused_bnlstm.ops import fused_triton
+
+    monkeypatch.setenv(fused_triton.VARIANT_ENV, "persistent")
+    counter = _count_variant_launches(monkeypatch)
+    reference, triton_model = _module_pair(input_size=3, hidden_size=5, bidirectional=True)
+    # one row left at the last step: its statistics fall back to the population's
+    lengths = torch.tensor([4, 1, 3])
+    x = torch.randn(4, 3, 3) * (torch.arange(4).unsqueeze(1) < lengths).unsqueeze(2)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    _assert_modules_agree(reference, triton_model, packed)
+    assert counter == {"bnlstm_persistent_fwd_kernel": 2, "bnlstm_persistent_bwd_kernel": 2}
+    reference.eval()
+    triton_model.eval()
+    _assert_modules_agree(reference, triton_model, packed)
+    assert counter == {"bnlstm_persistent_fwd_kernel": 4, "bnlstm_persistent_bwd_kernel": 4}
+
+
+@requires_interpreter
+def test_triton_variant_setting(monkeypatch):
+    """``auto`` (the default) asks ``persistent_preferred`` on CUDA only; ``step`` and ``persistent`` force
+    one; anything else is a ValueError, also through the op."""
+    from fused_bnlstm.ops import fused_triton, persistent_triton
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(persistent_triton, "persistent_preferred", lambda B, H, dtype, device: H == 100)
+    for setting in (None, "auto", " Auto "):
+        if setting is None:
+            monkeypatch.delenv(fused_triton.VARIANT_ENV, raising=False)
+        else:
+            monkeypatch.setenv(fused_triton.VARIANT_ENV, setting)
+        assert fused_triton.variant(64, 100, torch.float32, CPU) == "step"
+        assert fused_triton.variant(64, 100, torch.float32, cuda) == "persistent"
+        assert fused_triton.variant(64, 1000, torch.float32, cuda) == "step"
+    for setting in ("step", "persistent"):
+        monkeypatch.setenv(fused_triton.VARIANT_ENV, setting)
+        assert fused_triton.variant(64, 1000, torch.float32, cuda) == setting
+        assert fused_triton.variant(64, 100, torch.float32, CPU) == setting
+    monkeypatch.setenv(fused_triton.VARIANT_ENV, "fused")
+    message = "FUSED_BNLSTM_TRITON_VARIANT must be one of auto, step, persistent, got 'fused'"
+    with pytest.raises(ValueError, match=message):
+        fused_triton.variant(64, 100, torch.float32, cuda)
+    with pytest.raises(ValueError, match=message):
+        call_layer(op_inputs(2, 2, 1, 3, None, torch.float32), backend="triton",
+                   population=population(2, 3, "frame", torch.float32))
 
 
 CUDA = torch.device("cuda")

@@ -33,6 +33,10 @@ fp32 recurrent GEMMs follow ``nn.LSTM`` on the same device (TF32 on CUDA where c
 program holds every batch row of its columns in registers, which suits the batch sizes recurrent models
 train with (B <= 512). No call reads a device tensor back to the host: the per-step plan is host ints
 (``LayerInput.counts``).
+
+``bnlstm_layer_triton`` is the backend's entry for both variants: these per-step launches, or the
+persistent kernels of ``persistent_triton.py`` (the whole sequence in one launch), as ``variant`` chooses
+(``FUSED_BNLSTM_TRITON_VARIANT``: ``auto``, ``step``, ``persistent``).
 """
 
 from __future__ import annotations
@@ -78,12 +82,18 @@ from fused_bnlstm.ops.triton_common import (
 )
 
 if triton is not None:
+    from fused_bnlstm.ops import persistent_triton
     from fused_bnlstm.ops import triton_kernels as kernels
 
-__all__ = ["GRAPHS_ENV", "PRECISION_ENV", "PRECISIONS", "available", "bnlstm_layer_triton"]
+__all__ = ["GRAPHS_ENV", "PRECISION_ENV", "PRECISIONS", "VARIANT_ENV", "VARIANTS", "available", "bnlstm_layer_triton"]
 
 # step loops replayed as CUDA graphs: 1 (default) or 0
 GRAPHS_ENV = "FUSED_BNLSTM_TRITON_GRAPHS"
+
+# which kernels a call runs (``_variant``): "auto" (default), "step" (a launch per step, this file) or
+# "persistent" (the whole sequence in one launch, ``persistent_triton.py``)
+VARIANT_ENV = "FUSED_BNLSTM_TRITON_VARIANT"
+VARIANTS = ("auto", "step", "persistent")
 
 # hidden units per program (the recurrent dots reduce in chunks of ``triton_kernels.BLOCK_K``)
 _BLOCK_H = 16
@@ -499,8 +509,23 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def variant(B: int, H: int, dtype: torch.dtype, device: torch.device) -> str:
+    """Which kernels a call runs, ``"step"`` or ``"persistent"``: ``FUSED_BNLSTM_TRITON_VARIANT`` (``auto`` by
+    default) names one, or ``auto`` takes ``persistent_triton.persistent_preferred`` on CUDA (a prediction
+    from the sm90 compile report, ``README.md``) and the per-step launches elsewhere (the interpreter proves
+    both; on the CPU it runs the per-step ones unless told otherwise)."""
+    setting = os.environ.get(VARIANT_ENV, "auto").strip().lower() or "auto"
+    if setting not in VARIANTS:
+        raise ValueError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    preferred = device.type == "cuda" and persistent_triton.persistent_preferred(B, H, dtype, device)
+    return "persistent" if preferred else "step"
+
+
 def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: LayerConfig) -> LayerOutput:
-    """One BN-LSTM layer-direction on the fused Triton kernels (``prepare_layer`` has checked the inputs).
+    """One BN-LSTM layer-direction on the fused Triton kernels (``prepare_layer`` has checked the inputs):
+    the per-step launches of this file or the persistent kernels, as ``variant`` says.
 
     Returns as ``fused_bnlstm.ops.bnlstm_layer`` (the reference ``bnlstm_layer_naive`` is the oracle this is
     tested against): output [T, B, H], h_n, c_n [B, H] and the ``BatchStatistics`` used.
@@ -512,6 +537,9 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
     # one compute dtype for every operand; casts and layout fixes happen below, differentiably, at the one
     # boundary into the kernels
     dtype = compute_dtype("'triton'", x)
+    if variant(B, inputs.c0.shape[1], dtype, device) == "persistent":
+        return persistent_triton.bnlstm_layer_triton_persistent(inputs=inputs, params=params, config=config)
+
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
     plan = _Plan(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats,
                  use_batch_stats=bool(config.use_batch_stats), eps=float(config.eps),
