@@ -24,6 +24,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                   const at::Tensor& w_hh);
 const char* kernel_isa();
 bool use_brgemm();
+bool gemm_through_brgemm();
 bool step_brgemm(int64_t B, int64_t H, int64_t I);
 std::pair<size_t, size_t> brgemm_shapes();
 at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
@@ -385,6 +386,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "The instruction set the step kernels were picked for on this CPU");
     m.def("uses_brgemm", &fused_bnlstm::use_brgemm,
           "Whether float32 per-step GEMMs run through oneDNN's brgemm (else at::mm)");
+    m.def("gemm_backend", [] { return std::string(fused_bnlstm::gemm_through_brgemm() ? "brgemm" : "mm"); },
+          "What the float32 all-step GEMMs (input branch, weight gradients, dx) run through here: brgemm or mm");
     m.def("cached_bytes", &fused_bnlstm::cached_bytes, "Bytes of CPU buffers cached for reuse now");
     m.def("brgemm_shapes", [] {
         const auto [gemm, steps] = fused_bnlstm::brgemm_shapes();

@@ -121,6 +121,7 @@ bool use_brgemm() {
 }
 
 bool step_brgemm(int64_t B, int64_t H, int64_t I);  // below, with the GEMMs
+bool gemm_through_brgemm();
 
 namespace {
 
@@ -218,8 +219,16 @@ void pass_finished_rows(const BackwardParams& p, int64_t t, const scalar_t* dh_i
 void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_pack,
                           const float* dh_in, float* dh_out, int64_t j0, int64_t j1) {
     const int64_t B = p.B, H = p.H, n = j1 - j0;
-    // w_pack: W_hh [4H, H] in column chunks, [H / kBlock][4H][kBlock] (pack_column_chunks).
-    brgemm_f32(B, n, 4 * H, 4 * H, n, H, false, da_t, w_pack + j0 * 4 * H, dh_out + j0);
+    // w_pack: W_hh [4H, H] in column chunks, [H / kBlock][4H][kBlock] (pack_column_chunks). The depth 4H is
+    // taken in blocks of at most kStepDepth (accumulating into dh_out), so that a block of da_t and of the
+    // weight chunk stay in L2 while the kernel walks the rows: at H=1000 the whole depth (1 MB of each)
+    // ran 21 % slower (README.md).
+    constexpr int64_t kStepDepth = 512;
+    const int64_t K = 4 * H;
+    const float* w = w_pack + j0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kStepDepth) {
+        brgemm_f32(B, n, std::min(kStepDepth, K - k0), K, n, H, k0 > 0, da_t + k0, w + k0 * n, dh_out + j0);
+    }
     pass_finished_rows(p, t, dh_in, dh_out, j0, j1);
 }
 
@@ -349,13 +358,33 @@ void gemm_brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, i
 
 bool brgemm_applies(const at::Tensor& a, const at::Tensor& b) {
     return a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
-           use_brgemm();
+           gemm_through_brgemm();
 }
 
 }  // namespace
 
-// a [M, K] b [K, N]. oneDNN's brgemm for float32 (about 2x MKL's sgemm on the AMD EPYC measured, see
-// README.md), at::mm otherwise.
+// Whether the all-step GEMMs (input branch, weight gradients, dx) run as brgemm tiles (gemm_brgemm) or
+// through at::mm (MKL's sgemm in torch's x86 builds). Measured side by side (README.md): on an Intel Xeon
+// MKL was 10-25 % faster on the backward's GEMMs; on an AMD EPYC MKL takes a slower generic path and brgemm
+// ran about 2x its speed. So at::mm on Intel CPUs, brgemm elsewhere; FUSED_BNLSTM_CPU_GEMM=brgemm or mm
+// picks one (read per call).
+bool gemm_through_brgemm() {
+    static const bool intel = [] {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+        __builtin_cpu_init();
+        return __builtin_cpu_is("intel") != 0;
+#else
+        return false;
+#endif
+    }();
+    if (!use_brgemm()) return false;
+    const char* env = std::getenv("FUSED_BNLSTM_CPU_GEMM");
+    if (env != nullptr && std::string(env) == "brgemm") return true;
+    if (env != nullptr && std::string(env) == "mm") return false;
+    return !intel;
+}
+
+// a [M, K] b [K, N] through brgemm tiles or at::mm (gemm_through_brgemm).
 at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b) {
     if (!brgemm_applies(a, b)) return at::mm(a, b);
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();

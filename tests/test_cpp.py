@@ -160,6 +160,7 @@ def _isas():
     return {"avx512": ["default", "avx2", "avx512"], "avx2": ["default", "avx2"]}.get(widest, ["default"])
 
 
+@pytest.mark.parametrize("gemm", ["brgemm", "mm"], ids=["tiles-brgemm", "tiles-mm"])
 @pytest.mark.parametrize("brgemm", ["1", "0"], ids=["brgemm", "at-mm"])
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
@@ -167,17 +168,19 @@ def _isas():
     pytest.param("sequence", True, None, id="sequence-train"),
     pytest.param(None, True, [7, 3, 5, 1, 7], id="none-varlen"),
 ])
-def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, brgemm, normalization,
+def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, brgemm, gemm, normalization,
                                                               use_batch_stats, lengths):
-    # The step kernels are compiled per instruction set and the float32 GEMMs have a brgemm and an at::mm
-    # path: pin each in turn (the CPU picks the widest by itself).
+    # The step kernels are compiled per instruction set, the float32 per-step GEMMs have a brgemm and an
+    # at::mm path, and the all-step GEMMs brgemm tiles and at::mm: pin each in turn (the CPU picks by itself).
     if isa not in _isas():
         pytest.skip(f"this CPU does not run the {isa} kernels")
     from fused_bnlstm import _C
 
     monkeypatch.setenv("FUSED_BNLSTM_CPU_ISA", isa)
     monkeypatch.setenv("FUSED_BNLSTM_CPU_BRGEMM", brgemm)
+    monkeypatch.setenv("FUSED_BNLSTM_CPU_GEMM", gemm)
     assert _C.kernel_isa() == isa
+    assert _C.gemm_backend() == ("brgemm" if gemm == "brgemm" and _C.uses_brgemm() else "mm")
     assert _C.uses_brgemm() == (brgemm == "1" and _brgemm_built())
     T, B, I, H = 7, 5, 3, 70  # H past one 64-unit kernel block
     run = {}
@@ -265,10 +268,12 @@ def test_bnlstm_layer_cpp_workspace_cache_reuses_buffers_safely(monkeypatch, cac
     assert _C.cached_bytes() == 0
 
 
-def test_bnlstm_layer_cpp_caches_stay_bounded_as_shapes_change():
+def test_bnlstm_layer_cpp_caches_stay_bounded_as_shapes_change(monkeypatch):
     # Calls at a growing T (issue #11): the workspace cache holds no more than one call's worth of freed
     # buffers (it used to keep every T's), and no kernel shape asked of oneDNN depends on T.
     from fused_bnlstm import _C
+
+    monkeypatch.setenv("FUSED_BNLSTM_CPU_GEMM", "brgemm")  # the all-step GEMMs as brgemm tiles (else MKL)
 
     B, I, H = 16, 8, 64
 
