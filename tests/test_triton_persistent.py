@@ -84,7 +84,8 @@ BLOCK_CASES = [
     pytest.param(4, 3, 5, 40, [4, 3, 2], "frame", True, id="B3-T4-I5-H40-frame-train-varlen"),
     pytest.param(4, 2, 1, 24, None, "frame", False, id="B2-T4-I1-H24-frame-eval"),
     pytest.param(4, 3, 5, 40, [4, 1, 2], "sequence", True, id="B3-T4-I5-H40-sequence-train-varlen"),
-    pytest.param(1, 5, 1, 3, None, None, True, id="B5-T1-I1-H3-plain"),
+    # (H <= 16 would be one block, which the kernels keep in registers: the "registers" form)
+    pytest.param(2, 5, 1, 24, None, None, True, id="B5-T2-I1-H24-plain"),
 ]
 
 
@@ -250,11 +251,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return dict(regs=int(re.search(r"Used (\\d+) registers", log).group(1)),
                     spills=int(spills.group(1)) + int(spills.group(2)), shared=compiled.metadata.shared)
 
-    # the program count is the launch's (tl.num_programs): one compile serves "single" and "grid"
-    for B, H, dtype, torch_dtype, precision, form in json.loads(sys.argv[1]):
+    for B, H, dtype, torch_dtype, precision, form, programs in json.loads(sys.argv[1]):
         torch_dtype = getattr(torch, torch_dtype)
         carry = form == "registers"
-        common = dict(H=H, CARRY=carry, PRECISION=precision, BB=block_rows(B),
+        # the kernels keep the one block in registers where it covers H (BH >= H)
+        common = dict(H=H, NUM_PROGRAMS=programs, PRECISION=precision, BB=block_rows(B),
                       BH=P._single_block_h(H) if carry else P._BLOCK_H)
         warps = P._REGISTERS_WARPS if carry else P._block_warps(B)
         for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True, BATCH=True)),
@@ -279,7 +280,7 @@ def test_triton_persistent_kernels_compile_for_sm90():
     """Both kernels compile for an H100 (the interpreter accepts Python the compiler rejects): the "registers"
     form where ``persistent_fits`` says it fits, without spills, and the multi-program "grid" form (its
     barrier's atomics included) at s-MNIST's H = 100 within the SM's 227 KiB of shared memory."""
-    cases = [[64, 16, "fp32", "float32", "tf32", "registers"], [64, 100, "fp32", "float32", "tf32", "grid"]]
+    cases = [[64, 16, "fp32", "float32", "tf32", "registers", 1], [64, 100, "fp32", "float32", "tf32", "grid", 7]]
     env = dict(os.environ, TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
                             text=True, timeout=600)

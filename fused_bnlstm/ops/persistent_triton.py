@@ -5,19 +5,20 @@ kernels: ``triton_kernels.forward_block`` / ``backward_block`` run a block's ste
 batch row, so both batch norms and BN(c) stay inside the program that owns it. The kernels loop over T inside; one
 kernel pair, three forms (``FORMS``):
 
-- **registers** (``CARRY``): one program owns all 4H gate columns as one block (BH >= H). W_hh is loaded
+- **registers** (``CARRY``, which the kernels derive: BH >= H): one program owns all 4H gate columns as one
+  block. W_hh is loaded
   once before the time loop; h_t (forward) and da_hh_t (backward), c and dc, and the gamma / beta / bias
   gradient sums stay in registers as loop-carried tensors: no global round trip, no barrier. It fits one
   SM only for small H * B (``persistent_fits``, from the sm90 compile report in ``README.md``).
 - **single**: one program walks every 16-unit column block at each step; h_{t-1} (forward) and
   da_hh_{t+1} (backward) are read back from global memory (L1/L2) after a CTA barrier, W_hh is streamed
   from L2 each step, the per-block states and sums live in their buffers.
-- **grid**: the same kernel with P programs (at most one per SM, a cooperative launch), each walking
-  blocks i_p, i_p + P, ...; h / da_hh are exchanged through L2 (``.cg`` loads) with one
+- **grid**: the same kernel with ``NUM_PROGRAMS`` programs (at most one per SM, a cooperative launch),
+  each walking blocks i_p, i_p + NUM_PROGRAMS, ...; h / da_hh are exchanged through L2 (``.cg`` loads) with one
   grid barrier per step (``_grid_barrier``: release / acquire atomics on a monotonic counter). With one
-  program the barrier is only the CTA barrier: "single" is "grid" with one program (the kernels read the
-  program count from the launch, ``tl.num_programs``), which is how the interpreter (it runs programs one
-  after another) proves this path's arithmetic.
+  program the barrier is only the CTA barrier: "single" is "grid" with one program, which is how the
+  interpreter (it runs programs one after another) proves this path's arithmetic. (With H <= 16 one block
+  covers H, and both run as "registers".)
 
 The input branch is hoisted into one GEMM before the loop (sequence-wise also normalized there); dW_ih,
 dW_hh, dx and dh0 are GEMMs after the backward loop; those host steps are ``triton_common.py``'s, shared
@@ -70,7 +71,6 @@ from fused_bnlstm.ops.triton_kernels import (
     load_states,
     recurrent_dot,
     state_offset,
-    state_tile,
     store_states,
     store_sums,
 )
@@ -93,19 +93,19 @@ _REGISTERS_WARPS = 8
 
 
 @triton.jit
-def _grid_barrier(p_sem, i_step):
+def _grid_barrier(p_sem, i_step, NUM_PROGRAMS: tl.constexpr):
     """Every program of the grid has finished step ``i_step`` (and its stores are visible) on return.
 
     A monotonic counter, never reset inside a launch (no reset race): each program adds 1 with release
-    semantics, then spins with acquire loads until all ``tl.num_programs(0)`` have arrived for this step.
-    With one program it is only the CTA barrier that orders a step's stores before the next step's loads.
-    A grid of several must be co-resident: launched with ``launch_cooperative_grid=True``.
+    semantics, then spins with acquire loads until all ``NUM_PROGRAMS`` have arrived for this step. With
+    one program it is only the CTA barrier that orders a step's stores before the next step's loads.
+    The grid must be co-resident: launched with ``launch_cooperative_grid=True``. (A constexpr, not
+    ``tl.num_programs``: the runtime count costs the sm90 backward 9 registers a thread and a spill.)
     """
     tl.debug_barrier()
-    programs = tl.num_programs(0)
-    if programs > 1:
+    if NUM_PROGRAMS > 1:
         tl.atomic_add(p_sem, 1, sem="release", scope="gpu")
-        target = (i_step + 1) * programs
+        target = (i_step + 1) * NUM_PROGRAMS
         arrived = tl.atomic_add(p_sem, 0, sem="acquire", scope="gpu")
         while arrived < target:
             arrived = tl.atomic_add(p_sem, 0, sem="acquire", scope="gpu")
@@ -117,16 +117,17 @@ def _grid_barrier(p_sem, i_step):
 def bnlstm_persistent_fwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats, p_sem,
     T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CARRY: tl.constexpr,
-    PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+    FRAME: tl.constexpr, BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
-    """All T steps of every row: program i_p of P owns the column blocks i_p, i_p + P, ... of BH units.
+    """All T steps of every row: program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    ``CARRY`` (one program, one block, BH >= H): W_hh^T [BH, 4*BH] is loaded once and h, c are loop-carried
+    ``CARRY`` (one block covers H, one program): W_hh^T [BH, 4*BH] is loaded once and h, c are loop-carried
     register tensors. Otherwise a step's blocks read h_{t-1} [B, H] from ``p_h`` (every column, written by
     every program the step before), write their slice of h_t, c_t, and a grid barrier ends the step.
     ``BATCH``: some step of the call normalizes with batch statistics (off: no reduction over the rows).
     """
+    CARRY: tl.constexpr = BH >= H
     i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
@@ -137,7 +138,7 @@ def bnlstm_persistent_fwd_kernel(
     if CARRY:
         o_g, m_g, _ = gate_columns(0, H, BH)
         o_h, m_h = hidden_units(0, H, BH)
-        o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+        o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
         # [BH, 4*BH] all of W_hh^T, resident for the whole loop
         b_w = tl.load(p_w_hh + o_g[None, :] * H + o_h[:, None], mask=m_h[:, None] & m_g[None, :], other=0.0)
         # [BB, BH] the states before step 0: h in the input dtype (as the dot reads it), c in ACC
@@ -162,7 +163,7 @@ def bnlstm_persistent_fwd_kernel(
             while i_h < (H + BH - 1) // BH:
                 o_g, m_g, _ = gate_columns(i_h, H, BH)
                 o_h, m_h = hidden_units(i_h, H, BH)
-                o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+                o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
                 b_h, b_c = load_states(p_h + o_prev, p_c + o_prev, o_s, m_s)
                 b_h, b_c = forward_block(
                     recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
@@ -170,8 +171,8 @@ def bnlstm_persistent_fwd_kernel(
                     b_h, b_c, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop, p_steps, p_out, p_a_hh,
                     p_stats, eps, B, H, FRAME, BATCH, HAS_BIAS, SAVE, BB, BH)
                 store_states(p_h + o_next, p_c + o_next, o_s, m_s, b_h, b_c)
-                i_h += tl.num_programs(0)
-            _grid_barrier(p_sem, t)
+                i_h += NUM_PROGRAMS
+            _grid_barrier(p_sem, t, NUM_PROGRAMS)
             t += 1
 
 
@@ -195,13 +196,13 @@ def _store_partial(p_part, b_da_hh, p_w_hh, i_h, o_b, m_b, H: tl.constexpr, PREC
 def bnlstm_persistent_bwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
     p_dparams, p_dpart, p_sem, T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY: tl.constexpr, PRECISION: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
 ):
-    """All T steps in reverse; program i_p of P owns the column blocks i_p, i_p + P, ... of BH units.
+    """All T steps in reverse; program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (one program, one
-    block): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh [4*BH, BH] is loaded
+    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (one block covers H,
+    one program): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh [4*BH, BH] is loaded
     once, and dh, dc and the parameter-gradient sums stay in registers, written once at the end. Otherwise
     each block writes its partial da_hh_t[:, block columns] W_hh[block columns, :] [B, H] to ``p_dpart``
     ([2, NB, B, H], slot t % 2), and after the grid barrier a block sums the NB partials of its own columns
@@ -210,6 +211,7 @@ def bnlstm_persistent_bwd_kernel(
     own columns.
     """
     NB: tl.constexpr = (H + BH - 1) // BH
+    CARRY: tl.constexpr = BH >= H
     i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
@@ -220,7 +222,7 @@ def bnlstm_persistent_bwd_kernel(
     if CARRY:
         o_g, m_g, _ = gate_columns(0, H, BH)
         o_h, m_h = hidden_units(0, H, BH)
-        o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+        o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
         # [4*BH, BH] all of W_hh, resident for the whole loop
         b_w = tl.load(p_w_hh + o_g[:, None] * H + o_h[None, :], mask=m_g[:, None] & m_h[None, :], other=0.0)
         # [BB, BH] the h and c state gradients after step T - 1, carried backwards, and c_T
@@ -260,7 +262,7 @@ def bnlstm_persistent_bwd_kernel(
             i_h = i_p
             while i_h < NB:
                 o_h, m_h = hidden_units(i_h, H, BH)
-                o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+                o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
                 b_dh_state, b_dc_state = load_states(p_dstate, p_dstate + B * H, o_s, m_s)
                 if t + 1 < T:
                     # [BB, BH] da_hh_{t+1} W_hh[:, block]: the blocks' partials of step t + 1, in block order
@@ -279,8 +281,8 @@ def bnlstm_persistent_bwd_kernel(
                 if t > 0:
                     _store_partial(p_dpart + (t % 2) * NB * B * H + i_h * B * H, b_da_hh, p_w_hh, i_h, o_b, m_b, H,
                                    PRECISION, BH, b_dh_state.dtype)
-                i_h += tl.num_programs(0)
-            _grid_barrier(p_sem, T - 1 - t)
+                i_h += NUM_PROGRAMS
+            _grid_barrier(p_sem, T - 1 - t, NUM_PROGRAMS)
             t -= 1
 
 
@@ -316,7 +318,7 @@ class _Saved(NamedTuple):
 
 def _launch(run: _Run) -> dict:
     """The launch arguments both persistent kernels share."""
-    return dict(CARRY=run.form == "registers", PRECISION=run.precision, BH=run.block_h, num_warps=run.num_warps,
+    return dict(NUM_PROGRAMS=run.programs, PRECISION=run.precision, BH=run.block_h, num_warps=run.num_warps,
                 **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
 
 
@@ -391,7 +393,7 @@ def _layer_backward(*, x: Tensor, params: LayerParams, saved: _Saved, cotangents
     dparams = torch.zeros(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
     # [2, NB, B, H] the blocks' partial h-state gradients, by step parity (block-walking forms)
     blocks = triton.cdiv(H, run.block_h)
-    dpart = None if run.form == "registers" else torch.empty(2, blocks, B, H, dtype=saved.c.dtype, device=device)
+    dpart = None if blocks == 1 else torch.empty(2, blocks, B, H, dtype=saved.c.dtype, device=device)
     bnlstm_persistent_bwd_kernel[(run.programs,)](
         p_x_gates=saved.x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=saved.affine,
         p_stats=saved.stats, p_steps=saved.steps, p_lengths=saved.lengths, p_c=saved.c, p_a_hh=saved.a_hh,

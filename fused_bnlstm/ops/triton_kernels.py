@@ -11,7 +11,7 @@ the cell state's dtype (float32, or float64 for float64 tensors); stores go out 
 The BN backward used here is derived in ``README.md`` beside this file.
 
 Shared with ``persistent_triton.py`` (public names; the underscored helpers are this file's own):
-``gate_columns`` / ``hidden_units`` / ``state_tile`` (a column block's offsets), ``load_states`` /
+``gate_columns`` / ``hidden_units`` (a column block's offsets), ``load_states`` /
 ``store_states``, ``state_offset``, ``recurrent_dot`` (chunks of ``BLOCK_K``), ``forward_block`` and
 ``backward_block`` (one column block's step, forward and in reverse: everything but the recurrent dot and
 where the states live), ``store_sums`` (a block's parameter-gradient sums) and the kernels' constexpr flags
@@ -67,12 +67,6 @@ def hidden_units(i_h, H, BH: tl.constexpr):
     """Column block i_h's hidden units [i_h * BH, (i_h + 1) * BH) [BH] and whether each is inside [H]."""
     o_h = i_h * BH + tl.arange(0, BH)
     return o_h, o_h < H
-
-
-@triton.jit
-def state_tile(o_b, m_b, o_h, m_h, H):
-    """[BB, BH] offsets of rows o_b and units o_h in a [B, H] state, and the mask of those inside both."""
-    return o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
 
 
 @triton.jit
@@ -252,7 +246,7 @@ def forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates
         b_y += _load_vector(p_affine + 9 * H, o_h, m_h, ACC)
     else:
         b_y = b_c
-    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     return _emit(b_o, b_y, b_h_prev, b_c, b_c_prev, m_run, p_out + t * B * H, o_s, m_s)
 
 
@@ -375,14 +369,15 @@ def bnlstm_fwd_step_kernel(
     o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
     o_g, m_g, _ = gate_columns(i_h, H, BH)
     o_h, m_h = hidden_units(i_h, H, BH)
-    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     o_prev = state_offset(t, B, H, SAVE)
     b_a_hh = recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
                            p_c.dtype.element_ty, "")
     b_h_prev, b_c_prev = load_states(p_h + o_prev, p_c + o_prev, o_s, m_s)
     b_h, b_c = forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop,
                              p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, True, HAS_BIAS, SAVE, BB, BH)
-    store_states(p_h + state_offset(t + 1, B, H, SAVE), p_c + state_offset(t + 1, B, H, SAVE), o_s, m_s, b_h, b_c)
+    o_next = state_offset(t + 1, B, H, SAVE)
+    store_states(p_h + o_next, p_c + o_next, o_s, m_s, b_h, b_c)
 
 
 @triton.heuristics({"FOLDED": _passed("p_fold"), "HAS_BIAS": _passed("p_bias")})
@@ -406,7 +401,7 @@ def bnlstm_infer_step_kernel(
     o_b, m_b, m_run = _running_rows(p_lengths, tl.program_id(1).to(tl.int64) * BB, B, t, BB)
     o_g, m_g, o_gate = gate_columns(i_h, H, BH)
     o_h, m_h = hidden_units(i_h, H, BH)
-    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     o_prev = state_offset(t, B, H, False)
     b_x = tl.load(p_x_gates + t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :], mask=m_b[:, None] & m_g[None, :],
                   other=0.0).to(p_c.dtype.element_ty)
@@ -452,7 +447,7 @@ def bnlstm_bwd_step_kernel(
     t = t.to(tl.int64)
     o_b, m_b, m_run = _running_rows(p_lengths, 0, B, t, BB)
     o_h, m_h = hidden_units(i_h, H, BH)
-    o_s, m_s = state_tile(o_b, m_b, o_h, m_h, H)
+    o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     b_dh, b_dc = load_states(p_dstate, p_dstate + B * H, o_s, m_s)
     if t + 1 < T:
         # [BB, BH] da_hh_{t+1} W_hh[:, block], over the 4H gate columns
