@@ -76,9 +76,21 @@ def nan_poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 
+# float64 holds the arithmetic to 1e-10, which float32's tolerance could hide: once per mode, on cases with
+# a fallback step (fewer than two rows) or padding and two column blocks where the mode has them
+FLOAT64_CASES = ("B3-T7-I5-H24-frame-train-varlen-tail1", "B2-T7-I1-H24-frame-eval",
+                 "B3-T4-I5-H24-sequence-train-varlen", "B3-T7-I5-H8-plain-varlen")
+
+
+def _in_dtypes(cases):
+    """Every case in float32, the ``FLOAT64_CASES`` in float64 as well."""
+    dtypes = (torch.float32, "fp32"), (torch.float64, "fp64")
+    return [pytest.param(*case.values, dtype, id=f"{case.id}-{name}") for case in cases for dtype, name in dtypes
+            if dtype == torch.float32 or case.id in FLOAT64_CASES]
+
+
 @requires_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", LAYER_CASES)
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats, dtype", _in_dtypes(LAYER_CASES))
 def test_bnlstm_layer_triton_matches_reference(nan_poisoned_empty, T, B, I, H, lengths, normalization,
                                                use_batch_stats, dtype):
     compare_with_reference("triton", T, B, I, H, lengths, normalization, use_batch_stats, dtype)
@@ -91,17 +103,11 @@ def test_bnlstm_layer_triton_without_bias(normalization):
 
 
 @requires_interpreter
-@pytest.mark.parametrize(
-    "normalization, use_batch_stats, lengths",
-    [
-        pytest.param("frame", True, [3, 1, 2], id="frame-train-varlen-tail1"),
-        pytest.param("frame", False, None, id="frame-eval"),
-        pytest.param("sequence", True, [3, 3, 1], id="sequence-train"),
-        pytest.param(None, True, [3, 2, 3], id="plain"),
-    ],
-)
-def test_bnlstm_layer_triton_gradcheck_float64(normalization, use_batch_stats, lengths):
-    T, B, I, H = 3, 3, 2, 3
+@pytest.mark.parametrize("normalization", ["frame", "sequence", None], ids=["frame", "sequence", "plain"])
+def test_bnlstm_layer_triton_gradcheck_float64(normalization):
+    # one per mode at the smallest shape with a batch-statistics step (three rows) and, frame-wise, a step
+    # that falls back to the population's (one row; eval runs that path at every step)
+    T, B, I, H, lengths, use_batch_stats = 2, 3, 1, 3, [2, 1, 1], True
     inputs = op_inputs(T, B, I, H, lengths, torch.float64)
     pop = population(T, H, normalization, torch.float64)
     names = list(USED[normalization])
@@ -255,7 +261,7 @@ def test_triton_precision_rejects_unknown_setting(monkeypatch):
 def test_bnlstm_layer_triton_precision_settings_match_reference(monkeypatch, setting):
     # the interpreter computes every dot in IEEE: this holds each variant's launch path to the reference
     monkeypatch.setenv("FUSED_BNLSTM_TRITON_PRECISION", setting)
-    compare_with_reference("triton", 4, 3, 2, 24, [4, 1, 3], "frame", True, torch.float32)
+    compare_with_reference("triton", 3, 3, 2, 24, [3, 1, 2], "frame", True, torch.float32)
 
 
 class _NoHostReads:
@@ -394,7 +400,7 @@ def test_bnlstm_layer_triton_no_grad_matches_reference(monkeypatch, nan_poisoned
 @requires_interpreter
 def test_bnlstm_layer_triton_eval_tiles_large_batches():
     # the inference kernel tiles the batch: more rows than one training program may hold
-    T, B, I, H = 2, 1030, 1, 3
+    T, B, I, H = 2, 520, 1, 3
     inputs = op_inputs(T, B, I, H, None, torch.float32)
     config = dict(population=population(T, H, "frame", torch.float32), use_batch_stats=False)
     with torch.no_grad():
@@ -846,7 +852,6 @@ def test_bnlstm_module_triton_cuda_bidirectional(no_tf32):
     _assert_modules_agree(reference, triton_model, pack_padded_sequence(x.to(CUDA), lengths, enforce_sorted=False))
 
 
-
 _COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -900,7 +905,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                      dict(FOLDED=False, HAS_BIAS=True, p_fold=None, PRECISION="ieee", **infer_tiles), 4)
     print("compiled")
 """)
-
 
 
 def _has_nvidia_toolchain():
