@@ -464,20 +464,16 @@ def _block_warps(B: int) -> int:
 
 def persistent_preferred(B: int, H: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The choice ``fused_triton.variant`` makes between these kernels and the per-step launches under
-    ``FUSED_BNLSTM_TRITON_VARIANT=auto`` (a prediction from the sm90 compile report, not a measurement;
-    ``README.md``, Persistent kernels).
+    ``FUSED_BNLSTM_TRITON_VARIANT=auto``: the one-program "registers" form on CUDA where it fits
+    (``persistent_fits``), per-step otherwise and under the interpreter.
 
-    Persistent on CUDA where its block tile holds without heavy spills (B <= 128) and its grid is at most one
-    program per SM (H <= 16 * SMs): one grid barrier (about 1 us) replaces a launch per step (a CUDA-graph
-    kernel boundary of about 1 us plus the prologue that reloads every parameter row). Per-step otherwise,
-    and under the interpreter (both are proven there).
+    The "grid" form is predicted faster than per-step launches at every paper shape (README.md, Persistent
+    kernels), but its software grid barrier assumes every program is resident at once, which a Triton launch
+    does not guarantee (another kernel or an MPS/MIG share holding SMs would make it spin forever). Until a GPU
+    run has shown it co-resident and faster, it runs only when asked for (``FUSED_BNLSTM_TRITON_VARIANT=
+    persistent``): a hang is the one outcome worse than a slow step.
     """
-    if device.type != "cuda":
-        return False
-    if persistent_fits(B, H, dtype):
-        return True
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return triton_common.block_rows(B) <= 128 and triton.cdiv(H, _BLOCK_H) <= sms
+    return device.type == "cuda" and persistent_fits(B, H, dtype)
 
 
 def _plan_run(inputs: LayerInput, config: LayerConfig, dtype: torch.dtype, form: str | None) -> _Run:
