@@ -251,8 +251,9 @@ def _bnlstm(candidate: Candidate, shape: Shape, device, dtype) -> nn.Module:
     from fused_bnlstm import BNLSTM
 
     options = dict(candidate.variant.module_options) if candidate.variant else {}
+    # max_length=T: every step its own statistics, as the paper trains s-MNIST (T_max = 784)
     return BNLSTM(shape.I, shape.H, normalization=candidate.normalization, backend=candidate.backend,
-                  device=device, dtype=dtype, **options)
+                  max_length=shape.T, device=device, dtype=dtype, **options)
 
 
 def build_module(candidate: Candidate, shape: Shape, device) -> nn.Module:
