@@ -12,7 +12,6 @@ A ``Runner`` binds a candidate to a shape and a mode: ``before()`` runs outside 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
@@ -45,54 +44,43 @@ def module_accepts(option: str) -> Callable[[torch.device], tuple[bool, str]]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running a backend, timed as its own row: the ``BNLSTM`` keyword arguments, environment
-    variables or context that select it. ``environment`` and ``context`` wrap each call (microseconds)."""
+    """One way of running a backend, timed as its own row: the ``BNLSTM`` keyword arguments and environment
+    variables that select it. ``environment`` is set around each call (a few microseconds)."""
 
-    name: str  # in keys and on the command line: "steps"
+    name: str  # in keys and on the command line: "step"
     label: str  # in the table: "per-step launches"
     module_options: tuple[tuple[str, object], ...] = ()
     environment: tuple[tuple[str, str], ...] = ()
-    context: Callable[[], contextlib.AbstractContextManager] | None = None
     available: Callable[[torch.device], tuple[bool, str]] = _always
 
 
-def _persistent_available(device: torch.device) -> tuple[bool, str]:
-    from fused_bnlstm import ops
+def triton_switch(attribute: str, cuda_only: bool = False) -> Callable[[torch.device], tuple[bool, str]]:
+    """An ``available`` test for a Triton variant selected by the environment variable whose name
+    ``fused_bnlstm.ops.fused_triton.<attribute>`` holds (a checkout without it has no such variant)."""
+    def available(device: torch.device) -> tuple[bool, str]:
+        from fused_bnlstm.ops import fused_triton
 
-    if "triton_persistent" in ops.BACKENDS:
-        return False, "the persistent kernels are a backend of their own now (timed as such)"
-    if importlib.util.find_spec("fused_bnlstm.ops.persistent_triton") is None:
-        return False, "no fused_bnlstm/ops/persistent_triton.py in this checkout"
-    if not hasattr(ops, "_backend_function"):
-        return False, "fused_bnlstm.ops has no _backend_function to route the triton backend through"
-    return True, ""
+        if not hasattr(fused_triton, attribute):
+            return False, f"fused_triton has no {attribute} (no such switch in this checkout)"
+        if cuda_only and device.type != "cuda":
+            return False, f"a CUDA feature; nothing to time on {device.type}"
+        return True, ""
+    return available
 
 
-@contextlib.contextmanager
-def _triton_routed_to_persistent():
-    """``backend="triton"`` runs the persistent kernels (form chosen by their heuristic) inside this context:
-    the way ``tests/test_triton_persistent.py`` reaches them until they are a backend the module can name."""
-    from fused_bnlstm import ops
-    from fused_bnlstm.ops.persistent_triton import bnlstm_layer_triton_persistent
-
-    original = ops._backend_function
-    ops._backend_function = lambda name: bnlstm_layer_triton_persistent if name == "triton" else original(name)
-    try:
-        yield
-    finally:
-        ops._backend_function = original
-
+_VARIANT_ENV, _GRAPHS_ENV = "FUSED_BNLSTM_TRITON_VARIANT", "FUSED_BNLSTM_TRITON_GRAPHS"
 
 # backend -> its variants, each timed as a row; a backend not listed runs as it is (one row). A new
-# variant (CUDA graph replay, another kernel) is one entry, e.g.
-#   Variant("graph", "CUDA graph replay", module_options=(("cuda_graphs", True),),
-#           available=module_accepts("cuda_graphs")),
-# and ``--triton-variants`` picks among them by name.
+# variant is one entry (its switch: environment variables or BNLSTM keyword arguments), and
+# ``--triton-variants`` picks among them by name. The Triton ones are fused_triton's VARIANT_ENV and
+# GRAPHS_ENV settings; "auto", the default, is one of them by shape and is not timed twice.
 VARIANTS: dict[str, tuple[Variant, ...]] = {
     "triton": (
-        Variant("steps", "per-step launches"),
-        Variant("persistent", "persistent kernels", context=_triton_routed_to_persistent,
-                available=_persistent_available),
+        Variant("step", "per-step launches", environment=((_VARIANT_ENV, "step"), (_GRAPHS_ENV, "0"))),
+        Variant("step-graph", "per-step, CUDA graph replay", environment=((_VARIANT_ENV, "step"), (_GRAPHS_ENV, "1")),
+                available=triton_switch("GRAPHS_ENV", cuda_only=True)),
+        Variant("persistent", "persistent kernels", environment=((_VARIANT_ENV, "persistent"),),
+                available=triton_switch("VARIANT_ENV")),
     ),
 }
 
@@ -314,13 +302,10 @@ class Runner:
         self.variant = candidate.variant
 
     def _variant_scope(self) -> contextlib.AbstractContextManager:
-        """What selects the row's variant, around a call: its environment variables and context."""
-        stack = contextlib.ExitStack()
-        if self.variant is not None and self.variant.environment:
-            stack.enter_context(_environment(**dict(self.variant.environment)))
-        if self.variant is not None and self.variant.context is not None:
-            stack.enter_context(self.variant.context())
-        return stack
+        """The row's variant switched on around a call (its environment variables)."""
+        if self.variant is None or not self.variant.environment:
+            return contextlib.nullcontext()
+        return _environment(**dict(self.variant.environment))
 
     def before(self) -> None:
         for p in self.parameters:

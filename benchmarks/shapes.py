@@ -67,8 +67,9 @@ PYTEST_SHAPES: dict[str, Shape] = {
 class Precision:
     """How a row computes: the tensors' dtype and, on CUDA, torch's TF32 switches (matmul, cuDNN) for it.
 
-    The Triton kernels' fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``; nn.LSTM's cuDNN follows
-    ``torch.backends.cudnn.allow_tf32``. A new precision (3xTF32, autocast) is one more entry here."""
+    nn.LSTM's cuDNN follows ``torch.backends.cudnn.allow_tf32``, and the Triton kernels' fp32 dots follow
+    cuDNN's RNN setting (``FUSED_BNLSTM_TRITON_PRECISION=auto``). A new precision (3xTF32, autocast) is one
+    more entry here."""
 
     name: str
     dtype: torch.dtype
