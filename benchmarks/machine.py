@@ -44,7 +44,8 @@ def cpu_flags() -> list[str]:
 
 def cpp_kernels() -> dict:
     """The ISA the cpp extension's kernels run with on this CPU (``kernel_isa()``: the same build picks
-    different kernels on different CPUs) and whether they use oneDNN's brgemm; read from
+    different kernels on different CPUs), whether its GEMMs use oneDNN's brgemm (``uses_brgemm()``) and
+    which path its all-step GEMMs take (``gemm_backend()``: "brgemm" or "mm", where exposed); read from
     ``fused_bnlstm.ops.fused_cpp`` if it exposes them, else from ``fused_bnlstm._C``. ``isa`` is None, with
     ``error`` saying why, when neither can be read."""
     sources = []
@@ -65,9 +66,10 @@ def cpp_kernels() -> dict:
     for source in sources:
         if source is not None and callable(getattr(source, "kernel_isa", None)):
             brgemm = getattr(source, "uses_brgemm", None)
+            gemm = getattr(source, "gemm_backend", None)
             return {"isa": str(source.kernel_isa()), "brgemm": bool(brgemm()) if callable(brgemm) else None,
-                    "error": None}
-    return {"isa": None, "brgemm": None, "error": reason}
+                    "gemm": str(gemm()) if callable(gemm) else None, "error": None}
+    return {"isa": None, "brgemm": None, "gemm": None, "error": reason}
 
 
 def load_average() -> tuple[float, float, float] | None:

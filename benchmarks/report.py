@@ -163,7 +163,8 @@ def machine_line(record: dict) -> str:
     kernels = m.get("cpp_kernels") or {}
     if kernels.get("isa"):
         brgemm = {True: ", brgemm", False: ", no brgemm"}.get(kernels.get("brgemm"), "")
-        cpp = f"cpp kernels {kernels['isa']}{brgemm}"
+        gemm = f", all-step GEMMs {kernels['gemm']}" if kernels.get("gemm") else ""
+        cpp = f"cpp kernels {kernels['isa']}{brgemm}{gemm}"
     else:
         cpp = f"cpp kernels: ISA unknown ({kernels.get('error', 'not recorded')})"
     built = m.get("extension")
