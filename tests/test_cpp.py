@@ -153,6 +153,26 @@ def test_bnlstm_layer_cpp_double_backward(normalization, use_batch_stats, length
     assert_close_by_name(penalties["cpp"], penalties["reference"], "dW_hh (penalty)", **TOLERANCES[torch.float64])
 
 
+def test_bnlstm_layer_cpp_under_torch_func_and_batched_grads():
+    # torch.func transforms and batched cotangents (issue #11) run through the reference: same results.
+    T, B, I, H = 3, 3, 2, 4
+    inputs = {k: v.detach() for k, v in op_inputs(T, B, I, H, [3, 1, 2], torch.float64).items()}
+    pop = population(T, H, "frame", torch.float64)
+
+    def layer(backend):
+        return lambda x: call_layer(dict(inputs, x=x), backend=backend, lengths=[3, 1, 2], population=pop).output
+
+    jacobians = {b: torch.func.jacrev(layer(b))(inputs["x"]) for b in ("reference", "cpp")}
+    assert_close_by_name(jacobians["cpp"], jacobians["reference"], "jacrev dx", **TOLERANCES[torch.float64])
+    x = inputs["x"].clone().requires_grad_()
+    out = layer("cpp")(x)
+    cotangents = torch.randn(4, *out.shape, dtype=torch.float64)
+    (batched,) = torch.autograd.grad(out, x, cotangents, is_grads_batched=True)
+    for k in range(4):
+        (one,) = torch.autograd.grad(layer("reference")(x), x, cotangents[k])
+        assert_close_by_name(batched[k], one, f"batched dx[{k}]", **TOLERANCES[torch.float64])
+
+
 def _isas():
     from fused_bnlstm import _C
 

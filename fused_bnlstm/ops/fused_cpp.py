@@ -240,7 +240,7 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
 
     Argument and return conventions: ``fused_bnlstm.ops.bnlstm_layer``. Differentiable in ``x``, the states
     and every parameter, to any order (a backward asked to build a graph runs through the reference,
-    ``common.reference_backward``). float32 and float64 run in their own precision; other floating dtypes run in
+    ``common.reference_backward``, and so does the whole call inside a ``torch.func`` transform). float32 and float64 run in their own precision; other floating dtypes run in
     float32 and the results are cast back.
     """
     ok, reason = available(inputs.x.device)
@@ -250,6 +250,13 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
         raise TypeError(f"BNLSTM backend 'cpp' expects floating-point input, got {inputs.x.dtype}")
     if params.weight_hr is not None:
         raise NotImplementedError("BNLSTM backend 'cpp' has no projection (proj_size > 0) yet; use the reference")
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+           for t in (inputs.x, inputs.h0, inputs.c0, *params)):
+        # inside a torch.func transform (vmap, grad, jacrev, ...): compiled kernels cannot read its tensors,
+        # and the reference is the same function, differentiable to any order
+        from fused_bnlstm.ops.naive import bnlstm_layer_naive
+
+        return bnlstm_layer_naive(inputs=inputs, params=params, config=config)
     dtype = inputs.x.dtype
     compute = dtype if dtype in _KERNEL_DTYPES else torch.float32
     run = inputs._replace(x=_cast(inputs.x, compute), h0=_cast(inputs.h0, compute), c0=_cast(inputs.c0, compute),
