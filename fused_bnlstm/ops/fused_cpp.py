@@ -204,6 +204,8 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_moments, _grad_saved):
             grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, x=saved.x, weights=saved.weights,
             lengths=saved.lengths, saved=list(saved.buffers), need_dx=needs_x, **ctx.layer,
         )
+    # in the parameters' own (contiguous) layout: DDP's gradient buckets expect the parameter's strides
+    grad_weights = [g.contiguous() if g is not None else None for g in grad_weights]
     return (grad_x if needs_x else None, grad_h0, grad_c0, grad_weights,
             grad_bias if ctx.layer["has_bias"] else None, *ctx.no_grads)
 
