@@ -98,6 +98,9 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
     # [T, B, 4H]: the input branch does not depend on h
     a_ih = x @ weight_ih.t()
     G = a_ih.shape[2]
+    # per-step views taken once: indexing a_ih[t] in the loop would give every step's backward a zero
+    # gradient of the whole sequence (quadratic in T); unbind's backward stacks them once
+    a_ih_steps = a_ih.unbind(0)
 
     if config.normalization == "sequence":
         # BN-e*: one normalization of W_ih x over every valid (t, b) frame; W_hh h and c stay raw.
@@ -106,7 +109,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         else:
             mean_ih, var_ih = pop.mean_ih[0], pop.var_ih[0]
         moments = [mean_ih[None], var_ih[None]]
-        normed_ih = _normalize(a_ih, mean_ih, var_ih, params.gamma_ih, None, eps)  # [T, B, 4H]
+        normed_ih = _normalize(a_ih, mean_ih, var_ih, params.gamma_ih, None, eps).unbind(0)  # T x [B, 4H]
     elif config.normalization == "frame" and group is not None and any(inputs.batch_stats):
         # sync mode: the input branch's moments of every step in one collective before the recurrence
         counts = torch.tensor(inputs.counts, device=x.device).clamp(min=1).unsqueeze(1)  # [T, 1]
@@ -118,7 +121,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         if config.normalization == "frame":
             if inputs.batch_stats[t]:
                 if group is None:
-                    mean_ih, var_ih = _masked_moments(a_ih[t], active, inputs.counts[t])
+                    mean_ih, var_ih = _masked_moments(a_ih_steps[t], active, inputs.counts[t])
                 else:
                     mean_ih, var_ih = synced_ih[0][t], synced_ih[1][t]
                 mean_hh, var_hh = _masked_moments(a_hh, active, inputs.counts[t], group)
@@ -127,12 +130,12 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
                 mean_ih, var_ih = pop.mean_ih[t], pop.var_ih[t]
                 mean_hh, var_hh = pop.mean_hh[t], pop.var_hh[t]
             gates = _normalize(a_hh, mean_hh, var_hh, params.gamma_hh, None, eps) + _normalize(
-                a_ih[t], mean_ih, var_ih, params.gamma_ih, None, eps
+                a_ih_steps[t], mean_ih, var_ih, params.gamma_ih, None, eps
             )
         elif config.normalization == "sequence":
             gates = a_hh + normed_ih[t]
         else:
-            gates = a_hh + a_ih[t]
+            gates = a_hh + a_ih_steps[t]
         if bias is not None:
             gates = gates + bias
 
