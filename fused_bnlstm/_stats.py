@@ -57,31 +57,39 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     # Steps [0, once) each hit their own slot, a contiguous range; the rest all hit the last slot.
     once = max(0, min(T, last - first_slot))
     device = running.count.device
-    n = batch.counts.to(device, torch.float64, non_blocking=True).unsqueeze(1)  # [T, 1]
+    n = batch.counts.to(device, non_blocking=True).unsqueeze(1)  # [T, 1] int64
     updates = n >= 2  # [T, 1]
+    # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
+    unbias = n / (n - 1).clamp(min=1)  # [T, 1] float64
+    tracing = torch.compiler.is_compiling()
+    # eager, the common case: a fixed momentum and every step of the head updating is one scalar lerp per
+    # buffer (counts is a CPU tensor, so reading it is no device sync; a traced graph keeps the masks)
+    plain = not tracing and momentum is not None and once > 0 and bool(batch.counts[:once].min() >= 2)
     # (a traced graph has no threads to guard against, and dynamo cannot trace a lock)
-    with contextlib.nullcontext() if torch.compiler.is_compiling() else _UPDATE_LOCK:
+    with contextlib.nullcontext() if tracing else _UPDATE_LOCK:
         count = running.count
         head = count[first_slot:first_slot + once]
         if momentum is None:
             # cumulative average: a slot's k-th update has factor 1 / k
-            factor = 1.0 / (head + 1).unsqueeze(1).to(torch.float64)  # [once, 1]
+            factor = 1.0 / (head + 1).unsqueeze(1)  # [once, 1]
         else:
-            factor = torch.full((once, 1), float(momentum), dtype=torch.float64, device=device)
-        factor = factor * updates[:once]
+            factor = torch.full((once, 1), float(momentum), device=device)
         for q in running.mean:
-            mean, var = running.mean[q], running.var[q]
-            batch_mean = getattr(batch, f"mean_{q}").to(device, torch.float64)
-            # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
-            batch_var = getattr(batch, f"var_{q}").to(device, torch.float64) * n / (n - 1)
-            for value, batch_value in ((mean, batch_mean), (var, batch_var)):
-                # steps that did not update hold NaN: replace them before they meet a zero factor
-                batch_value = torch.where(updates, batch_value, 0.0)
-                if once:
-                    start = value[first_slot:first_slot + once].to(torch.float64)
-                    value[first_slot:first_slot + once] = torch.lerp(start, batch_value[:once], factor).to(value.dtype)
+            for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
+                batch_value = getattr(batch, moment).to(device)
+                if moment.startswith("var"):
+                    batch_value = batch_value * unbias.to(batch_value.dtype)
+                rows = value[first_slot:first_slot + once]
+                if once and plain:
+                    rows.lerp_(batch_value[:once].to(value.dtype), float(momentum))
+                elif once:
+                    # the buffer's own dtype, as BatchNorm1d; steps that did not update (NaN moments) keep
+                    # the slot as it was
+                    weight = (factor * updates[:once]).to(value.dtype)
+                    rows.lerp_(torch.where(updates[:once], batch_value[:once].to(value.dtype), rows), weight)
                 if T > once:
-                    value[last] = _fold_repeated(value[last], batch_value[once:], updates[once:, 0], momentum, count[last])
+                    value[last] = _fold_repeated(value[last], batch_value[once:].to(torch.float64),
+                                                 updates[once:, 0], momentum, count[last])
         head += updates[:once, 0]
         count[last] += updates[once:, 0].sum()
 
@@ -91,6 +99,7 @@ def _fold_repeated(value: Tensor, batches: Tensor, updates: Tensor, momentum, co
     set, in closed form (float64); ``count_before`` is the slot's num_batches_tracked (a 0-d tensor)."""
     start = value.to(torch.float64)
     u = updates.to(torch.float64)  # [k]
+    batches = torch.where(updates.unsqueeze(1), batches, 0.0)  # NaN moments of steps that did not update
     if momentum is None:
         # cumulative average: (n0 * r0 + sum(b)) / (n0 + k)
         n0 = count_before.to(torch.float64)
