@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -367,6 +368,11 @@ def main(argv=None) -> int:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
             thread_tag = f"_t{threads}" if threads else ""
             stem = f"{record['config']['preset']}_{record['machine']['device_type']}{thread_tag}_{stamp}"
+            # two runs in one second (a preset and its alias, or tiny shapes) must not overwrite each other
+            taken = 1
+            while os.path.exists(os.path.join(args.out, f"{stem}.json" if taken == 1 else f"{stem}_{taken}.json")):
+                taken += 1
+            stem = stem if taken == 1 else f"{stem}_{taken}"
             print_record(record, report.write_records(record, args.out, stem))
             print()
     return 0
