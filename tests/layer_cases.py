@@ -4,6 +4,8 @@ Every fused backend is held to the reference the same way: every output, every g
 cotangents on output, h_n and c_n) and the returned batch statistics.
 """
 
+import os
+
 import torch
 
 from fused_bnlstm.ops import LayerConfig, LayerParams, Population, bnlstm_layer
@@ -120,3 +122,12 @@ def assert_same_statistics(expected, actual, **tolerance):
         assert not got.requires_grad, name
         # steps that fell back on population statistics carry NaN in both
         torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"stats.{name}: {m}", **tolerance)
+
+
+def has_nvidia_toolchain() -> bool:
+    """Whether triton brings its own ptxas, so kernels compile for sm90 on a machine without a GPU."""
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas"))

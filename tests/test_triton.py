@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import Population, backend_available
 from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, call_layer,
-                         compare_with_reference, op_inputs, population, run_layer)
+                         compare_with_reference, has_nvidia_toolchain, op_inputs, population, run_layer)
 
 _cpu_ok, _cpu_reason = backend_available("triton", CPU)
 requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
@@ -907,16 +907,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _has_nvidia_toolchain():
-    try:
-        import triton.backends.nvidia as nvidia
-    except ImportError:
-        return False
-    return os.path.exists(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas"))
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tier runs the compiled kernels themselves")
-@pytest.mark.skipif(not _cpu_ok or not _has_nvidia_toolchain(), reason="needs triton with its bundled ptxas")
+@pytest.mark.skipif(not _cpu_ok or not has_nvidia_toolchain(), reason="needs triton with its bundled ptxas")
 def test_triton_kernels_compile_for_sm90():
     """The interpreter accepts Python the compiler does not: compile every kernel for an H100 (no GPU needed)."""
     env = dict(os.environ, TRITON_INTERPRET="0")

@@ -22,7 +22,8 @@ import torch
 
 from fused_bnlstm import ops
 from fused_bnlstm.ops import LayerConfig, LayerParams, backend_available
-from layer_cases import CPU, USED, call_layer, compare_with_reference, op_inputs, population
+from layer_cases import (CPU, USED, call_layer, compare_with_reference, has_nvidia_toolchain, op_inputs,
+                         population)
 
 _cpu_ok, _cpu_reason = backend_available("triton", CPU)
 requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
@@ -266,16 +267,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _has_nvidia_toolchain():
-    try:
-        import triton.backends.nvidia as nvidia
-    except ImportError:
-        return False
-    return os.path.exists(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas"))
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tier runs the compiled kernels themselves")
-@pytest.mark.skipif(not _cpu_ok or not _has_nvidia_toolchain(), reason="needs triton with its bundled ptxas")
+@pytest.mark.skipif(not _cpu_ok or not has_nvidia_toolchain(), reason="needs triton with its bundled ptxas")
 def test_triton_persistent_kernels_compile_for_sm90():
     """Both kernels compile for an H100 (the interpreter accepts Python the compiler rejects): the "registers"
     form where ``persistent_fits`` says it fits, without spills, and the multi-program "grid" form (its
