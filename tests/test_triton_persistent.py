@@ -52,18 +52,6 @@ def persistent(monkeypatch):
     return use
 
 
-@pytest.fixture
-def nan_poisoned_empty(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled float tensors, so an element no kernel wrote shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(tensor):
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
-
-
 LAYER_CASES = [
     # frame-wise training; lengths with steps where fewer than two rows still run (population fallback)
     pytest.param(7, 3, 5, 24, [7, 1, 4], "frame", True, id="B3-T7-I5-H24-frame-train-varlen-tail1"),
