@@ -47,9 +47,14 @@ fi
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache-fused-bnlstm}"
 unset TRITON_INTERPRET
 
+# The test tiers are bound by Triton's compiles (CPU work): spread them over 4 workers where pytest-xdist is
+# installed (the GPU image has it), sharing the compile cache above.
+XDIST=()
+"$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+
 tests() {  # tests FILE LIMIT_S LOG
   local file=$1 limit=$2 log=$3
-  timeout "$limit" "$PYTHON" -m pytest "$file" -q -rs -p no:cacheprovider >"$OUT/$log" 2>&1
+  timeout "$limit" "$PYTHON" -m pytest "$file" -q -rs -p no:cacheprovider "${XDIST[@]}" >"$OUT/$log" 2>&1
   local rc=$?
   echo "pytest $file exit $rc" | tee -a "$OUT/$log"
   tail -n 25 "$OUT/$log"
