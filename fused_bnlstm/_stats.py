@@ -69,6 +69,19 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     with contextlib.nullcontext() if tracing else _UPDATE_LOCK:
         count = running.count
         head = count[first_slot:first_slot + once]
+        if plain and once == T:
+            # the common case in one foreach lerp over every buffer (the variances unbiased first)
+            rows, batches = [], []
+            for q in running.mean:
+                for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
+                    batch_value = getattr(batch, moment).to(device)
+                    if moment.startswith("var"):
+                        batch_value = batch_value * unbias.to(batch_value.dtype)
+                    rows.append(value[first_slot:first_slot + once])
+                    batches.append(batch_value.to(value.dtype))
+            torch._foreach_lerp_(rows, batches, float(momentum))
+            head += 1
+            return
         if momentum is None:
             # cumulative average: a slot's k-th update has factor 1 / k
             factor = 1.0 / (head + 1).unsqueeze(1)  # [once, 1]

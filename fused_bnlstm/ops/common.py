@@ -179,8 +179,9 @@ def finish_statistics(inputs: LayerInput, config: LayerConfig, moments, dtype: t
     # host-to-device copy (the op may run inside a CUDA graph capture)
     first = inputs.batch_stats.index(False) if False in inputs.batch_stats else len(inputs.batch_stats)
     moments = [m.detach().to(dtype, copy=True) for m in moments]
-    for m in moments:
-        m[first:] = float("nan")
+    if first < len(inputs.batch_stats):
+        for m in moments:
+            m[first:] = float("nan")
     return BatchStatistics(counts, *moments)
 
 

@@ -171,7 +171,7 @@ def _saved_for_backward(ctx) -> _ForBackward:
     return _ForBackward(x, h0, c0, bias, lengths, buffers, take(n_weights), take(n_population))
 
 
-def _reference_grads(ctx, saved: _ForBackward, cotangents):
+def _reference_grads(ctx, saved: _ForBackward, cotangents, needs_input_grad):
     """The backward op's results, computed through the reference (differentiable, batched cotangents)."""
     normalization = ctx.layer["normalization"]
     bn_names = BN_PARAMETERS[normalization]
@@ -182,7 +182,7 @@ def _reference_grads(ctx, saved: _ForBackward, cotangents):
                         counts=tuple(ctx.layer["counts"]), batch_stats=tuple(ctx.layer["batch_stats"]),
                         population=population)
     config = LayerConfig(normalization=normalization, eps=ctx.eps, use_batch_stats=any(inputs.batch_stats))
-    needs_x, needs_h0, needs_c0, needs_weights, needs_bias, *_ = ctx.needs_input_grad
+    needs_x, needs_h0, needs_c0, needs_weights, needs_bias, *_ = needs_input_grad
     needs_params = dict(zip(("weight_ih", "weight_hh", *bn_names), needs_weights), bias=needs_bias)
     needs = (needs_x, needs_h0, needs_c0, *(needs_params.get(name, False) for name in LayerParams._fields))
     grads = dict(zip(("x", "h0", "c0", *LayerParams._fields),
@@ -192,13 +192,17 @@ def _reference_grads(ctx, saved: _ForBackward, cotangents):
     return grads["x"], grads["h0"], grads["c0"], grad_weights, grads["bias"]
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_moments, _grad_saved):
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_moments, _grad_saved, needs_input_grad=None):
+    """The formula: ``bnlstm_backward``, or the reference's VJP where a graph of the gradients is wanted.
+    ``needs_input_grad`` is in the op's argument order (x, h0, c0, [weights], bias, ...): ``ctx``'s own
+    unless the caller's inputs are ordered otherwise (``_EagerForward``)."""
     saved = _saved_for_backward(ctx)
-    needs_x = ctx.needs_input_grad[0]
+    needs_input_grad = ctx.needs_input_grad if needs_input_grad is None else needs_input_grad
+    needs_x = needs_input_grad[0]
     if needs_reference_backward(grad_output, grad_h_n, grad_c_n):
         # a graph of the gradients is wanted (double backward): the kernels' backward is not differentiable
-        grad_x, grad_h0, grad_c0, grad_weights, grad_bias = _reference_grads(ctx, saved,
-                                                                             (grad_output, grad_h_n, grad_c_n))
+        grad_x, grad_h0, grad_c0, grad_weights, grad_bias = _reference_grads(
+            ctx, saved, (grad_output, grad_h_n, grad_c_n), needs_input_grad)
     else:
         grad_x, grad_h0, grad_c0, grad_weights, grad_bias = torch.ops.fused_bnlstm.bnlstm_backward(
             grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, x=saved.x, weights=saved.weights,
@@ -213,6 +217,52 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_moments, _grad_saved):
 if _C is not None:
     _register_fakes()
     torch.library.register_autograd("fused_bnlstm::bnlstm_forward", _backward, setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """``bnlstm_forward`` with the formula above as its derivative, for eager calls that record a graph.
+
+    The same ``_setup_context`` and ``_backward`` as the registered formula (which traced graphs and
+    ``opcheck`` use), without torch.library's per-call wrapping around them (pytree flattening of every
+    argument, default filling, the tensor-list adapter): 0.2-0.25 ms a call, as much as the kernels of a
+    one-step layer at B=32, H=128. The differentiable tensors are positional (an autograd.Function sees no
+    tensor inside a list); the results are flat: output, h_n, c_n, then the moments and the saved buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, arguments: dict, x, h0, c0, bias, *weights):
+        # (ctx in forward, no setup_context: apply then skips binding the arguments through inspect per call)
+        # below the Autograd key: straight to the CPU kernel, not through the registered formula again
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, moments, saved = torch.ops.fused_bnlstm.bnlstm_forward.default(
+                x=x, h0=h0, c0=c0, bias=bias, weights=list(weights), **arguments)
+        op_inputs = (x, h0, c0, list(weights), bias, *(arguments[name] for name in _OP_KEYWORDS))
+        _setup_context(ctx, op_inputs, (output, h_n, c_n, moments, saved))
+        return output, h_n, c_n, *moments, *saved
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_moments_and_saved):
+        _, needs_x, needs_h0, needs_c0, needs_bias, *needs_weights = ctx.needs_input_grad
+        grad_x, grad_h0, grad_c0, grad_weights, grad_bias, *_ = _backward(
+            ctx, grad_output, grad_h_n, grad_c_n, None, None,
+            needs_input_grad=(needs_x, needs_h0, needs_c0, needs_weights, needs_bias))
+        return None, grad_x, grad_h0, grad_c0, grad_bias, *grad_weights
+
+
+# the op's arguments after x, h0, c0, weights and bias, in schema order
+_OP_KEYWORDS = ("lengths", "counts", "batch_stats", "population", "eps", "normalization", "save")
+
+
+def _forward(arguments: dict):
+    """``bnlstm_forward`` on ``forward_arguments``' dict: through ``_EagerForward`` when a graph is
+    recorded, else the op itself (the registered formula then passes straight through)."""
+    differentiable = (arguments["x"], arguments["h0"], arguments["c0"], arguments["bias"], *arguments["weights"])
+    if not (arguments["save"] and not torch.compiler.is_compiling()):
+        return torch.ops.fused_bnlstm.bnlstm_forward(**arguments)
+    rest = {name: arguments[name] for name in _OP_KEYWORDS}
+    results = _EagerForward.apply(rest, *differentiable)
+    moments_end = 3 + len(_moment_widths(arguments["h0"].shape[1], arguments["normalization"]))
+    return (*results[:3], list(results[3:moments_end]), list(results[moments_end:]))
 
 
 # --- the backend ---------------------------------------------------------------------------------------------
@@ -265,8 +315,7 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
                           population=_cast(inputs.population, compute))
     params = _cast(params, compute)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (run.x, run.h0, run.c0, *params))
-    output, h_n, c_n, moments, _ = torch.ops.fused_bnlstm.bnlstm_forward(
-        **forward_arguments(run, params, config, save))
+    output, h_n, c_n, moments, _ = _forward(forward_arguments(run, params, config, save))
     if not any(inputs.batch_stats):
         # No step normalized with batch statistics, so the op computed no moments. finish_statistics returns
         # None, or for frame-wise training (every step had fewer than two rows) marks every row NaN: rows of
