@@ -213,10 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     const bool input_per_step = dtype == at::kFloat && !l.sequence() && step_brgemm(B, H, I) &&
                                 (I <= 16 || step_on_one_thread(B, H, I));
     at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
-    const at::Tensor w_ih_t = l.w_ih.t().contiguous();  // [I, 4H]
     if (!input_per_step) {
         at::Tensor a_ih_rows = a_ih.view({T * B, G});
-        gemm_nn_out(a_ih_rows, l.x.view({T * B, I}), w_ih_t);
+        gemm_nn_out(a_ih_rows, l.x.view({T * B, I}), l.w_ih.t().contiguous());  // W_ih^T [I, 4H]
     }
     at::Tensor a_hh = empty_workspace({B, G}, opts);
 
@@ -269,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     p.a_ih_step = (input_per_step && !save) ? 0 : B * G;
     p.input_per_step = input_per_step;
     p.x = l.x.data_ptr();
-    p.w_ih_t = w_ih_t.data_ptr();
+    p.w_ih = l.w_ih.data_ptr();
     p.a_hh = a_hh.data_ptr();
     p.seq_mean = ptr_or_null(seq_mean);
     if (!moments.empty()) {

@@ -75,14 +75,14 @@ struct ForwardParams : StepParamsBase {
 
     // Input branch W_ih x_t: [T, B, 4H] (a_ih_step = B * 4H) or, when nothing is saved and it is computed
     // step by step, one step's [B, 4H] (a_ih_step = 0). Either from one GEMM over all steps before the loop
-    // or, with input_per_step, by the step's parallel pass itself (brgemm, x [T, B, I] and w_ih_t [I, 4H]).
+    // or, with input_per_step, by the step's parallel pass itself (brgemm, x [T, B, I] and w_ih [4H, I]).
     // The step kernel overwrites it in place: with xhat_ih (frame, sequence) or with the gate activations
     // (None), which is what backward reads.
     void* a_ih;
     int64_t a_ih_step;
     bool input_per_step;
     const void* x;
-    const void* w_ih_t;
+    const void* w_ih;
     // Recurrent branch W_hh h_{t-1} of the current step: [B, 4H] (one GEMM per step).
     const void* a_hh;
     // Sequence-wise mean of the input branch, computed before the loop (acc_t): [4H].

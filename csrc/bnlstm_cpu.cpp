@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -74,13 +76,75 @@ const StepKernels& kernels() {
 
 // Hidden units per parallel task. A step's pass is one fork-join, and a join waits for the slowest thread:
 // on a loaded machine (other processes on the cores) a descheduled worker stalls every step for a time
-// slice, milliseconds against microseconds of work. So a step is split only when each task gets about
-// 8 MFLOP of GEMM and pointwise work (csrc/README.md has the measurements behind the figure).
-inline int64_t grain_size(int64_t B, int64_t H, int64_t I) {
-    constexpr double kTaskFlops = 8e6;
+// slice, milliseconds against microseconds of work. So the loops without SplitGuard (float64, no brgemm)
+// split a step only when each task gets about 8 MFLOP of GEMM and pointwise work (csrc/README.md).
+inline int64_t units_for_flops(double flops, int64_t B, int64_t H, int64_t I) {
     const double per_unit = 8.0 * double(std::max<int64_t>(B, 1)) * double(H + I) + 64.0 * double(B);
-    return std::max<int64_t>(1, int64_t(kTaskFlops / per_unit));
+    return std::max<int64_t>(1, int64_t(flops / per_unit));
 }
+inline int64_t grain_size(int64_t B, int64_t H, int64_t I) { return units_for_flops(8e6, B, H, I); }
+
+// The step loops on brgemm split finer, because SplitGuard stops them splitting on a loaded machine: tasks
+// of about 1.5 MFLOP (a step of the default T=64 B=32 I=64 H=128 layer or of s-MNIST splits in two).
+inline int64_t step_grain(int64_t B, int64_t H, int64_t I) { return units_for_flops(1.5e6, B, H, I); }
+
+int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+// Whether a step loop splits its steps over threads. Splitting pays on idle cores and ruins a call on busy
+// ones, where a join waits for a descheduled worker for a time slice. On the 2-core Xeon (training forward
+// op, 2 threads, s-MNIST): 102-114 ms whole, 82-90 ms split on a quiet machine, 1243 ms split with one other
+// busy process. So a loop keeps a balance of what its split steps saved or cost against the last step it
+// ran whole (each call runs its first two steps whole for that); when splitting has cost more than two
+// whole steps, every call runs whole for a pause (50 ms, doubling with each such loss up to 2 s, halving
+// after 256 split steps without one), then tries again. With the busy process the loop then runs within
+// a few percent of whole (csrc/README.md).
+class SplitGuard {
+public:
+    explicit SplitGuard(bool may_split) : may_split_(may_split) {}
+
+    bool split() const {
+        return may_split_ && whole_steps_ >= 2 && now_ns() >= resume_at_.load(std::memory_order_relaxed);
+    }
+
+    void record(int64_t elapsed_ns, bool was_split) {
+        const bool after_split = last_split_;
+        last_split_ = was_split;
+        if (!was_split) {
+            whole_ns_ = elapsed_ns;
+            ++whole_steps_;
+            return;
+        }
+        // The first split step after whole ones also wakes the workers (asleep after a few hundred
+        // microseconds idle: 0.1-0.9 ms here), so only the steps after it are judged.
+        if (!after_split) return;
+        int64_t backoff = backoff_.load(std::memory_order_relaxed);
+        // What splitting has saved (negative) or cost against running whole, remembering at most eight
+        // steps' worth of savings: a quiet machine's hiccups (tens of microseconds) stay under it, a busy
+        // one's stalls (a time slice, milliseconds, seen every 10-30 steps here) do not.
+        balance_ns_ = std::max(balance_ns_ + elapsed_ns - whole_ns_, -8 * whole_ns_);
+        if (balance_ns_ > 2 * whole_ns_) {
+            balance_ns_ = 0;
+            resume_at_.store(now_ns() + backoff, std::memory_order_relaxed);
+            backoff_.store(std::min(2 * backoff, kMaxBackoff), std::memory_order_relaxed);
+            clean_steps_ = 0;
+        } else if (++clean_steps_ >= 256) {
+            backoff_.store(std::max(backoff / 2, kMinBackoff), std::memory_order_relaxed);
+            clean_steps_ = 0;
+        }
+    }
+
+private:
+    static constexpr int64_t kMinBackoff = 50'000'000, kMaxBackoff = 2'000'000'000;
+    static inline std::atomic<int64_t> resume_at_{0};
+    static inline std::atomic<int64_t> backoff_{kMinBackoff};
+    bool may_split_;
+    int64_t whole_ns_ = 0, whole_steps_ = 0, clean_steps_ = 0;
+    bool last_split_ = false;
+    int64_t balance_ns_ = 0;
+};
 
 // Split [0, total) into parallel tasks of at least `grain`, each walked in kBlock pieces.
 template <typename F>
@@ -92,7 +156,8 @@ void for_blocks(int64_t total, int64_t grain, const F& body) {
 
 }  // namespace
 
-// Whether a step's pass runs as one task (see grain_size).
+// Whether a step's pass runs as one task by the unguarded rule (see grain_size): bnlstm.cpp then computes
+// the input branch inside the step's pass. (Hoisted, its all-step GEMM runs on every thread, unguarded.)
 bool step_on_one_thread(int64_t B, int64_t H, int64_t I) {
     return at::get_num_threads() == 1 || grain_size(B, H, I) >= H;
 }
@@ -142,6 +207,31 @@ at::Tensor pack_column_chunks(const float* src, int64_t K, int64_t ld, int64_t g
     return packed;
 }
 
+// W [groups * Hg, K] row-major (a weight as torch stores it, one gate after another) repacked as its
+// transpose in the layout of pack_column_chunks: gate g's kBlock-wide column chunk of W^T is a contiguous
+// [K, width] block at g * K * Hg + j0 * K. One pass in tiles that stay in L1, instead of a transposed copy
+// (W.t().contiguous(): 5.7 ms for W_hh at H=1000 on the Xeon) followed by the chunk copy (1.2 ms).
+at::Tensor pack_transposed_chunks(const float* src, int64_t K, int64_t groups, int64_t Hg) {
+    constexpr int64_t kTile = 16;  // rows of W^T per tile: [kTile, width] stays in L1 while `width` rows of W stream
+    at::Tensor packed = at::empty({groups * K * Hg}, at::kFloat);
+    float* dst = packed.data_ptr<float>();
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t j0 = 0; j0 < Hg; j0 += kBlock) {
+            const int64_t w = std::min(kBlock, Hg - j0);
+            const float* rows = src + (g * Hg + j0) * K;  // [w, K]: this chunk's rows of W
+            float* block = dst + g * K * Hg + j0 * K;     // [K, w]
+            for (int64_t r0 = 0; r0 < K; r0 += kTile) {
+                const int64_t r1 = std::min(K, r0 + kTile);
+                for (int64_t c = 0; c < w; ++c) {
+                    const float* row = rows + c * K;
+                    for (int64_t r = r0; r < r1; ++r) block[r * w + c] = row[r];
+                }
+            }
+        }
+    }
+    return packed;
+}
+
 // Parallel over kBlock chunks of the H hidden units, with the grain in units turned into chunks.
 template <typename F>
 void for_chunks(int64_t H, int64_t grain, const F& body) {
@@ -149,6 +239,15 @@ void for_chunks(int64_t H, int64_t grain, const F& body) {
     at::parallel_for(0, chunks, (grain + kBlock - 1) / kBlock, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) body(c * kBlock, std::min(H, (c + 1) * kBlock));
     });
+}
+
+// One step of a loop under `guard`: body's chunks split in tasks of `grain` units, or whole.
+template <typename F>
+void guarded_step(SplitGuard& guard, int64_t H, int64_t grain, const F& body) {
+    const bool split = guard.split();
+    const int64_t start = now_ns();
+    for_chunks(H, split ? grain : H, body);
+    guard.record(now_ns() - start, split);
 }
 
 }  // namespace
@@ -164,20 +263,21 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
             if (step_brgemm(B, H, p.I)) {
-                const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]
                 // W_hh^T [H, 4H] and W_ih^T [I, 4H] per gate and chunk: [4][H / kBlock][K][kBlock].
-                const at::Tensor w_pack = pack_column_chunks(w_hh_t.data_ptr<float>(), H, G, 4, H);
+                const at::Tensor w_pack = pack_transposed_chunks(w_hh.data_ptr<float>(), H, 4, H);
                 const at::Tensor wi_pack = p.input_per_step
-                    ? pack_column_chunks(static_cast<const float*>(p.w_ih_t), p.I, G, 4, H) : at::Tensor();
+                    ? pack_transposed_chunks(static_cast<const float*>(p.w_ih), p.I, 4, H) : at::Tensor();
                 const float* w = w_pack.data_ptr<float>();
                 const float* wi = p.input_per_step ? wi_pack.data_ptr<float>() : nullptr;
                 float* a = a_hh.data_ptr<float>();
                 const int64_t I = p.I;
+                const int64_t split_grain = step_grain(B, H, I);
+                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H);
                 for (int64_t t = 0; t < p.T; ++t) {
                     const float* h = hs.select(0, p.save ? t : (t & 1)).data_ptr<float>();
                     const float* x = static_cast<const float*>(p.x) + t * B * I;
                     float* a_ih = static_cast<float*>(p.a_ih) + t * p.a_ih_step;
-                    for_chunks(H, grain, [&](int64_t j0, int64_t j1) {
+                    guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
                         // This chunk's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
                         const int64_t n = j1 - j0;
                         for (int64_t k = 0; k < 4; ++k) {
@@ -248,6 +348,8 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                 const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, 1, H);
                 const float* w = w_pack.data_ptr<float>();
                 const float* da = da_hh.data_ptr<float>();
+                const int64_t split_grain = step_grain(B, H, p.I);
+                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H);
                 for (int64_t t = p.T - 1; t >= 0; --t) {
                     const bool first = t == p.T - 1;
                     // Without a GEMM to run (the last step), dh already holds dL/dh_n.
@@ -255,7 +357,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                     at::Tensor& other = first ? dh_prev : dh;
                     p.dh = cur.data_ptr();
                     p.dh_prev = other.data_ptr();
-                    for_chunks(H, grain, [&](int64_t j0, int64_t j1) {
+                    guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
                         if (!first) {
                             recurrent_grad_block(p, t + 1, da + (t + 1) * B * G, w, other.data_ptr<float>(),
                                                  cur.data_ptr<float>(), j0, j1);
@@ -266,7 +368,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                 }
                 // dh0 from the first step's GEMM.
                 if (p.T > 0) {
-                    for_chunks(H, grain, [&](int64_t j0, int64_t j1) {
+                    guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
                         recurrent_grad_block(p, 0, da, w, dh.data_ptr<float>(), dh_prev.data_ptr<float>(), j0, j1);
                     });
                     std::swap(dh, dh_prev);

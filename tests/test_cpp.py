@@ -227,8 +227,9 @@ def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, 
 @pytest.mark.parametrize("normalization", ["frame", None])
 def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
     # Wide enough that a step's pass splits over threads (when there are two) and the float32 input branch
-    # takes the one GEMM over all steps.
-    T, B, I, H = 3, 64, 50, 256
+    # takes the one GEMM over all steps; long enough that steps split after the two each loop runs whole
+    # (SplitGuard, csrc/bnlstm_cpu.cpp).
+    T, B, I, H = 5, 64, 50, 256
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
