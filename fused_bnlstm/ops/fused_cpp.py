@@ -272,6 +272,8 @@ def _cast(value, dtype: torch.dtype):
     """A tensor, or each tensor of a NamedTuple (None kept), in ``dtype``."""
     if value is None or isinstance(value, Tensor):
         return value if value is None or value.dtype == dtype else value.to(dtype)
+    if all(t is None or t.dtype == dtype for t in value):
+        return value
     return type(value)(*(_cast(t, dtype) for t in value))
 
 
