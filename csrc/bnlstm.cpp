@@ -208,10 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
 
     // The input branch W_ih x. Either one GEMM over all steps, or (float32 with brgemm) inside the step's
     // pass next to the recurrent GEMM, where it stays in cache instead of a [T, B, 4H] round trip through
-    // memory: for a small input (I <= 16: the big GEMM has almost no work per byte) or when the step runs on
-    // one thread (README.md). Sequence-wise needs its statistics over every frame before the loop.
+    // memory: for a small input (I <= 16: the big GEMM has almost no work per byte), when nothing is saved
+    // (eval, inference: then no [T, B, 4H] buffer exists at all; char-PTB eval at 2 threads 218-230 -> 198-200
+    // ms) or when the step runs on one thread (README.md). Training with split steps keeps the one GEMM
+    // (char-PTB training forward at 2 threads 278-283 against 286-296 ms per step). Sequence-wise needs its
+    // statistics over every frame before the loop.
     const bool input_per_step = dtype == at::kFloat && !l.sequence() && step_brgemm(B, H, I) &&
-                                (I <= 16 || step_on_one_thread(B, H, I));
+                                (I <= 16 || !save || step_on_one_thread(B, H, I));
     at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
     if (!input_per_step) {
         at::Tensor a_ih_rows = a_ih.view({T * B, G});

@@ -244,6 +244,32 @@ def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
     assert_same_statistics(ref_stats, cpp_stats, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("normalization, use_batch_stats", [
+    pytest.param("frame", False, id="frame-eval"),
+    pytest.param("frame", True, id="frame-train-no-grad"),
+    pytest.param(None, True, id="none"),
+])
+def test_bnlstm_layer_cpp_split_steps_inference_matches_reference(normalization, use_batch_stats):
+    # Split steps with nothing saved: the input branch runs inside each step's pass even at I > 16, and
+    # without batch statistics each row runs from the gates to h on the stack (csrc/bnlstm.cpp, the kernels).
+    T, B, I, H, lengths = 5, 64, 50, 256, [5] * 40 + [3] * 24
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        pop = population(T, H, normalization, torch.float32)
+        inputs = {k: (v.detach() if v is not None else None)
+                  for k, v in op_inputs(T, B, I, H, lengths, torch.float32).items()}
+        kwargs = dict(lengths=lengths, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
+        ref = call_layer(inputs, **kwargs, backend="reference")
+        with torch.no_grad():
+            cpp = call_layer(inputs, **kwargs, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
+        assert_close_by_name(got, want, name, **TOLERANCES[torch.float32])
+    assert_same_statistics(ref[3], cpp[3], **TOLERANCES[torch.float32])
+
+
 def _brgemm_built():
     import os
 
