@@ -318,10 +318,11 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
     params = _cast(params, compute)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (run.x, run.h0, run.c0, *params))
     output, h_n, c_n, moments, _ = _forward(forward_arguments(run, params, config, save))
-    if not any(inputs.batch_stats):
+    owned = any(inputs.batch_stats)
+    if not owned:
         # No step normalized with batch statistics, so the op computed no moments. finish_statistics returns
-        # None, or for frame-wise training (every step had fewer than two rows) marks every row NaN: rows of
-        # the population's shapes stand in.
+        # None, or for frame-wise training (every step had fewer than two rows) marks every row NaN: copies
+        # of the population's rows (which backward may still read) stand in.
         moments = list(run.population or ())
-    stats = finish_statistics(inputs, config, moments, dtype)
+    stats = finish_statistics(inputs, config, moments, dtype, owned=owned)
     return LayerOutput(output.to(dtype), h_n.to(dtype), c_n.to(dtype), stats)
