@@ -98,15 +98,21 @@ int64_t now_ns() {
 // op, 2 threads, s-MNIST): 102-114 ms whole, 82-90 ms split on a quiet machine, 1243 ms split with one other
 // busy process. So a loop keeps a balance of what its split steps saved or cost against the last step it
 // ran whole (each call runs its first two steps whole for that); when splitting has cost more than two
-// whole steps, every call runs whole for a pause (50 ms, doubling with each such loss up to 2 s, halving
-// after 256 split steps without one), then tries again. With the busy process the loop then runs within
-// a few percent of whole (csrc/README.md).
+// whole steps, every call of that loop (forward saving, forward not saving, backward: each has its own
+// SplitState, as a split can pay in one and not in another) runs whole for a pause (50 ms, doubling with
+// each such loss up to 2 s, halving after 256 split steps without one), then tries again. With the busy
+// process the loops then run within a few percent of whole (csrc/README.md).
+struct SplitState {
+    std::atomic<int64_t> resume_at{0};  // steady-clock ns before which the loop runs whole
+    std::atomic<int64_t> backoff{50'000'000};  // the next pause
+};
+
 class SplitGuard {
 public:
-    explicit SplitGuard(bool may_split) : may_split_(may_split) {}
+    SplitGuard(bool may_split, SplitState& state) : may_split_(may_split), state_(state) {}
 
     bool split() const {
-        return may_split_ && whole_steps_ >= 2 && now_ns() >= resume_at_.load(std::memory_order_relaxed);
+        return may_split_ && whole_steps_ >= 2 && now_ns() >= state_.resume_at.load(std::memory_order_relaxed);
     }
 
     void record(int64_t elapsed_ns, bool was_split) {
@@ -120,31 +126,32 @@ public:
         // The first split step after whole ones also wakes the workers (asleep after a few hundred
         // microseconds idle: 0.1-0.9 ms here), so only the steps after it are judged.
         if (!after_split) return;
-        int64_t backoff = backoff_.load(std::memory_order_relaxed);
+        int64_t backoff = state_.backoff.load(std::memory_order_relaxed);
         // What splitting has saved (negative) or cost against running whole, remembering at most eight
         // steps' worth of savings: a quiet machine's hiccups (tens of microseconds) stay under it, a busy
         // one's stalls (a time slice, milliseconds, seen every 10-30 steps here) do not.
         balance_ns_ = std::max(balance_ns_ + elapsed_ns - whole_ns_, -8 * whole_ns_);
         if (balance_ns_ > 2 * whole_ns_) {
             balance_ns_ = 0;
-            resume_at_.store(now_ns() + backoff, std::memory_order_relaxed);
-            backoff_.store(std::min(2 * backoff, kMaxBackoff), std::memory_order_relaxed);
+            state_.resume_at.store(now_ns() + backoff, std::memory_order_relaxed);
+            state_.backoff.store(std::min(2 * backoff, kMaxBackoff), std::memory_order_relaxed);
             clean_steps_ = 0;
         } else if (++clean_steps_ >= 256) {
-            backoff_.store(std::max(backoff / 2, kMinBackoff), std::memory_order_relaxed);
+            state_.backoff.store(std::max(backoff / 2, kMinBackoff), std::memory_order_relaxed);
             clean_steps_ = 0;
         }
     }
 
 private:
     static constexpr int64_t kMinBackoff = 50'000'000, kMaxBackoff = 2'000'000'000;
-    static inline std::atomic<int64_t> resume_at_{0};
-    static inline std::atomic<int64_t> backoff_{kMinBackoff};
     bool may_split_;
-    int64_t whole_ns_ = 0, whole_steps_ = 0, clean_steps_ = 0;
+    SplitState& state_;
+    int64_t whole_ns_ = 0, whole_steps_ = 0, clean_steps_ = 0, balance_ns_ = 0;
     bool last_split_ = false;
-    int64_t balance_ns_ = 0;
 };
+
+// The loops' split states: forward saving (training), forward not saving (eval, inference), backward.
+SplitState forward_split[2], backward_split;
 
 // Split [0, total) into parallel tasks of at least `grain`, each walked in kBlock pieces.
 template <typename F>
@@ -273,7 +280,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                 const int64_t I = p.I;
                 const float* hs_data = hs.data_ptr<float>();  // [T + 1, B, H] or [2, B, H]
                 const int64_t split_grain = step_grain(B, H, I);
-                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H);
+                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, forward_split[p.save ? 1 : 0]);
                 for (int64_t t = 0; t < p.T; ++t) {
                     // (pointer arithmetic: a select() per step went through the dispatcher, 4 % of a
                     // training step at T=64 B=32 H=128)
@@ -352,7 +359,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                 const float* w = w_pack.data_ptr<float>();
                 const float* da = da_hh.data_ptr<float>();
                 const int64_t split_grain = step_grain(B, H, p.I);
-                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H);
+                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, backward_split);
                 for (int64_t t = p.T - 1; t >= 0; --t) {
                     const bool first = t == p.T - 1;
                     // Without a GEMM to run (the last step), dh already holds dL/dh_n.
