@@ -62,31 +62,21 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
     unbias = n / (n - 1).clamp(min=1)  # [T, 1] float64
     tracing = torch.compiler.is_compiling()
-    # eager, the common case: a fixed momentum and every step of the head updating is one scalar lerp per
-    # buffer (counts is a CPU tensor, so reading it is no device sync; a traced graph keeps the masks)
+    # eager, the common case: a fixed momentum and every step of the head updating is one foreach lerp by a
+    # scalar over every buffer (counts is a CPU tensor, so reading it is no device sync; a traced graph keeps
+    # the masks)
     plain = not tracing and momentum is not None and once > 0 and bool(batch.counts[:once].min() >= 2)
     # (a traced graph has no threads to guard against, and dynamo cannot trace a lock)
     with contextlib.nullcontext() if tracing else _UPDATE_LOCK:
         count = running.count
         head = count[first_slot:first_slot + once]
-        if plain and once == T:
-            # the common case in one foreach lerp over every buffer (the variances unbiased first)
-            rows, batches = [], []
-            for q in running.mean:
-                for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
-                    batch_value = getattr(batch, moment).to(device)
-                    if moment.startswith("var"):
-                        batch_value = batch_value * unbias.to(batch_value.dtype)
-                    rows.append(value[first_slot:first_slot + once])
-                    batches.append(batch_value.to(value.dtype))
-            torch._foreach_lerp_(rows, batches, float(momentum))
-            head += 1
-            return
         if momentum is None:
             # cumulative average: a slot's k-th update has factor 1 / k
             factor = 1.0 / (head + 1).unsqueeze(1)  # [once, 1]
-        else:
+        elif not plain:
             factor = torch.full((once, 1), float(momentum), device=device)
+        # the plain head's rows and batch values, lerped in one foreach call after the loop
+        plain_rows, plain_batches = [], []
         for q in running.mean:
             for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
                 batch_value = getattr(batch, moment).to(device)
@@ -94,7 +84,8 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
                     batch_value = batch_value * unbias.to(batch_value.dtype)
                 rows = value[first_slot:first_slot + once]
                 if once and plain:
-                    rows.lerp_(batch_value[:once].to(value.dtype), float(momentum))
+                    plain_rows.append(rows)
+                    plain_batches.append(batch_value[:once].to(value.dtype))
                 elif once:
                     # the buffer's own dtype, as BatchNorm1d; steps that did not update (NaN moments) keep
                     # the slot as it was
@@ -103,8 +94,11 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
                 if T > once:
                     value[last] = _fold_repeated(value[last], batch_value[once:].to(torch.float64),
                                                  updates[once:, 0], momentum, count[last])
+        if plain_rows:
+            torch._foreach_lerp_(plain_rows, plain_batches, float(momentum))
         head += updates[:once, 0]
-        count[last] += updates[once:, 0].sum()
+        if T > once:
+            count[last] += updates[once:, 0].sum()
 
 
 def _fold_repeated(value: Tensor, batches: Tensor, updates: Tensor, momentum, count_before: Tensor) -> Tensor:

@@ -256,11 +256,12 @@ _OP_KEYWORDS = ("lengths", "counts", "batch_stats", "population", "eps", "normal
 def _forward(arguments: dict):
     """``bnlstm_forward`` on ``forward_arguments``' dict: through ``_EagerForward`` when a graph is
     recorded, else the op itself (the registered formula then passes straight through)."""
-    differentiable = (arguments["x"], arguments["h0"], arguments["c0"], arguments["bias"], *arguments["weights"])
-    if not (arguments["save"] and not torch.compiler.is_compiling()):
+    if not arguments["save"] or torch.compiler.is_compiling():
+        # nothing to differentiate, or a traced graph (which takes the registered formula)
         return torch.ops.fused_bnlstm.bnlstm_forward(**arguments)
     rest = {name: arguments[name] for name in _OP_KEYWORDS}
-    results = _EagerForward.apply(rest, *differentiable)
+    results = _EagerForward.apply(rest, arguments["x"], arguments["h0"], arguments["c0"], arguments["bias"],
+                                  *arguments["weights"])
     moments_end = 3 + len(_moment_widths(arguments["h0"].shape[1], arguments["normalization"]))
     return (*results[:3], list(results[3:moments_end]), list(results[moments_end:]))
 
