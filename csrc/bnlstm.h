@@ -44,6 +44,9 @@ struct StepParamsBase {
     void* cs;
     // Gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o): [T, B, 4H] when saved, else [B, 4H]
     // scratch (frame, sequence); for None they are written over the input branch (ForwardParams::a_ih).
+    // gates (but not over the input branch), xhat_hh, xhat_c and tanh_c hold each step's [B, 4H] / [B, H]
+    // chunk by chunk of kBlock hidden units (StepRows in bnlstm_kernels.inc): only the step kernels read
+    // them; every other buffer here is row-major.
     void* gates;
     // Normalized input branch (frame, sequence) [T, B, 4H]: forward writes it over a_ih.
     void* xhat_ih;

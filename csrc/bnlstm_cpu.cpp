@@ -239,7 +239,9 @@ at::Tensor pack_transposed_chunks(const float* src, int64_t K, int64_t groups, i
     return packed;
 }
 
-// Parallel over kBlock chunks of the H hidden units, with the grain in units turned into chunks.
+// Parallel over kBlock chunks of the H hidden units, with the grain in units turned into chunks. Every step
+// pass, forward and backward, splits this way: the chunked step histories (StepRows in bnlstm_kernels.inc)
+// are laid out by these chunks.
 template <typename F>
 void for_chunks(int64_t H, int64_t grain, const F& body) {
     const int64_t chunks = (H + kBlock - 1) / kBlock;
@@ -305,7 +307,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
         const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
         for (int64_t t = 0; t < p.T; ++t) {
             at::mm_out(a_hh, hs.select(0, p.save ? t : (t & 1)), w_hh_t);
-            for_blocks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
+            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
         }
     });
 }
@@ -391,7 +393,7 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
             for (int64_t t = p.T - 1; t >= 0; --t) {
                 p.dh = dh.data_ptr();
                 p.dh_prev = dh_prev.data_ptr();
-                for_blocks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
+                for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
                 // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
                 at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
                 pass_finished_rows(p, t, dh.data_ptr<scalar_t>(), dh_prev.data_ptr<scalar_t>(), 0, H);
