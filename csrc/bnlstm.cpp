@@ -215,7 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     // statistics over every frame before the loop.
     const bool input_per_step = dtype == at::kFloat && !l.sequence() && step_brgemm(B, H, I) &&
                                 (I <= 16 || !save || step_on_one_thread(B, H, I));
-    at::Tensor a_ih = empty_workspace({(input_per_step && !save) ? 1 : T, B, G}, opts);
+    // Frame-wise, training keeps the normalized input branch in its own chunked history (StepRows in
+    // bnlstm_kernels.inc), so computed per step the input branch needs only one step's scratch. For None
+    // the activations, and sequence-wise xhat_ih, are written over it: then it is the [T, B, 4H] history.
+    const bool a_ih_scratch = input_per_step && (!save || l.frame());
+    at::Tensor a_ih = empty_workspace({a_ih_scratch ? 1 : T, B, G}, opts);
     if (!input_per_step) {
         at::Tensor a_ih_rows = a_ih.view({T * B, G});
         gemm_nn_out(a_ih_rows, l.x.view({T * B, I}), l.w_ih.t().contiguous());  // W_ih^T [I, 4H]
@@ -231,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
         s.gates = a_ih;  // the activations are written over the input branch
     } else {
         s.gates = empty_workspace({save ? T : 1, B, G}, opts);
-        s.xhat_ih = a_ih;  // the normalized input branch is written over it
+        s.xhat_ih = (l.frame() && save) ? empty_workspace({T, B, G}, opts) : a_ih;
     }
     if (save) s.tanh_c = empty_workspace({T, B, H}, opts);
     if (l.frame() && save) {
@@ -268,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     p.pop_mean_c = ptr_or_null(pop[4]);
     p.pop_var_c = ptr_or_null(pop[5]);
     p.a_ih = a_ih.data_ptr();
-    p.a_ih_step = (input_per_step && !save) ? 0 : B * G;
+    p.a_ih_step = a_ih_scratch ? 0 : B * G;
     p.input_per_step = input_per_step;
     p.x = l.x.data_ptr();
     p.w_ih = l.w_ih.data_ptr();

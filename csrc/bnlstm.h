@@ -44,11 +44,12 @@ struct StepParamsBase {
     void* cs;
     // Gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o): [T, B, 4H] when saved, else [B, 4H]
     // scratch (frame, sequence); for None they are written over the input branch (ForwardParams::a_ih).
-    // gates (but not over the input branch), xhat_hh, xhat_c and tanh_c hold each step's [B, 4H] / [B, H]
-    // chunk by chunk of kBlock hidden units (StepRows in bnlstm_kernels.inc): only the step kernels read
-    // them; every other buffer here is row-major.
+    // gates (but not over the input branch), xhat_ih (frame), xhat_hh, xhat_c and tanh_c hold each step's
+    // [B, 4H] / [B, H] chunk by chunk of kBlock hidden units (StepRows in bnlstm_kernels.inc): only the step
+    // kernels read them; every other buffer here is row-major.
     void* gates;
-    // Normalized input branch (frame, sequence) [T, B, 4H]: forward writes it over a_ih.
+    // Normalized input branch, [T, B, 4H]: frame-wise (saved) its own history; sequence-wise written over a_ih
+    // (row-major, for sequence_backward's column passes).
     void* xhat_ih;
     void* xhat_hh;  // normalized recurrent branch (frame, saved): [T, B, 4H]
     void* xhat_c;   // normalized cell (frame, saved): [T, B, H]
@@ -76,11 +77,11 @@ struct ForwardParams : StepParamsBase {
     const void* pop_mean_c;   // frame [T, H] or nullptr
     const void* pop_var_c;
 
-    // Input branch W_ih x_t: [T, B, 4H] (a_ih_step = B * 4H) or, when nothing is saved and it is computed
-    // step by step, one step's [B, 4H] (a_ih_step = 0). Either from one GEMM over all steps before the loop
-    // or, with input_per_step, by the step's parallel pass itself (brgemm, x [T, B, I] and w_ih [4H, I]).
-    // The step kernel overwrites it in place: with xhat_ih (frame, sequence) or with the gate activations
-    // (None), which is what backward reads.
+    // Input branch W_ih x_t: [T, B, 4H] (a_ih_step = B * 4H) or, when it is computed step by step and not
+    // kept (nothing saved, or frame-wise, whose xhat_ih is its own buffer), one step's [B, 4H] (a_ih_step =
+    // 0). Either from one GEMM over all steps before the loop or, with input_per_step, by the step's
+    // parallel pass itself (brgemm, x [T, B, I] and w_ih [4H, I]). Sequence-wise the step kernel overwrites
+    // it with xhat_ih, for None with the gate activations: what backward reads.
     void* a_ih;
     int64_t a_ih_step;
     bool input_per_step;
