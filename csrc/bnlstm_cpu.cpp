@@ -215,18 +215,19 @@ at::Tensor pack_column_chunks(const float* src, int64_t K, int64_t ld, int64_t g
 }
 
 // W [groups * Hg, K] row-major (a weight as torch stores it, one gate after another) repacked as its
-// transpose in the layout of pack_column_chunks: gate g's kBlock-wide column chunk of W^T is a contiguous
-// [K, width] block at g * K * Hg + j0 * K. One pass in tiles that stay in L1, instead of a transposed copy
-// (W.t().contiguous(): 5.7 ms for W_hh at H=1000 on the Xeon) followed by the chunk copy (1.2 ms).
+// transpose, chunk by chunk: gate g's kBlock-wide column chunk of W^T is a contiguous [K, width] block at
+// j0 * groups * K + g * K * width, so a step task's blocks (every gate of its chunk) are one stream. One
+// pass in tiles that stay in L1, instead of a transposed copy (W.t().contiguous(): 5.7 ms for W_hh at
+// H=1000 on the Xeon) followed by the chunk copy (1.2 ms).
 at::Tensor pack_transposed_chunks(const float* src, int64_t K, int64_t groups, int64_t Hg) {
     constexpr int64_t kTile = 16;  // rows of W^T per tile: [kTile, width] stays in L1 while `width` rows of W stream
     at::Tensor packed = at::empty({groups * K * Hg}, at::kFloat);
     float* dst = packed.data_ptr<float>();
-    for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t j0 = 0; j0 < Hg; j0 += kBlock) {
+    for (int64_t j0 = 0; j0 < Hg; j0 += kBlock) {
+        for (int64_t g = 0; g < groups; ++g) {
             const int64_t w = std::min(kBlock, Hg - j0);
-            const float* rows = src + (g * Hg + j0) * K;  // [w, K]: this chunk's rows of W
-            float* block = dst + g * K * Hg + j0 * K;     // [K, w]
+            const float* rows = src + (g * Hg + j0) * K;    // [w, K]: this chunk's rows of W
+            float* block = dst + j0 * groups * K + g * K * w;  // [K, w]
             for (int64_t r0 = 0; r0 < K; r0 += kTile) {
                 const int64_t r1 = std::min(K, r0 + kTile);
                 for (int64_t c = 0; c < w; ++c) {
@@ -272,7 +273,7 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
             if (step_brgemm(B, H, p.I)) {
-                // W_hh^T [H, 4H] and W_ih^T [I, 4H] per gate and chunk: [4][H / kBlock][K][kBlock].
+                // W_hh^T [H, 4H] and W_ih^T [I, 4H] per chunk and gate: [H / kBlock][4][K][kBlock].
                 const at::Tensor w_pack = pack_transposed_chunks(w_hh.data_ptr<float>(), H, 4, H);
                 const at::Tensor wi_pack = p.input_per_step
                     ? pack_transposed_chunks(static_cast<const float*>(p.w_ih), p.I, 4, H) : at::Tensor();
@@ -294,8 +295,10 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                         const int64_t n = j1 - j0;
                         for (int64_t k = 0; k < 4; ++k) {
                             const int64_t col = k * H + j0;
-                            brgemm_f32(B, n, H, H, n, G, false, h, w + k * H * H + j0 * H, a + col);
-                            if (p.input_per_step) brgemm_f32(B, n, I, I, n, G, false, x, wi + k * I * H + j0 * I, a_ih + col);
+                            brgemm_f32(B, n, H, H, n, G, false, h, w + j0 * 4 * H + k * H * n, a + col);
+                            if (p.input_per_step) {
+                                brgemm_f32(B, n, I, I, n, G, false, x, wi + j0 * 4 * I + k * I * n, a_ih + col);
+                            }
                         }
                         kern.forward_step(p, t, j0, j1);
                     });
