@@ -27,6 +27,11 @@
 #include "bnlstm.h"
 #include "workspace.h"
 
+// MKL's thread-local thread count, its C entry point (mkl_service.h maps mkl_set_num_threads_local to it;
+// the lowercase symbol is the Fortran one, which takes a pointer): returns the previous count, 0 restoring
+// the global one. Weak: not every torch build has MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace fused_bnlstm {
 
 namespace {
@@ -152,6 +157,16 @@ private:
 
 // The loops' split states: forward saving (training), forward not saving (eval, inference), backward.
 SplitState forward_split[2], backward_split;
+
+// Whether a step loop has lately found splitting costlier than running whole (a loop is pausing its
+// splits): the sign of other processes on the cores.
+bool cores_busy() {
+    const int64_t now = now_ns();
+    for (const SplitState* s : {&forward_split[0], &forward_split[1], &backward_split}) {
+        if (now < s->resume_at.load(std::memory_order_relaxed)) return true;
+    }
+    return false;
+}
 
 // Split [0, total) into parallel tasks of at least `grain`, each walked in kBlock pieces.
 template <typename F>
@@ -440,6 +455,33 @@ void gemm_tile(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_
     brgemm_f32(M, N, K, lda, ldb, ldc, add_C, A, B, C);
 }
 
+// While alive, and while the cores are busy (cores_busy), the all-step GEMMs of this thread run on one
+// thread: MKL's through its thread-local setting (where torch's MKL has one; a weak symbol, absent
+// elsewhere), gemm_brgemm's as one task. Split over threads on busy cores, a GEMM waits for a descheduled
+// worker as a split step does (default shape, 2 threads, one busy process: forward+backward 14.4 ms against
+// 10.9 on 1 thread; README.md).
+thread_local bool one_thread_gemms = false;
+
+class AllStepGemmThreads {
+public:
+    AllStepGemmThreads() : active_(at::get_num_threads() > 1 && cores_busy()) {
+        if (!active_) return;
+        one_thread_gemms = true;
+        if (MKL_Set_Num_Threads_Local != nullptr) mkl_before_ = MKL_Set_Num_Threads_Local(1);
+    }
+    ~AllStepGemmThreads() {
+        if (!active_) return;
+        one_thread_gemms = false;
+        if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_before_);
+    }
+    AllStepGemmThreads(const AllStepGemmThreads&) = delete;
+    AllStepGemmThreads& operator=(const AllStepGemmThreads&) = delete;
+
+private:
+    bool active_;
+    int mkl_before_ = 0;  // 0: MKL's global setting
+};
+
 // n's largest power-of-two part (n >= 1).
 inline int64_t power_of_two_below(int64_t n) {
     int64_t p = 1;
@@ -456,7 +498,8 @@ inline int64_t power_of_two_below(int64_t n) {
 void gemm_brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int64_t a_panel, const float* B,
                  int64_t ldb, float* C, int64_t ldc) {
     const int64_t tiles_m = (M + kTileM - 1) / kTileM, tiles_n = (N + kTileN - 1) / kTileN;
-    at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = one_thread_gemms ? tiles_m * tiles_n : 1;
+    at::parallel_for(0, tiles_m * tiles_n, grain, [&](int64_t begin, int64_t end) {
         for (int64_t tile = begin; tile < end; ++tile) {
             const int64_t m0 = (tile / tiles_n) * kTileM, n0 = (tile % tiles_n) * kTileN;
             const int64_t nb = std::min(kTileN, N - n0);
@@ -503,6 +546,7 @@ bool gemm_through_brgemm() {
 
 // a [M, K] b [K, N] through brgemm tiles or at::mm (gemm_through_brgemm).
 at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b) {
+    const AllStepGemmThreads threads;
     if (!brgemm_applies(a, b)) return at::mm(a, b);
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
@@ -513,6 +557,7 @@ at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b) {
 
 // c = a b into a contiguous c [M, N].
 void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+    const AllStepGemmThreads threads;
     if (!brgemm_applies(a, b)) {
         at::mm_out(c, a, b);
         return;
@@ -529,6 +574,7 @@ at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
     // Through MKL the same orientation: (b^T a)^T ran 1.1-2.6x faster than a^T b where Q is small (Xeon,
     // 1 thread: s-MNIST's dW_hh [400, 50176] x [50176, 100] 48.7 -> 32.6 ms, char-PTB's dW_ih with Q = 50
     // 51 -> 20 ms, the default shape's 1.06 -> 0.98 ms) and the same at Q = 512-1000.
+    const AllStepGemmThreads threads;
     if (!brgemm_applies(a, b)) return at::mm(b.t(), a).t().contiguous();
     const int64_t R = b.size(0), Q = b.size(1), P = a.size(1), full = R / kTileK;
     const at::Tensor ac = a.contiguous();
