@@ -228,8 +228,9 @@ def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, 
 def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
     # Wide enough that a step's pass splits over threads (when there are two) and the float32 input branch
     # takes the one GEMM over all steps; long enough that steps split after the two each loop runs whole
-    # (SplitGuard, csrc/bnlstm_cpu.cpp).
-    T, B, I, H = 5, 64, 50, 256
+    # (SplitGuard, csrc/bnlstm_cpu.cpp); H past a multiple of the 64-unit chunks, so that the last chunk of
+    # the chunked histories is narrow (StepRows, csrc/bnlstm_kernels.inc).
+    T, B, I, H = 5, 64, 50, 200
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
@@ -252,7 +253,7 @@ def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
 def test_bnlstm_layer_cpp_split_steps_inference_matches_reference(normalization, use_batch_stats):
     # Split steps with nothing saved: the input branch runs inside each step's pass even at I > 16, and
     # without batch statistics each row runs from the gates to h on the stack (csrc/bnlstm.cpp, the kernels).
-    T, B, I, H, lengths = 5, 64, 50, 256, [5] * 40 + [3] * 24
+    T, B, I, H, lengths = 5, 64, 50, 200, [5] * 40 + [3] * 24
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
