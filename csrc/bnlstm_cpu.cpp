@@ -458,8 +458,8 @@ void gemm_tile(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_
 // While alive, and while the cores are busy (cores_busy), the all-step GEMMs of this thread run on one
 // thread: MKL's through its thread-local setting (where torch's MKL has one; a weak symbol, absent
 // elsewhere), gemm_brgemm's as one task. Split over threads on busy cores, a GEMM waits for a descheduled
-// worker as a split step does (default shape, 2 threads, one busy process: forward+backward 14.4 ms against
-// 10.9 on 1 thread; README.md).
+// worker as a split step does (default shape, 2 threads, one busy process: forward+backward 32 ms against
+// 11.5 on 1 thread, 10.6-11.6 with this; README.md).
 thread_local bool one_thread_gemms = false;
 
 class AllStepGemmThreads {
