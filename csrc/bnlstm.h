@@ -85,9 +85,13 @@ struct ForwardParams : StepParamsBase {
     void* a_ih;
     int64_t a_ih_step;
     bool input_per_step;
+    // Whether the step's input branch (a step's scratch, computed per step) and recurrent branch are laid
+    // out chunk by chunk (StepRows in bnlstm_kernels.inc): so where the step's brgemm calls write them.
+    bool a_ih_chunked;
+    bool a_hh_chunked;
     const void* x;
     const void* w_ih;
-    // Recurrent branch W_hh h_{t-1} of the current step: [B, 4H] (one GEMM per step).
+    // Recurrent branch W_hh h_{t-1} of the current step: [B, 4H] worth (one GEMM per step).
     const void* a_hh;
     // Sequence-wise mean of the input branch, computed before the loop (acc_t): [4H].
     void* seq_mean;

@@ -296,6 +296,10 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                 const float* wi = p.input_per_step ? wi_pack.data_ptr<float>() : nullptr;
                 float* a = a_hh.data_ptr<float>();
                 const int64_t I = p.I;
+                // Each task's columns of both branches as one contiguous block (StepRows): two threads
+                // writing interleaved 256-byte runs of a row fight over neighbouring lines.
+                p.a_hh_chunked = true;
+                p.a_ih_chunked = p.input_per_step && p.a_ih_step == 0;
                 const float* hs_data = hs.data_ptr<float>();  // [T + 1, B, H] or [2, B, H]
                 const int64_t split_grain = step_grain(B, H, I);
                 SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, forward_split[p.save ? 1 : 0]);
@@ -308,11 +312,15 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                     guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
                         // This chunk's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0].
                         const int64_t n = j1 - j0;
+                        float* ah = a + j0 * 4 * B;  // [B][4][n]
                         for (int64_t k = 0; k < 4; ++k) {
-                            const int64_t col = k * H + j0;
-                            brgemm_f32(B, n, H, H, n, G, false, h, w + j0 * 4 * H + k * H * n, a + col);
-                            if (p.input_per_step) {
-                                brgemm_f32(B, n, I, I, n, G, false, x, wi + j0 * 4 * I + k * I * n, a_ih + col);
+                            brgemm_f32(B, n, H, H, n, 4 * n, false, h, w + j0 * 4 * H + k * H * n, ah + k * n);
+                            if (!p.input_per_step) continue;
+                            if (p.a_ih_chunked) {
+                                brgemm_f32(B, n, I, I, n, 4 * n, false, x, wi + j0 * 4 * I + k * I * n,
+                                           a_ih + j0 * 4 * B + k * n);
+                            } else {
+                                brgemm_f32(B, n, I, I, n, G, false, x, wi + j0 * 4 * I + k * I * n, a_ih + k * H + j0);
                             }
                         }
                         kern.forward_step(p, t, j0, j1);
