@@ -7,6 +7,8 @@ registered ops; the module end to end. Every buffer the extension allocates come
 where the extension was not built (``FUSED_BNLSTM_BUILD_EXTENSION=0``).
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -224,6 +226,17 @@ def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, 
         assert cpp_error <= 2 * ref_error + 1e-5 * scale, (name, cpp_error, ref_error)
 
 
+@contextlib.contextmanager
+def _at_least_two_threads():
+    # (on a 1-thread setting the step loops never split)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("normalization", ["frame", None])
 def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
     # Wide enough that a step's pass splits over threads (when there are two) and the float32 input branch
@@ -231,15 +244,11 @@ def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
     # (SplitGuard, csrc/bnlstm_cpu.cpp); H past a multiple of the 64-unit chunks, so that the last chunk of
     # the chunked histories is narrow (StepRows, csrc/bnlstm_kernels.inc).
     T, B, I, H = 5, 64, 50, 200
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
+    with _at_least_two_threads():
         pop = population(T, H, normalization, torch.float32)
         inputs = op_inputs(T, B, I, H, None, torch.float32)
         ref, ref_stats = run_layer("reference", inputs, None, pop, True, normalization)
         cpp, cpp_stats = run_layer("cpp", inputs, None, pop, True, normalization)
-    finally:
-        torch.set_num_threads(threads)
     for name in ref:
         assert_close_by_name(cpp[name], ref[name], name, **TOLERANCES[torch.float32])
     assert_same_statistics(ref_stats, cpp_stats, **TOLERANCES[torch.float32])
@@ -254,9 +263,7 @@ def test_bnlstm_layer_cpp_split_steps_inference_matches_reference(normalization,
     # Split steps with nothing saved: the input branch runs inside each step's pass even at I > 16, and
     # without batch statistics each row runs from the gates to h on the stack (csrc/bnlstm.cpp, the kernels).
     T, B, I, H, lengths = 5, 64, 50, 200, [5] * 40 + [3] * 24
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
+    with _at_least_two_threads():
         pop = population(T, H, normalization, torch.float32)
         inputs = {k: (v.detach() if v is not None else None)
                   for k, v in op_inputs(T, B, I, H, lengths, torch.float32).items()}
@@ -264,8 +271,6 @@ def test_bnlstm_layer_cpp_split_steps_inference_matches_reference(normalization,
         ref = call_layer(inputs, **kwargs, backend="reference")
         with torch.no_grad():
             cpp = call_layer(inputs, **kwargs, backend="cpp")
-    finally:
-        torch.set_num_threads(threads)
     for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
         assert_close_by_name(got, want, name, **TOLERANCES[torch.float32])
     assert_same_statistics(ref[3], cpp[3], **TOLERANCES[torch.float32])
