@@ -56,49 +56,86 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     last = running.count.shape[0] - 1
     # Steps [0, once) each hit their own slot, a contiguous range; the rest all hit the last slot.
     once = max(0, min(T, last - first_slot))
+    tracing = torch.compiler.is_compiling()
+    # (a traced graph has no threads to guard against, and dynamo cannot trace a lock)
+    with contextlib.nullcontext() if tracing else _UPDATE_LOCK:
+        if not tracing and momentum is not None and once == T and _same_rows(batch.counts):
+            _apply_uniform(running, first_slot, batch, float(momentum))
+        else:
+            _apply_masked(running, first_slot, once, batch, momentum, tracing)
+
+
+def _same_rows(counts: Tensor) -> bool:
+    """Whether every step normalized over the same number (at least two) of rows: ``counts`` [T] int64 on
+    the CPU (so reading it is no device sync)."""
+    rows = counts.tolist()
+    return rows[0] >= 2 and rows.count(rows[0]) == len(rows)
+
+
+def _apply_uniform(running: RunningStats, first_slot: int, batch: BatchStatistics, momentum: float):
+    """The common eager case of ``apply_batch_statistics``: a fixed momentum, every step its own slot and
+    over the same n >= 2 rows (no padding, nothing past ``max_length``). BatchNorm1d's update as three
+    foreach calls over every buffer, the unbiasing n / (n - 1) a host scalar: the masked path below is
+    about 25 small ops, 0.1-0.25 ms a call, 5 % of a training forward at T=64 B=32 H=128."""
+    n = int(batch.counts[0])
+    T = batch.mean_ih.shape[0]
+    means, batch_means, variances, batch_variances = [], [], [], []
+    for q in running.mean:
+        for rows, batch_rows, moment in ((means, batch_means, "mean"), (variances, batch_variances, "var")):
+            value = getattr(running, moment)[q]
+            rows.append(value[first_slot:first_slot + T])
+            batch_rows.append(getattr(batch, f"{moment}_{q}").to(value.device, value.dtype))
+    # running_mean = (1 - m) running_mean + m mean;  running_var = (1 - m) running_var + m var n / (n - 1)
+    torch._foreach_lerp_(means, batch_means, momentum)
+    torch._foreach_mul_(variances, 1.0 - momentum)
+    torch._foreach_add_(variances, batch_variances, alpha=momentum * n / (n - 1))
+    running.count[first_slot:first_slot + T] += 1
+
+
+def _apply_masked(running: RunningStats, first_slot: int, once: int, batch: BatchStatistics, momentum, tracing):
+    """``apply_batch_statistics`` in general: masks for the steps that did not update, the cumulative
+    average (momentum None), and the steps past ``max_length`` folded into the last slot."""
+    T = batch.mean_ih.shape[0]
+    last = running.count.shape[0] - 1
     device = running.count.device
     n = batch.counts.to(device, non_blocking=True).unsqueeze(1)  # [T, 1] int64
     updates = n >= 2  # [T, 1]
     # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
     unbias = n / (n - 1).clamp(min=1)  # [T, 1] float64
-    tracing = torch.compiler.is_compiling()
-    # eager, the common case: a fixed momentum and every step of the head updating is one foreach lerp by a
-    # scalar over every buffer (counts is a CPU tensor, so reading it is no device sync; a traced graph keeps
-    # the masks)
+    # a fixed momentum and every step of the head updating is one foreach lerp by a scalar over every buffer
+    # (counts is a CPU tensor, so reading it is no device sync; a traced graph keeps the masks)
     plain = not tracing and momentum is not None and once > 0 and bool(batch.counts[:once].min() >= 2)
-    # (a traced graph has no threads to guard against, and dynamo cannot trace a lock)
-    with contextlib.nullcontext() if tracing else _UPDATE_LOCK:
-        count = running.count
-        head = count[first_slot:first_slot + once]
-        if momentum is None:
-            # cumulative average: a slot's k-th update has factor 1 / k
-            factor = 1.0 / (head + 1).unsqueeze(1)  # [once, 1]
-        elif not plain:
-            factor = torch.full((once, 1), float(momentum), device=device)
-        # the plain head's rows and batch values, lerped in one foreach call after the loop
-        plain_rows, plain_batches = [], []
-        for q in running.mean:
-            for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
-                batch_value = getattr(batch, moment).to(device)
-                if moment.startswith("var"):
-                    batch_value = batch_value * unbias.to(batch_value.dtype)
-                rows = value[first_slot:first_slot + once]
-                if once and plain:
-                    plain_rows.append(rows)
-                    plain_batches.append(batch_value[:once].to(value.dtype))
-                elif once:
-                    # the buffer's own dtype, as BatchNorm1d; steps that did not update (NaN moments) keep
-                    # the slot as it was
-                    weight = (factor * updates[:once]).to(value.dtype)
-                    rows.lerp_(torch.where(updates[:once], batch_value[:once].to(value.dtype), rows), weight)
-                if T > once:
-                    value[last] = _fold_repeated(value[last], batch_value[once:].to(torch.float64),
-                                                 updates[once:, 0], momentum, count[last])
-        if plain_rows:
-            torch._foreach_lerp_(plain_rows, plain_batches, float(momentum))
-        head += updates[:once, 0]
-        if T > once:
-            count[last] += updates[once:, 0].sum()
+    count = running.count
+    head = count[first_slot:first_slot + once]
+    if momentum is None:
+        # cumulative average: a slot's k-th update has factor 1 / k
+        factor = 1.0 / (head + 1).unsqueeze(1)  # [once, 1]
+    elif not plain:
+        factor = torch.full((once, 1), float(momentum), device=device)
+    # the plain head's rows and batch values, lerped in one foreach call after the loop
+    plain_rows, plain_batches = [], []
+    for q in running.mean:
+        for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
+            batch_value = getattr(batch, moment).to(device)
+            if moment.startswith("var"):
+                batch_value = batch_value * unbias.to(batch_value.dtype)
+            rows = value[first_slot:first_slot + once]
+            if once and plain:
+                plain_rows.append(rows)
+                plain_batches.append(batch_value[:once].to(value.dtype))
+            elif once:
+                # the buffer's own dtype, as BatchNorm1d; steps that did not update (NaN moments) keep
+                # the slot as it was
+                weight = (factor * updates[:once]).to(value.dtype)
+                rows.lerp_(torch.where(updates[:once], batch_value[:once].to(value.dtype), rows), weight)
+            if T > once:
+                value[last] = _fold_repeated(value[last], batch_value[once:].to(torch.float64),
+                                             updates[once:, 0], momentum, count[last])
+    if plain_rows:
+        torch._foreach_lerp_(plain_rows, plain_batches, float(momentum))
+    head += updates[:once, 0]
+    if T > once:
+        count[last] += updates[once:, 0].sum()
 
 
 def _fold_repeated(value: Tensor, batches: Tensor, updates: Tensor, momentum, count_before: Tensor) -> Tensor:

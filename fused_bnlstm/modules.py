@@ -158,12 +158,16 @@ class _PopulationStatsMixin:
 
         Batch statistics (training): ``min(t + time_offset, max_length - 1)``, on the CPU, built from host
         ints. Population statistics (eval): clamped to ``running_length - 1`` as well, on the buffers' device
-        (no host sync).
+        (no host sync; from host ints where the buffers are on the CPU and nothing traces).
         """
         if self.normalization != "frame":
             return torch.zeros(1, dtype=torch.long)
         if use_batch_stats or not self.track_running_stats:
             return _stats.slot_indices(T, time_offset, self.max_length)
+        if self.running_length.device.type == "cpu" and not torch.compiler.is_compiling():
+            # reading a CPU buffer is no sync: host ints, two small ops instead of four
+            trained = int(self.running_length)
+            return _stats.slot_indices(T, time_offset, trained if trained > 0 else self.max_length)
         # never trained (0): every step its own slot
         last = torch.where(self.running_length > 0, self.running_length, self.max_length) - 1
         steps = torch.arange(time_offset, time_offset + T, device=last.device)
@@ -211,6 +215,14 @@ class _PopulationStatsMixin:
         if self.track_running_stats:
             running = self._running(suffix)
             idx = slots.to(running.count.device, non_blocking=True)
+            if not torch.is_grad_enabled() and slots.device.type == "cpu" and not torch.compiler.is_compiling():
+                first, T = int(slots[0]), slots.shape[0]
+                if int(slots[-1]) - first == T - 1:
+                    # nothing records a graph, so nothing keeps these rows past the call: views of the
+                    # slots (consecutive: slots only stop increasing at the last), not copies
+                    rows = {f"{s}_{q}": getattr(running, s)[q].narrow(0, first, T) for q in self._quantities()
+                            for s in ("mean", "var")}
+                    return Population(**rows)
             # a copy, not a view: the update after the call changes the buffers in place, and a backend's
             # backward may read what it normalized with
             rows = {f"{s}_{q}": getattr(running, s)[q].index_select(0, idx) for q in self._quantities()

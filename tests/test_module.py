@@ -135,10 +135,13 @@ def test_initialization_follows_the_paper():
 # Population statistics.
 
 
-def test_running_statistics_after_training_steps_equal_hand_computation():
+# max_length T: the last step's slot is the shared last one (the masked update); 2T: every step its own slot
+# over the same rows (_stats' foreach fast path)
+@pytest.mark.parametrize("max_length", [4, 8], ids=["last-slot", "own-slots"])
+def test_running_statistics_after_training_steps_equal_hand_computation(max_length):
     torch.manual_seed(0)
     T, B, I, H, m = 4, 5, 3, 2, 0.1
-    model = _randomize(BNLSTM(I, H, max_length=T, momentum=m, dtype=DTYPE, backend="reference"))
+    model = _randomize(BNLSTM(I, H, max_length=max_length, momentum=m, dtype=DTYPE, backend="reference"))
     batches = [torch.randn(T, B, I, dtype=DTYPE) for _ in range(3)]
     for x in batches:
         model(x)
@@ -151,7 +154,7 @@ def test_running_statistics_after_training_steps_equal_hand_computation():
             var = (1 - m) * var + m * a.var(0, unbiased=True)
         torch.testing.assert_close(model.running_mean_ih_l0[t], mean)
         torch.testing.assert_close(model.running_var_ih_l0[t], var)
-    assert model.num_batches_tracked_l0.tolist() == [3] * T
+    assert model.num_batches_tracked_l0.tolist() == [3] * T + [0] * (max_length - T)
 
 
 def test_cumulative_average_with_momentum_none():
@@ -316,6 +319,26 @@ def test_chunked_run_with_time_offset_equals_full_run():
     torch.testing.assert_close((h_b, c_b), (h_full, c_full))
     for key, value in full.state_dict().items():
         torch.testing.assert_close(chunked.state_dict()[key], value, msg=key)
+
+
+# eval reads slot min(t + time_offset, running_length - 1): consecutive slots (rows of the buffers as they are,
+# without a graph; copies with one) and, past the longest training sequence, the last one repeated
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_eval_chunked_run_with_time_offset_equals_full_run(grad):
+    torch.manual_seed(0)
+    T, B, I, H = 8, 3, 2, 3
+    model = _randomize(BNLSTM(I, H, max_length=16, dtype=DTYPE, backend="reference"))
+    for _ in range(2):
+        model(torch.randn(6, B, I, dtype=DTYPE))  # running_length 6: slots 6.. read slot 5
+    model.eval()
+    x = torch.randn(T, B, I, dtype=DTYPE, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out_full, (h_full, c_full) = model(x)
+        out_a, hx = model(x[:3])
+        out_b, (h_b, c_b) = model(x[3:5], hx, time_offset=3)
+        out_c, (h_c, c_c) = model(x[5:], (h_b, c_b), time_offset=5)
+    torch.testing.assert_close(torch.cat([out_a, out_b, out_c]), out_full)
+    torch.testing.assert_close((h_c, c_c), (h_full, c_full))
 
 
 def test_reverse_direction_reads_only_the_valid_part():

@@ -177,7 +177,10 @@ def finish_statistics(inputs: LayerInput, config: LayerConfig, moments, dtype: t
             return None
         counts = torch.tensor([sum(inputs.counts)], dtype=torch.long)
         return BatchStatistics(counts, *[m.detach().to(dtype) for m in moments])
-    counts = torch.tensor(inputs.counts, dtype=torch.long)
+    T = len(inputs.counts)
+    # (the same rows at every step, the common case: one fill, not a tensor built from T host ints)
+    counts = (torch.full((T,), inputs.counts[0], dtype=torch.long) if inputs.counts.count(inputs.counts[0]) == T
+              else torch.tensor(inputs.counts, dtype=torch.long))
     # rows only ever stop running, so the steps that fell back are a suffix [first, T): a device fill, no
     # host-to-device copy (the op may run inside a CUDA graph capture)
     first = inputs.batch_stats.index(False) if False in inputs.batch_stats else len(inputs.batch_stats)
