@@ -54,8 +54,9 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     """
     T = batch.mean_ih.shape[0]
     last = running.count.shape[0] - 1
-    # Steps [0, once) each hit their own slot, a contiguous range; the rest all hit the last slot.
-    once = max(0, min(T, last - first_slot))
+    # Steps [0, once) each hit their own slot, a contiguous range; the rest (when more than one) all hit the
+    # last slot. A call that reaches the last slot at its last step only (max_length=T) updates it once.
+    once = T if first_slot + T <= last + 1 else max(0, last - first_slot)
     tracing = torch.compiler.is_compiling()
     # (a traced graph has no threads to guard against, and dynamo cannot trace a lock)
     with contextlib.nullcontext() if tracing else _UPDATE_LOCK:

@@ -135,9 +135,9 @@ def test_initialization_follows_the_paper():
 # Population statistics.
 
 
-# max_length T: the last step's slot is the shared last one (the masked update); 2T: every step its own slot
-# over the same rows (_stats' foreach fast path)
-@pytest.mark.parametrize("max_length", [4, 8], ids=["last-slot", "own-slots"])
+# max_length 3 < T: steps 2 and 3 both update the last slot, in order (folded in closed form); 4 = T: the
+# last step alone reaches the last slot; 8: every step its own slot (these two: _stats' foreach path)
+@pytest.mark.parametrize("max_length", [3, 4, 8], ids=["shared-last-slot", "reaches-last-slot", "own-slots"])
 def test_running_statistics_after_training_steps_equal_hand_computation(max_length):
     torch.manual_seed(0)
     T, B, I, H, m = 4, 5, 3, 2, 0.1
@@ -146,15 +146,18 @@ def test_running_statistics_after_training_steps_equal_hand_computation(max_leng
     for x in batches:
         model(x)
     W = model.weight_ih_l0.detach()
-    for t in range(T):
-        mean, var = torch.zeros(4 * H, dtype=DTYPE), torch.ones(4 * H, dtype=DTYPE)
-        for x in batches:
+    mean, var = torch.zeros(max_length, 4 * H, dtype=DTYPE), torch.ones(max_length, 4 * H, dtype=DTYPE)
+    count = [0] * max_length
+    for x in batches:
+        for t in range(T):
+            slot = min(t, max_length - 1)
             a = x[t] @ W.t()
-            mean = (1 - m) * mean + m * a.mean(0)
-            var = (1 - m) * var + m * a.var(0, unbiased=True)
-        torch.testing.assert_close(model.running_mean_ih_l0[t], mean)
-        torch.testing.assert_close(model.running_var_ih_l0[t], var)
-    assert model.num_batches_tracked_l0.tolist() == [3] * T + [0] * (max_length - T)
+            mean[slot] = (1 - m) * mean[slot] + m * a.mean(0)
+            var[slot] = (1 - m) * var[slot] + m * a.var(0, unbiased=True)
+            count[slot] += 1
+    torch.testing.assert_close(model.running_mean_ih_l0, mean)
+    torch.testing.assert_close(model.running_var_ih_l0, var)
+    assert model.num_batches_tracked_l0.tolist() == count
 
 
 def test_cumulative_average_with_momentum_none():
