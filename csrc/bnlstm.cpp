@@ -38,6 +38,41 @@ using OptTensor = std::optional<at::Tensor>;
 
 void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+// Hidden-unit chunk c0 of a chunk-major step gradient (BackwardParams::da_chunked, a [T, B, 4H] buffer):
+// its rows over all steps, [T * B, 4w] with gate k's w columns at k * w (w = min(kBlock, H - c0)).
+at::Tensor gradient_chunk(const at::Tensor& da, int64_t H, int64_t c0) {
+    const int64_t R = da.size(0) * da.size(1), w = std::min(kBlock, H - c0);
+    return da.view({-1}).narrow(0, c0 * 4 * R, R * 4 * w).view({R, 4 * w});
+}
+
+// Rows of a [4H, Q] weight (or its gradient) for chunk c0, gate by gate: [4w, Q] (a copy).
+at::Tensor weight_chunk(const at::Tensor& weight, int64_t H, int64_t c0) {
+    const int64_t w = std::min(kBlock, H - c0);
+    return at::cat({weight.narrow(0, c0, w), weight.narrow(0, H + c0, w), weight.narrow(0, 2 * H + c0, w),
+                    weight.narrow(0, 3 * H + c0, w)});
+}
+
+// da^T b for a chunk-major da and b [T * B, Q]: [4H, Q], gate-major as the weights (gemm_tn per chunk).
+at::Tensor chunked_gemm_tn(const at::Tensor& da, const at::Tensor& b, int64_t H) {
+    at::Tensor result = at::empty({4 * H, b.size(1)}, b.options());
+    for (int64_t c0 = 0; c0 < H; c0 += kBlock) {
+        const int64_t w = std::min(kBlock, H - c0);
+        const at::Tensor part = gemm_tn(gradient_chunk(da, H, c0), b);  // [4w, Q]
+        for (int64_t k = 0; k < 4; ++k) result.narrow(0, k * H + c0, w).copy_(part.narrow(0, k * w, w));
+    }
+    return result;
+}
+
+// da w for a chunk-major da and w [4H, Q]: [T * B, Q] (gemm_nn per chunk, summed).
+at::Tensor chunked_gemm_nn(const at::Tensor& da, const at::Tensor& w, int64_t H) {
+    at::Tensor result;
+    for (int64_t c0 = 0; c0 < H; c0 += kBlock) {
+        at::Tensor part = gemm_nn(gradient_chunk(da, H, c0), weight_chunk(w, H, c0));
+        result = c0 == 0 ? part : result.add_(part);
+    }
+    return result;
+}
+
 // A [0]-sized stand-in for a result a mode does not have (op results are never undefined).
 at::Tensor absent(const at::TensorOptions& options) { return at::empty({0}, options); }
 at::Tensor or_absent(const at::Tensor& t, const at::TensorOptions& options) {
@@ -347,16 +382,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
         da_ih.zero_();
     }
 
-    // Weight gradients: one GEMM each over all T * B rows.
-    const at::Tensor da_ih_rows = da_ih.view({T * B, G});
-    const at::Tensor da_hh_rows = da_hh.view({T * B, G});
-    std::vector<at::Tensor> grad_weights = {gemm_tn(da_ih_rows, l.x.view({T * B, I})),
-                                            gemm_tn(da_hh_rows, s.hs.narrow(0, 0, T).view({T * B, H}))};
+    // Weight gradients and dx: GEMMs over all T * B rows (per hidden-unit chunk where the step gradients
+    // are chunk-major).
+    const at::Tensor x_rows = l.x.view({T * B, I});
+    const at::Tensor h_rows = s.hs.narrow(0, 0, T).view({T * B, H});
+    std::vector<at::Tensor> grad_weights;
+    at::Tensor grad_x;
+    if (p.da_chunked) {
+        grad_weights = {chunked_gemm_tn(da_ih, x_rows, H), chunked_gemm_tn(da_hh, h_rows, H)};
+        grad_x = need_dx ? chunked_gemm_nn(da_ih, l.w_ih, H).view({T, B, I}) : absent(opts);
+    } else {
+        const at::Tensor da_ih_rows = da_ih.view({T * B, G});
+        const at::Tensor da_hh_rows = da_hh.view({T * B, G});
+        grad_weights = {gemm_tn(da_ih_rows, x_rows), gemm_tn(da_hh_rows, h_rows)};
+        grad_x = need_dx ? gemm_nn(da_ih_rows, l.w_ih).view({T, B, I}) : absent(opts);
+        if (has_bias && !normalized) dbias = da_hh_rows.sum(0);
+    }
     for (const at::Tensor* g : {&dgamma_ih, &dgamma_hh, &dgamma_c, &dbeta_c}) {
         if (g->defined()) grad_weights.push_back(g->to(dtype));
     }
-    at::Tensor grad_x = need_dx ? gemm_nn(da_ih_rows, l.w_ih).view({T, B, I}) : absent(opts);
-    if (has_bias && !normalized) dbias = da_hh_rows.sum(0);
     at::Tensor grad_bias = has_bias ? dbias.to(dtype) : absent(opts);
     return {grad_x, dh, dc, grad_weights, grad_bias};
 }

@@ -122,6 +122,10 @@ struct BackwardParams : StepParamsBase {
     void* da_hh;
     // Gradient of W_ih x_t (frame, sequence): [T, B, 4H]; zero on rows that were not running.
     void* da_ih;
+    // da_hh and da_ih chunk-major over all steps instead of [T, B, 4H] (frame-wise, where the step loop may
+    // split over threads; set by backward_cpu): chunk j0's [T][B][4][w] block at j0 * 4 * T * B,
+    // w = min(kBlock, H - j0), so that each task writes and the GEMM over all steps reads one contiguous block.
+    bool da_chunked;
     // Parameter gradients accumulated over steps (acc_t): [4H], [4H], [4H], [H], [H].
     void* dbias;
     void* dgamma_ih;

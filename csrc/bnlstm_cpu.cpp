@@ -23,6 +23,7 @@
 #include <set>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "bnlstm.h"
 #include "workspace.h"
@@ -215,13 +216,26 @@ namespace {
 // A row-major [K, N] float32 matrix repacked so that every kBlock-wide column chunk is its own contiguous
 // [K, width] block, at j0 * K: brgemm then streams B contiguously (about 20 % faster than strided column
 // slices, measured). The step tasks work on whole chunks, so each GEMM call reads one block.
-at::Tensor pack_column_chunks(const float* src, int64_t K, int64_t N) {
+// With gate_chunks (W_hh [4H, H], K = 4H), the rows are taken in the order of the chunk-major gradient
+// layout (BackwardParams::da_chunked): hidden-unit chunk by chunk, and in each chunk gate by gate.
+at::Tensor pack_column_chunks(const float* src, int64_t K, int64_t N, bool gate_chunks = false) {
     at::Tensor packed = empty_workspace({K * N}, at::TensorOptions(at::kFloat));
     float* dst = packed.data_ptr<float>();
+    // packed row r -> source row: identity, or for gate_chunks, chunk c0's row 4 * c0 + k * w + jj is W's
+    // row k * H + c0 + jj (H = N, w = min(kBlock, H - c0))
+    std::vector<int64_t> rows(K);
+    for (int64_t r = 0; r < K; ++r) rows[r] = r;
+    if (gate_chunks) {
+        for (int64_t c0 = 0; c0 < N; c0 += kBlock) {
+            const int64_t w = std::min(kBlock, N - c0);
+            for (int64_t k = 0; k < 4; ++k)
+                for (int64_t jj = 0; jj < w; ++jj) rows[4 * c0 + k * w + jj] = k * N + c0 + jj;
+        }
+    }
     for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
         const int64_t w = std::min(kBlock, N - j0);
         float* block = dst + j0 * K;
-        for (int64_t r = 0; r < K; ++r) std::memcpy(block + r * w, src + r * N + j0, w * sizeof(float));
+        for (int64_t r = 0; r < K; ++r) std::memcpy(block + r * w, src + rows[r] * N + j0, w * sizeof(float));
     }
     return packed;
 }
@@ -354,19 +368,29 @@ void pass_finished_rows(const BackwardParams& p, int64_t t, const scalar_t* dh_i
 }
 
 // dh_{t-1} = d(W_hh h_{t-1}) W_hh for hidden units [j0, j1) (one chunk; brgemm), plus the finished rows'
-// gradient. da_t: [B, 4H]; dh_in, dh_out: [B, H].
-void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da_t, const float* w_pack,
+// gradient. da: the step gradients of W_hh h ([T, B, 4H], or chunk-major: p.da_chunked); dh_in, dh_out: [B, H].
+void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da, const float* w_pack,
                           const float* dh_in, float* dh_out, int64_t j0, int64_t j1) {
     const int64_t B = p.B, H = p.H, n = j1 - j0;
-    // w_pack: W_hh [4H, H] in column chunks, [H / kBlock][4H][kBlock] (pack_column_chunks). The depth 4H is
-    // taken in blocks of at most kStepDepth (accumulating into dh_out), so that a block of da_t and of the
-    // weight chunk stay in L2 while the kernel walks the rows: at H=1000 the whole depth (1 MB of each)
-    // ran 21 % slower (README.md).
-    constexpr int64_t kStepDepth = 512;
     const int64_t K = 4 * H;
+    // w_pack: W_hh [4H, H] in column chunks, [H / kBlock][4H][kBlock] (pack_column_chunks), its rows in the
+    // order of da's columns. The depth 4H is taken in blocks (accumulating into dh_out), so that a block of
+    // da_t and of the weight chunk stay in L2 while the kernel walks the rows: at H=1000 the whole depth
+    // (1 MB of each) ran 21 % slower (README.md). Chunk-major, a block is a chunk's [B, 4w] rows (one
+    // stride), 4 * kBlock deep; else at most kStepDepth columns of the [B, 4H] rows.
     const float* w = w_pack + j0 * K;
-    for (int64_t k0 = 0; k0 < K; k0 += kStepDepth) {
-        brgemm_f32(B, n, std::min(kStepDepth, K - k0), K, n, H, k0 > 0, da_t + k0, w + k0 * n, dh_out + j0);
+    if (p.da_chunked) {
+        for (int64_t c0 = 0; c0 < H; c0 += kBlock) {
+            const int64_t w_c = std::min(kBlock, H - c0);
+            const float* da_c = da + c0 * 4 * p.T * B + t * B * 4 * w_c;  // [B, 4 w_c]
+            brgemm_f32(B, n, 4 * w_c, 4 * w_c, n, H, c0 > 0, da_c, w + 4 * c0 * n, dh_out + j0);
+        }
+    } else {
+        constexpr int64_t kStepDepth = 512;
+        const float* da_t = da + t * B * K;
+        for (int64_t k0 = 0; k0 < K; k0 += kStepDepth) {
+            brgemm_f32(B, n, std::min(kStepDepth, K - k0), K, n, H, k0 > 0, da_t + k0, w + k0 * n, dh_out + j0);
+        }
     }
     pass_finished_rows(p, t, dh_in, dh_out, j0, j1);
 }
@@ -384,11 +408,20 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
             if (step_brgemm(B, H, p.I)) {
                 // One parallel pass per step: each task first takes its columns of dh from the previous
                 // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
-                const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H);
+                const int64_t split_grain = step_grain(B, H, p.I);
+                const bool may_split = at::get_num_threads() > 1 && split_grain < H;
+                // Where steps may split, the frame-wise step gradients go chunk-major, so that each task
+                // writes one block (row-major, two threads wrote interleaved 256-byte runs of every row, and
+                // a split step cost what a whole one did); the GEMMs over all steps then run per chunk.
+                // Measured at 2 threads (csrc/README.md): backward at H=128 5.1-6.3 -> 4.4-4.7 ms, at H=256
+                // even, at H=512 190-196 -> 207-222 ms (8 chunks' GEMMs 10 ms slower than one's), hence
+                // at most kGradientChunks chunks.
+                constexpr int64_t kGradientChunks = 4;
+                p.da_chunked = may_split && p.norm == Normalization::kFrame && H <= kGradientChunks * kBlock;
+                const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, p.da_chunked);
                 const float* w = w_pack.data_ptr<float>();
                 const float* da = da_hh.data_ptr<float>();
-                const int64_t split_grain = step_grain(B, H, p.I);
-                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, backward_split);
+                SplitGuard guard(may_split, backward_split);
                 for (int64_t t = p.T - 1; t >= 0; --t) {
                     const bool first = t == p.T - 1;
                     // Without a GEMM to run (the last step), dh already holds dL/dh_n.
@@ -398,8 +431,8 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                     p.dh_prev = other.data_ptr();
                     guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
                         if (!first) {
-                            recurrent_grad_block(p, t + 1, da + (t + 1) * B * G, w, other.data_ptr<float>(),
-                                                 cur.data_ptr<float>(), j0, j1);
+                            recurrent_grad_block(p, t + 1, da, w, other.data_ptr<float>(), cur.data_ptr<float>(),
+                                                 j0, j1);
                         }
                         kern.backward_step(p, t, j0, j1);
                     });

@@ -237,18 +237,21 @@ def _at_least_two_threads():
         torch.set_num_threads(threads)
 
 
+# H=200: the backward's step gradients chunk-major (at most 4 chunks, csrc/bnlstm_cpu.cpp); 300: row-major
+@pytest.mark.parametrize("H", [200, 300])
+@pytest.mark.parametrize("lengths", [None, [5] * 40 + [3] * 24], ids=["full", "lengths"])
 @pytest.mark.parametrize("normalization", ["frame", None])
-def test_bnlstm_layer_cpp_split_steps_match_reference(normalization):
+def test_bnlstm_layer_cpp_split_steps_match_reference(normalization, lengths, H):
     # Wide enough that a step's pass splits over threads (when there are two) and the float32 input branch
     # takes the one GEMM over all steps; long enough that steps split after the two each loop runs whole
     # (SplitGuard, csrc/bnlstm_cpu.cpp); H past a multiple of the 64-unit chunks, so that the last chunk of
     # the chunked histories is narrow (StepRows, csrc/bnlstm_kernels.inc).
-    T, B, I, H = 5, 64, 50, 200
+    T, B, I = 5, 64, 50
     with _at_least_two_threads():
         pop = population(T, H, normalization, torch.float32)
-        inputs = op_inputs(T, B, I, H, None, torch.float32)
-        ref, ref_stats = run_layer("reference", inputs, None, pop, True, normalization)
-        cpp, cpp_stats = run_layer("cpp", inputs, None, pop, True, normalization)
+        inputs = op_inputs(T, B, I, H, lengths, torch.float32)
+        ref, ref_stats = run_layer("reference", inputs, lengths, pop, True, normalization)
+        cpp, cpp_stats = run_layer("cpp", inputs, lengths, pop, True, normalization)
     for name in ref:
         assert_close_by_name(cpp[name], ref[name], name, **TOLERANCES[torch.float32])
     assert_same_statistics(ref_stats, cpp_stats, **TOLERANCES[torch.float32])
