@@ -415,9 +415,12 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                 // a split step cost what a whole one did); the GEMMs over all steps then run per chunk.
                 // Measured at 2 threads (csrc/README.md): backward at H=128 5.1-6.3 -> 4.4-4.7 ms, at H=256
                 // even, at H=512 190-196 -> 207-222 ms (8 chunks' GEMMs 10 ms slower than one's), hence
-                // at most kGradientChunks chunks.
+                // at most kGradientChunks chunks; and not while the cores are busy, when the steps run whole
+                // and the per-chunk GEMMs' extra element-wise passes wait for descheduled workers
+                // (forward+backward with a busy process 17-19 -> 21-25 ms).
                 constexpr int64_t kGradientChunks = 4;
-                p.da_chunked = may_split && p.norm == Normalization::kFrame && H <= kGradientChunks * kBlock;
+                p.da_chunked = may_split && !cores_busy() && p.norm == Normalization::kFrame &&
+                               H <= kGradientChunks * kBlock;
                 const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, p.da_chunked);
                 const float* w = w_pack.data_ptr<float>();
                 const float* da = da_hh.data_ptr<float>();
