@@ -108,6 +108,19 @@ int64_t now_ns() {
 // SplitState, as a split can pay in one and not in another) runs whole for a pause (50 ms, doubling with
 // each such loss up to 2 s, halving after 256 split steps without one), then tries again. With the busy
 // process the loops then run within a few percent of whole (csrc/README.md).
+// FUSED_BNLSTM_CPU_SPLIT=always or never pins the step loops' splitting (tests, measurements on a machine of
+// one's own); auto, the default, leaves it to SplitGuard. Read per call.
+enum class SplitMode { kAuto, kAlways, kNever };
+
+SplitMode split_mode() {
+    const char* env = std::getenv("FUSED_BNLSTM_CPU_SPLIT");
+    if (env == nullptr) return SplitMode::kAuto;
+    const std::string asked(env);
+    if (asked == "always") return SplitMode::kAlways;
+    if (asked == "never") return SplitMode::kNever;
+    return SplitMode::kAuto;
+}
+
 struct SplitState {
     std::atomic<int64_t> resume_at{0};  // steady-clock ns before which the loop runs whole
     std::atomic<int64_t> backoff{50'000'000};  // the next pause
@@ -115,13 +128,16 @@ struct SplitState {
 
 class SplitGuard {
 public:
-    SplitGuard(bool may_split, SplitState& state) : may_split_(may_split), state_(state) {}
+    SplitGuard(bool may_split, SplitState& state, SplitMode mode)
+        : may_split_(may_split && mode != SplitMode::kNever), always_(mode == SplitMode::kAlways), state_(state) {}
 
     bool split() const {
+        if (always_) return may_split_;
         return may_split_ && whole_steps_ >= 2 && now_ns() >= state_.resume_at.load(std::memory_order_relaxed);
     }
 
     void record(int64_t elapsed_ns, bool was_split) {
+        if (always_) return;  // pinned: no balance, no pauses
         const bool after_split = last_split_;
         last_split_ = was_split;
         if (!was_split) {
@@ -150,7 +166,7 @@ public:
 
 private:
     static constexpr int64_t kMinBackoff = 50'000'000, kMaxBackoff = 2'000'000'000;
-    bool may_split_;
+    bool may_split_, always_;
     SplitState& state_;
     int64_t whole_ns_ = 0, whole_steps_ = 0, clean_steps_ = 0, balance_ns_ = 0;
     bool last_split_ = false;
@@ -316,7 +332,8 @@ void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const
                 p.a_ih_chunked = p.input_per_step && p.a_ih_step == 0;
                 const float* hs_data = hs.data_ptr<float>();  // [T + 1, B, H] or [2, B, H]
                 const int64_t split_grain = step_grain(B, H, I);
-                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, forward_split[p.save ? 1 : 0]);
+                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, forward_split[p.save ? 1 : 0],
+                                 split_mode());
                 for (int64_t t = 0; t < p.T; ++t) {
                     // (pointer arithmetic: a select() per step went through the dispatcher, 4 % of a
                     // training step at T=64 B=32 H=128)
@@ -409,7 +426,8 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                 // One parallel pass per step: each task first takes its columns of dh from the previous
                 // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
                 const int64_t split_grain = step_grain(B, H, p.I);
-                const bool may_split = at::get_num_threads() > 1 && split_grain < H;
+                const SplitMode mode = split_mode();
+                const bool may_split = at::get_num_threads() > 1 && split_grain < H && mode != SplitMode::kNever;
                 // Where steps may split, the frame-wise step gradients go chunk-major, so that each task
                 // writes one block (row-major, two threads wrote interleaved 256-byte runs of every row, and
                 // a split step cost what a whole one did); the GEMMs over all steps then run per chunk.
@@ -419,12 +437,12 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
                 // and the per-chunk GEMMs' extra element-wise passes wait for descheduled workers
                 // (forward+backward with a busy process 17-19 -> 21-25 ms).
                 constexpr int64_t kGradientChunks = 4;
-                p.da_chunked = may_split && !cores_busy() && p.norm == Normalization::kFrame &&
-                               H <= kGradientChunks * kBlock;
+                p.da_chunked = may_split && (mode == SplitMode::kAlways || !cores_busy()) &&
+                               p.norm == Normalization::kFrame && H <= kGradientChunks * kBlock;
                 const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, p.da_chunked);
                 const float* w = w_pack.data_ptr<float>();
                 const float* da = da_hh.data_ptr<float>();
-                SplitGuard guard(may_split, backward_split);
+                SplitGuard guard(may_split, backward_split, mode);
                 for (int64_t t = p.T - 1; t >= 0; --t) {
                     const bool first = t == p.T - 1;
                     // Without a GEMM to run (the last step), dh already holds dL/dh_n.

@@ -8,6 +8,7 @@ where the extension was not built (``FUSED_BNLSTM_BUILD_EXTENSION=0``).
 """
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -227,14 +228,20 @@ def test_bnlstm_layer_cpp_every_kernel_path_matches_reference(monkeypatch, isa, 
 
 
 @contextlib.contextmanager
-def _at_least_two_threads():
-    # (on a 1-thread setting the step loops never split)
-    threads = torch.get_num_threads()
+def _split_steps():
+    # At least two threads (on one the step loops never split), and splitting pinned on
+    # (FUSED_BNLSTM_CPU_SPLIT=always): left to SplitGuard, a loaded machine would run the steps whole.
+    threads, mode = torch.get_num_threads(), os.environ.get("FUSED_BNLSTM_CPU_SPLIT")
     torch.set_num_threads(max(2, threads))
+    os.environ["FUSED_BNLSTM_CPU_SPLIT"] = "always"
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        if mode is None:
+            del os.environ["FUSED_BNLSTM_CPU_SPLIT"]
+        else:
+            os.environ["FUSED_BNLSTM_CPU_SPLIT"] = mode
 
 
 # H=200: the backward's step gradients chunk-major (at most 4 chunks, csrc/bnlstm_cpu.cpp); 300: row-major
@@ -242,12 +249,11 @@ def _at_least_two_threads():
 @pytest.mark.parametrize("lengths", [None, [5] * 40 + [3] * 24], ids=["full", "lengths"])
 @pytest.mark.parametrize("normalization", ["frame", None])
 def test_bnlstm_layer_cpp_split_steps_match_reference(normalization, lengths, H):
-    # Wide enough that a step's pass splits over threads (when there are two) and the float32 input branch
-    # takes the one GEMM over all steps; long enough that steps split after the two each loop runs whole
-    # (SplitGuard, csrc/bnlstm_cpu.cpp); H past a multiple of the 64-unit chunks, so that the last chunk of
-    # the chunked histories is narrow (StepRows, csrc/bnlstm_kernels.inc).
+    # Wide enough that a step's pass splits over threads and the float32 input branch takes the one GEMM
+    # over all steps; H past a multiple of the 64-unit chunks, so that the last chunk of the chunked
+    # histories is narrow (StepRows, csrc/bnlstm_kernels.inc).
     T, B, I = 5, 64, 50
-    with _at_least_two_threads():
+    with _split_steps():
         pop = population(T, H, normalization, torch.float32)
         inputs = op_inputs(T, B, I, H, lengths, torch.float32)
         ref, ref_stats = run_layer("reference", inputs, lengths, pop, True, normalization)
@@ -266,7 +272,7 @@ def test_bnlstm_layer_cpp_split_steps_inference_matches_reference(normalization,
     # Split steps with nothing saved: the input branch runs inside each step's pass even at I > 16, and
     # without batch statistics each row runs from the gates to h on the stack (csrc/bnlstm.cpp, the kernels).
     T, B, I, H, lengths = 5, 64, 50, 200, [5] * 40 + [3] * 24
-    with _at_least_two_threads():
+    with _split_steps():
         pop = population(T, H, normalization, torch.float32)
         inputs = {k: (v.detach() if v is not None else None)
                   for k, v in op_inputs(T, B, I, H, lengths, torch.float32).items()}
