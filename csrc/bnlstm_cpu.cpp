@@ -99,15 +99,6 @@ int64_t now_ns() {
         .count();
 }
 
-// Whether a step loop splits its steps over threads. Splitting pays on idle cores and ruins a call on busy
-// ones, where a join waits for a descheduled worker for a time slice. On the 2-core Xeon (training forward
-// op, 2 threads, s-MNIST): 102-114 ms whole, 82-90 ms split on a quiet machine, 1243 ms split with one other
-// busy process. So a loop keeps a balance of what its split steps saved or cost against the last step it
-// ran whole (each call runs its first two steps whole for that); when splitting has cost more than two
-// whole steps, every call of that loop (forward saving, forward not saving, backward: each has its own
-// SplitState, as a split can pay in one and not in another) runs whole for a pause (50 ms, doubling with
-// each such loss up to 2 s, halving after 256 split steps without one), then tries again. With the busy
-// process the loops then run within a few percent of whole (csrc/README.md).
 // FUSED_BNLSTM_CPU_SPLIT=always or never pins the step loops' splitting (tests, measurements on a machine of
 // one's own); auto, the default, leaves it to SplitGuard. Read per call.
 enum class SplitMode { kAuto, kAlways, kNever };
@@ -121,6 +112,15 @@ SplitMode split_mode() {
     return SplitMode::kAuto;
 }
 
+// Whether a step loop splits its steps over threads. Splitting pays on idle cores and ruins a call on busy
+// ones, where a join waits for a descheduled worker for a time slice. On the 2-core Xeon (training forward
+// op, 2 threads, s-MNIST): 102-114 ms whole, 82-90 ms split on a quiet machine, 1243 ms split with one other
+// busy process. So a loop keeps a balance of what its split steps saved or cost against the last step it
+// ran whole (each call runs its first two steps whole for that); when splitting has cost more than two
+// whole steps, every call of that loop (forward saving, forward not saving, backward: each has its own
+// SplitState, as a split can pay in one and not in another) runs whole for a pause (50 ms, doubling with
+// each such loss up to 2 s, halving after 256 split steps without one), then tries again. With the busy
+// process the loops then run within a few percent of whole (csrc/README.md).
 struct SplitState {
     std::atomic<int64_t> resume_at{0};  // steady-clock ns before which the loop runs whole
     std::atomic<int64_t> backoff{50'000'000};  // the next pause

@@ -48,9 +48,10 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
     """Fold a call's batch statistics into the running buffers, exactly as BatchNorm1d per slot would.
 
     Step t of the call updates slot ``min(first_slot + t, last)`` if it normalized over at least two rows
-    (``batch.counts[t] >= 2``; its moments are NaN otherwise). In place, and without reading any tensor back
-    to the host (the masks are tensors; only shapes and ``first_slot`` steer Python), so it runs the same on a
-    CUDA graph, a meta-device model, shared memory and under ``torch.compile``.
+    (``batch.counts[t] >= 2``; its moments are NaN otherwise). In place, and without reading any device
+    tensor back to the host (the masks are tensors; shapes, ``first_slot`` and, eagerly, ``batch.counts``, a
+    CPU tensor, steer Python), so it runs the same on a CUDA graph, a meta-device model, shared memory and
+    under ``torch.compile``.
     """
     T = batch.mean_ih.shape[0]
     last = running.count.shape[0] - 1
@@ -63,7 +64,7 @@ def apply_batch_statistics(running: RunningStats, first_slot: int, batch: BatchS
         if not tracing and momentum is not None and once == T and _same_rows(batch.counts):
             _apply_uniform(running, first_slot, batch, float(momentum))
         else:
-            _apply_masked(running, first_slot, once, batch, momentum, tracing)
+            _apply_masked(running, first_slot, once, batch, momentum)
 
 
 def _same_rows(counts: Tensor) -> bool:
@@ -93,7 +94,7 @@ def _apply_uniform(running: RunningStats, first_slot: int, batch: BatchStatistic
     running.count[first_slot:first_slot + T] += 1
 
 
-def _apply_masked(running: RunningStats, first_slot: int, once: int, batch: BatchStatistics, momentum, tracing):
+def _apply_masked(running: RunningStats, first_slot: int, once: int, batch: BatchStatistics, momentum):
     """``apply_batch_statistics`` in general: masks for the steps that did not update, the cumulative
     average (momentum None), and the steps past ``max_length`` folded into the last slot."""
     T = batch.mean_ih.shape[0]
@@ -103,37 +104,27 @@ def _apply_masked(running: RunningStats, first_slot: int, once: int, batch: Batc
     updates = n >= 2  # [T, 1]
     # BatchNorm1d keeps the unbiased variance: biased * n / (n - 1)
     unbias = n / (n - 1).clamp(min=1)  # [T, 1] float64
-    # a fixed momentum and every step of the head updating is one foreach lerp by a scalar over every buffer
-    # (counts is a CPU tensor, so reading it is no device sync; a traced graph keeps the masks)
-    plain = not tracing and momentum is not None and once > 0 and bool(batch.counts[:once].min() >= 2)
     count = running.count
     head = count[first_slot:first_slot + once]
     if momentum is None:
         # cumulative average: a slot's k-th update has factor 1 / k
         factor = 1.0 / (head + 1).unsqueeze(1)  # [once, 1]
-    elif not plain:
+    else:
         factor = torch.full((once, 1), float(momentum), device=device)
-    # the plain head's rows and batch values, lerped in one foreach call after the loop
-    plain_rows, plain_batches = [], []
     for q in running.mean:
         for value, moment in ((running.mean[q], f"mean_{q}"), (running.var[q], f"var_{q}")):
             batch_value = getattr(batch, moment).to(device)
             if moment.startswith("var"):
                 batch_value = batch_value * unbias.to(batch_value.dtype)
-            rows = value[first_slot:first_slot + once]
-            if once and plain:
-                plain_rows.append(rows)
-                plain_batches.append(batch_value[:once].to(value.dtype))
-            elif once:
+            if once:
                 # the buffer's own dtype, as BatchNorm1d; steps that did not update (NaN moments) keep
                 # the slot as it was
+                rows = value[first_slot:first_slot + once]
                 weight = (factor * updates[:once]).to(value.dtype)
                 rows.lerp_(torch.where(updates[:once], batch_value[:once].to(value.dtype), rows), weight)
             if T > once:
                 value[last] = _fold_repeated(value[last], batch_value[once:].to(torch.float64),
                                              updates[once:, 0], momentum, count[last])
-    if plain_rows:
-        torch._foreach_lerp_(plain_rows, plain_batches, float(momentum))
     head += updates[:once, 0]
     if T > once:
         count[last] += updates[once:, 0].sum()

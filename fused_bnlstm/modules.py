@@ -214,7 +214,6 @@ class _PopulationStatsMixin:
             return None
         if self.track_running_stats:
             running = self._running(suffix)
-            idx = slots.to(running.count.device, non_blocking=True)
             if not torch.is_grad_enabled() and slots.device.type == "cpu" and not torch.compiler.is_compiling():
                 first, T = int(slots[0]), slots.shape[0]
                 if int(slots[-1]) - first == T - 1:
@@ -225,6 +224,7 @@ class _PopulationStatsMixin:
                     return Population(**rows)
             # a copy, not a view: the update after the call changes the buffers in place, and a backend's
             # backward may read what it normalized with
+            idx = slots.to(running.count.device, non_blocking=True)
             rows = {f"{s}_{q}": getattr(running, s)[q].index_select(0, idx) for q in self._quantities()
                     for s in ("mean", "var")}
             return Population(**rows)
