@@ -150,8 +150,12 @@ def _setup_context(ctx, inputs, output):
     _, _, _, moments, saved = output
     ctx.mark_non_differentiable(*moments, *saved)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h0, c0, bias, lengths, *saved, *weights, *population)
-    ctx.list_sizes = (len(weights), len(population))
+    # The population's rows only where a step normalized with them (the reference's double backward reads
+    # them there): a training call over full batches keeps none, so the module may hand in views of its
+    # buffers, which its statistics update then changes in place (BNLSTM._population).
+    kept = population if not all(batch_stats) else []
+    ctx.save_for_backward(x, h0, c0, bias, lengths, *saved, *weights, *kept)
+    ctx.list_sizes = (len(weights), len(kept))
     ctx.layer = dict(has_bias=bias is not None, counts=counts, batch_stats=batch_stats,
                      normalization=normalization)
     ctx.eps = eps
@@ -177,7 +181,16 @@ def _reference_grads(ctx, saved: _ForBackward, cotangents, needs_input_grad):
     bn_names = BN_PARAMETERS[normalization]
     weight_ih, weight_hh, *bn = saved.weights
     params = LayerParams(weight_ih, weight_hh, saved.bias, **dict(zip(bn_names, bn)))
-    population = Population(*saved.population) if saved.population else None
+    if saved.population:
+        population = Population(*saved.population)
+    elif normalization is not None:
+        # every step used batch statistics (the forward kept no rows): stand-ins nobody reads
+        T, H = len(ctx.layer["counts"]), saved.h0.shape[1]
+        widths = [4 * H] * 4 + [H] * 2 if normalization == "frame" else [4 * H] * 2
+        population = Population(*[saved.x.new_zeros(1, width).expand(T if normalization == "frame" else 1, width)
+                                  for width in widths])
+    else:
+        population = None
     inputs = LayerInput(x=saved.x, h0=saved.h0, c0=saved.c0, lengths=saved.lengths,
                         counts=tuple(ctx.layer["counts"]), batch_stats=tuple(ctx.layer["batch_stats"]),
                         population=population)
