@@ -118,12 +118,16 @@ SplitMode split_mode() {
 // busy process. So a loop keeps a balance of what its split steps saved or cost against the last step it
 // ran whole (each call runs its first two steps whole for that); when splitting has cost more than two
 // whole steps, every call of that loop (forward saving, forward not saving, backward: each has its own
-// SplitState, as a split can pay in one and not in another) runs whole for a pause (50 ms, doubling with
+// SplitState, as a split can pay in one and not in another) runs whole for a pause (5 ms, doubling with
 // each such loss up to 2 s, halving after 256 split steps without one), then tries again. With the busy
-// process the loops then run within a few percent of whole (csrc/README.md).
+// process the loops then run within a few percent of whole (csrc/README.md). The first pause is short
+// because a quiet machine's one-off stall (a page fault, the workers' first wake-up after
+// torch.set_num_threads) pauses too: at 50 ms that ran ten calls of the default shape whole.
+constexpr int64_t kFirstPause = 5'000'000;  // ns
+
 struct SplitState {
     std::atomic<int64_t> resume_at{0};  // steady-clock ns before which the loop runs whole
-    std::atomic<int64_t> backoff{50'000'000};  // the next pause
+    std::atomic<int64_t> backoff{kFirstPause};  // the next pause
 };
 
 class SplitGuard {
@@ -165,7 +169,7 @@ public:
     }
 
 private:
-    static constexpr int64_t kMinBackoff = 50'000'000, kMaxBackoff = 2'000'000'000;
+    static constexpr int64_t kMinBackoff = kFirstPause, kMaxBackoff = 2'000'000'000;
     bool may_split_, always_;
     SplitState& state_;
     int64_t whole_ns_ = 0, whole_steps_ = 0, clean_steps_ = 0, balance_ns_ = 0;
