@@ -1,6 +1,6 @@
 """GPU measurements beyond ``gpu_check.sh``, for the GPU issues: one prepared script, parts run by name.
 
-    python3 benchmarks/gpu_extra.py mixed memory sweep long --out DIR    # on the GPU machine
+    python3 -m benchmarks.gpu_extra mixed memory sweep long --out DIR    # on the GPU machine, repository root
 
 - ``mixed``: bf16 / fp16 parameters and fp32 parameters under ``torch.autocast``: the output's and the input
   gradient's relative error against float64 (BNLSTM: the reference backend in float64 on the same weights;
@@ -19,6 +19,7 @@ try, so one failure leaves the others' figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -29,10 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.shapes import PRESETS
+from benchmarks.timing import time_one
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import fused_triton
 
-PAPER = {"smnist": (784, 64, 1, 100), "charptb": (100, 64, 50, 1000), "generic": (100, 64, 512, 512)}
+# the paper's shapes, as (T, B, I, H), from the benchmark's presets
+PAPER = {name: dataclasses.astuple(PRESETS[name].shape) for name in ("smnist", "charptb", "generic")}
 LONG = (1_000, 10_000, 100_000)
 DEVICE = "cuda"
 _RESULTS: list[dict] = []
@@ -56,18 +60,14 @@ def record(**row) -> None:
 
 
 def median_ms(call, repeats: int, warmup: int = 3) -> float:
+    """The median of ``repeats`` calls after ``warmup``, in ms, with the benchmark's timer (CUDA events)."""
     if DEVICE == "cpu":
         repeats, warmup = 1, 0
     for _ in range(warmup):
         call()
     sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    device = torch.device(DEVICE)
+    return 1000 * statistics.median(time_one(lambda: None, call, device).wall_s for _ in range(repeats))
 
 
 def sync() -> None:
