@@ -1,13 +1,15 @@
 """Shared by the backend tests: random op inputs, population statistics, and by-name comparison helpers.
 
 Every fused backend is held to the reference the same way: every output, every gradient by name (random
-cotangents on output, h_n and c_n) and the returned batch statistics.
+cotangents on output, h_n and c_n) and the returned batch statistics; as a module, every output, parameter
+gradient and buffer (``twin_modules``, ``assert_modules_agree``).
 """
 
 import os
 
 import torch
 
+from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import LayerConfig, LayerParams, Population, bnlstm_layer
 
 CPU = torch.device("cpu")
@@ -122,6 +124,48 @@ def assert_same_statistics(expected, actual, **tolerance):
         assert not got.requires_grad, name
         # steps that fell back on population statistics carry NaN in both
         torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"stats.{name}: {m}", **tolerance)
+
+
+def twin_modules(backend, *args, **kwargs):
+    """A reference BNLSTM and a ``backend`` one with the same parameters, perturbed from their initial values
+    (``args``, ``kwargs``: BNLSTM's, dtype and device included)."""
+    torch.manual_seed(0)
+    reference = BNLSTM(*args, backend="reference", **kwargs)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    model = BNLSTM(*args, backend=backend, **kwargs)
+    model.load_state_dict(reference.state_dict())
+    return reference, model
+
+
+def module_step(model, run, cotangent_seed=3):
+    """``run(model)`` -> tensors, then the gradient of every parameter of a random projection of those that
+    require grad: {"output[k]": tensor, "d<parameter name>": gradient}."""
+    outputs = run(model)
+    results = {f"output[{k}]": value for k, value in enumerate(outputs)}
+    differentiable = [value for value in outputs if value.requires_grad]
+    if differentiable:
+        g = torch.Generator().manual_seed(cotangent_seed)
+        loss = sum((torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) * v).sum() for v in differentiable)
+        names, params = zip(*model.named_parameters())
+        results.update({f"d{name}": grad for name, grad in zip(names, torch.autograd.grad(loss, params))})
+    return results
+
+
+def assert_modules_agree(reference, model, run, cotangent_seed=3, **tolerance):
+    """``run``'s outputs, every parameter's gradient and every buffer of ``model`` against ``reference``'s
+    (``TOLERANCES`` of the outputs' dtype unless given); ``run`` updates the running buffers in training."""
+    want, got = module_step(reference, run, cotangent_seed), module_step(model, run, cotangent_seed)
+    tolerance = tolerance or TOLERANCES[want["output[0]"].dtype]
+    for name in want:
+        assert_close_by_name(got[name], want[name], name, **tolerance)
+    buffers = dict(model.named_buffers())
+    for name, buffer in reference.named_buffers():
+        if buffer.is_floating_point():
+            assert_close_by_name(buffers[name], buffer, name, **tolerance)
+        else:
+            assert torch.equal(buffers[name].cpu(), buffer.cpu()), name
 
 
 def has_nvidia_toolchain() -> bool:

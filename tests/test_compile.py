@@ -46,12 +46,10 @@ def _assert_same_training_step(compiled, model, twin, x):
         torch.testing.assert_close(b, c, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_registered_op_passes_opcheck(backend):
-    if not backend_available(backend, CPU)[0]:
-        pytest.skip(backend_available(backend, CPU)[1])
+def _opcheck_layer_arguments(T=3, B=3, I=2, H=4):
+    """x, h0, c0, params (weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, no weight_hr),
+    lengths and frame-wise population rows for the registered ops, float64 (the interpreter runs it too)."""
     g = torch.Generator().manual_seed(0)
-    T, B, I, H = 3, 3, 2, 4
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -61,10 +59,32 @@ def test_registered_op_passes_opcheck(backend):
               torch.empty(0, dtype=torch.float64)]
     population = [rand(T, 4 * H), rand(T, 4 * H).abs() + 0.5, rand(T, 4 * H), rand(T, 4 * H).abs() + 0.5,
                   rand(T, H), rand(T, H).abs() + 0.5]
+    # no step with fewer than two rows: the NaN rows of the returned statistics never compare equal
+    return rand(T, B, I).requires_grad_(), rand(B, H), rand(B, H), params, torch.tensor([3, 3, 2]), population
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_op_passes_opcheck(backend):
+    x, h0, c0, params, lengths, population = _opcheck_layer_arguments()
     for use_batch_stats in (True, False):
-        args = (rand(T, B, I).requires_grad_(), rand(B, H), rand(B, H), params, torch.tensor([3, 3, 2]), population,
-                "frame", 1e-5, use_batch_stats, backend)  # no fallback step: NaN rows never compare equal
+        args = (x, h0, c0, params, lengths, population, "frame", 1e-5, use_batch_stats, backend)
         torch.library.opcheck(registered.layer, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_backward_op_passes_opcheck(backend):
+    x, h0, c0, params, lengths, population = _opcheck_layer_arguments()
+    T, B, H = x.shape[0], x.shape[1], h0.shape[1]
+    g = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(T, B, H, generator=g, dtype=torch.float64),
+                  torch.randn(B, H, generator=g, dtype=torch.float64),
+                  torch.randn(B, H, generator=g, dtype=torch.float64)]
+    for use_batch_stats in (True, False):
+        args = (cotangents, x.detach(), h0, c0, [p.detach() for p in params], lengths, population, "frame", 1e-5,
+                use_batch_stats, backend)
+        grads = registered.layer_backward(*args)
+        assert len(grads) == 3 + len(params) and grads[0].shape == x.shape
+        torch.library.opcheck(registered.layer_backward, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,25 +16,18 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import LayerConfig, LayerParams, backend_available, bnlstm_layer
-from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, call_layer,
-                         compare_with_reference, op_inputs, population, run_layer)
+from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_modules_agree, assert_same_statistics,
+                         call_layer, compare_with_reference, op_inputs, population, run_layer, twin_modules)
 
 _built, _why = backend_available("cpp", CPU)
 pytestmark = pytest.mark.skipif(not _built, reason=f"fused_bnlstm._C is not built here: {_why}")
 
 
 @pytest.fixture(autouse=True)
-def nan_poisoned_buffers(monkeypatch):
-    """The extension's buffers (its workspace cache included) and torch.empty / empty_like hand out
+def nan_poisoned_buffers(monkeypatch, nan_poisoned_empty):
+    """The extension's buffers (its workspace cache included), as torch.empty / empty_like (conftest), hand out
     NaN-filled float tensors, so an element no kernel wrote shows up."""
     monkeypatch.setenv("FUSED_BNLSTM_CPU_POISON", "1")
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(tensor):
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 SHAPES = [
     pytest.param(1, 2, 1, 3, None, id="T1-B2-I1-H3"),
@@ -436,41 +429,10 @@ def test_cpp_backend_reports_devices_it_cannot_run_on():
 # --- the module end to end --------------------------------------------------------------------------------
 
 
-def twin_modules(*args, **kwargs):
-    """A reference BNLSTM and a cpp BNLSTM with the same (perturbed) parameters, float64."""
-    torch.manual_seed(0)
-    ref = BNLSTM(*args, backend="reference", dtype=torch.float64, **kwargs)
-    with torch.no_grad():
-        for param in ref.parameters():
-            param.add_(0.2 * torch.randn_like(param))
-    cpp = BNLSTM(*args, backend="cpp", dtype=torch.float64, **kwargs)
-    cpp.load_state_dict(ref.state_dict())
-    return ref, cpp
-
-
-def assert_modules_agree(ref, cpp, run, **tolerance):
-    """Run ``run(module)`` -> tensors on both; compare the outputs, every parameter gradient and buffer."""
-    tolerance = tolerance or TOLERANCES[torch.float64]
-    out_ref, out_cpp = run(ref), run(cpp)
-    for k, (a, b) in enumerate(zip(out_ref, out_cpp)):
-        assert_close_by_name(b, a, f"output[{k}]", **tolerance)
-    g = torch.Generator().manual_seed(3)
-    cotangents = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a in out_ref]
-    if any(a.requires_grad for a in out_ref):
-        torch.autograd.backward([a for a in out_ref], cotangents)
-        torch.autograd.backward([b for b in out_cpp], cotangents)
-        for (name, p_ref), (_, p_cpp) in zip(ref.named_parameters(), cpp.named_parameters()):
-            assert_close_by_name(p_cpp.grad, p_ref.grad, f"d{name}", **tolerance)
-    for (name, b_ref), (_, b_cpp) in zip(ref.named_buffers(), cpp.named_buffers()):
-        if b_ref.is_floating_point():
-            assert_close_by_name(b_cpp, b_ref, name, **tolerance)
-        else:
-            assert torch.equal(b_cpp, b_ref), name
-
-
 @pytest.mark.parametrize("normalization", ["frame", "sequence", None])
 def test_bnlstm_cpp_bidirectional_two_layers_packed(normalization):
-    ref, cpp = twin_modules(5, 6, num_layers=2, bidirectional=True, normalization=normalization)
+    ref, cpp = twin_modules("cpp", 5, 6, num_layers=2, bidirectional=True, normalization=normalization,
+                            dtype=torch.float64)
     lengths = [5, 2, 4, 3]
     x = torch.randn(5, 4, 5, dtype=torch.float64)
     h0 = torch.randn(4, 4, 6, dtype=torch.float64)
@@ -487,7 +449,7 @@ def test_bnlstm_cpp_bidirectional_two_layers_packed(normalization):
 
 
 def test_bnlstm_cpp_running_statistics_after_training_steps():
-    ref, cpp = twin_modules(3, 8, num_layers=2, max_length=5, momentum=None)
+    ref, cpp = twin_modules("cpp", 3, 8, num_layers=2, max_length=5, momentum=None, dtype=torch.float64)
     torch.manual_seed(1)
     batches = [torch.randn(7, 4, 3, dtype=torch.float64) for _ in range(2)]
     for k, x in enumerate(batches):
@@ -499,7 +461,7 @@ def test_bnlstm_cpp_running_statistics_after_training_steps():
 
 
 def test_bnlstm_cpp_batch_first_unbatched_and_time_offset():
-    ref, cpp = twin_modules(4, 5, batch_first=True, normalization="frame")
+    ref, cpp = twin_modules("cpp", 4, 5, batch_first=True, normalization="frame", dtype=torch.float64)
     x = torch.randn(3, 6, 4, dtype=torch.float64).requires_grad_()
     assert_modules_agree(ref, cpp, lambda m: (m(x, time_offset=2)[0],))
     ref.eval()

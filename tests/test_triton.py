@@ -17,12 +17,13 @@ import textwrap
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import Population, backend_available
-from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_same_statistics, call_layer,
-                         compare_with_reference, has_nvidia_toolchain, op_inputs, population, run_layer)
+from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_modules_agree, assert_same_statistics,
+                         call_layer, compare_with_reference, has_nvidia_toolchain, module_step, op_inputs, population,
+                         run_layer, twin_modules)
 
 _cpu_ok, _cpu_reason = backend_available("triton", CPU)
 requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
@@ -472,107 +473,83 @@ def test_bnlstm_layer_triton_graph_capture_refused_launches_steps(monkeypatch):
         compare_repeated_calls("frame", True, ([4, 1, 3], [4, 4, 2], [2, 4, 4]))
 
 
-def _module_pair(normalization="frame", **kwargs):
-    torch.manual_seed(0)
-    reference = BNLSTM(normalization=normalization, backend="reference", **kwargs)
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.add_(0.2 * torch.randn_like(param))
-    triton_model = BNLSTM(normalization=normalization, backend="triton", **kwargs)
-    triton_model.load_state_dict(reference.state_dict())
-    return reference, triton_model
-
-
-def _module_step(model, x, cotangent_seed=3, hx=None, time_offset=0):
-    out, (h_n, c_n) = model(x, hx, time_offset=time_offset)
-    data = out.data if hasattr(out, "batch_sizes") else out
-    g = torch.Generator().manual_seed(cotangent_seed)
-    loss = sum((torch.randn(v.shape, generator=g).to(v) * v).sum() for v in (data, h_n, c_n))
-    names = [n for n, p in model.named_parameters()]
-    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
-    results = {"output": data, "h_n": h_n, "c_n": c_n}
-    results.update({f"d{n}": grad for n, grad in zip(names, grads)})
-    return results
-
-
-def _assert_modules_agree(reference, triton_model, x, **kwargs):
-    ref = _module_step(reference, x, **kwargs)
-    tri = _module_step(triton_model, x, **kwargs)
-    for name in ref:
-        assert_close_by_name(tri[name], ref[name], name, **TOLERANCES[torch.float32])
-    buffers = dict(triton_model.named_buffers())
-    for name, buffer in reference.named_buffers():
-        assert_close_by_name(buffers[name], buffer, name, **TOLERANCES[torch.float32])
+def _step(x, hx=None, time_offset=0):
+    """``run`` for assert_modules_agree: output (a PackedSequence's data), h_n and c_n of model(x, hx)."""
+    def run(model):
+        out, (h_n, c_n) = model(x, hx, time_offset=time_offset)
+        return (out.data if isinstance(out, PackedSequence) else out), h_n, c_n
+    return run
 
 
 @requires_interpreter
 def test_bnlstm_module_triton_bidirectional_two_layers_packed():
-    reference, triton_model = _module_pair(input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+    reference, triton_model = twin_modules("triton", input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
     lengths = torch.tensor([4, 6, 2])
     x = torch.randn(6, 3, 3) * (torch.arange(6).unsqueeze(1) < lengths).unsqueeze(2)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     # a training step (running statistics updated from the kernels' batch statistics), then eval
-    _assert_modules_agree(reference, triton_model, packed)
+    assert_modules_agree(reference, triton_model, _step(packed))
     reference.eval()
     triton_model.eval()
-    _assert_modules_agree(reference, triton_model, packed)
+    assert_modules_agree(reference, triton_model, _step(packed))
 
 
 @requires_interpreter
 @pytest.mark.parametrize("normalization", ["sequence", None], ids=["sequence", "plain"])
 def test_bnlstm_module_triton_batch_first_other_normalizations(normalization):
-    reference, triton_model = _module_pair(normalization, input_size=2, hidden_size=3, batch_first=True)
+    reference, triton_model = twin_modules("triton", input_size=2, hidden_size=3, batch_first=True,
+                                           normalization=normalization)
     x = torch.randn(3, 5, 2)
-    _assert_modules_agree(reference, triton_model, x)
+    assert_modules_agree(reference, triton_model, _step(x))
 
 
 @requires_interpreter
 def test_bnlstm_module_triton_without_running_stats():
     # track_running_stats=False: batch statistics in eval too, identity fallback where one row runs
-    reference, triton_model = _module_pair(input_size=2, hidden_size=3, track_running_stats=False)
+    reference, triton_model = twin_modules("triton", input_size=2, hidden_size=3, track_running_stats=False)
     lengths = torch.tensor([5, 2, 3])
     x = torch.randn(5, 3, 2) * (torch.arange(5).unsqueeze(1) < lengths).unsqueeze(2)
     reference.eval()
     triton_model.eval()
-    _assert_modules_agree(reference, triton_model, pack_padded_sequence(x, lengths, enforce_sorted=False))
+    assert_modules_agree(reference, triton_model, _step(pack_padded_sequence(x, lengths, enforce_sorted=False)))
 
 
 @requires_interpreter
 def test_bnlstm_module_triton_unbatched_eval():
-    reference, triton_model = _module_pair(input_size=2, hidden_size=3)
+    reference, triton_model = twin_modules("triton", input_size=2, hidden_size=3)
     x = torch.randn(4, 2)
     batch = torch.randn(4, 3, 2)
-    _module_step(reference, batch)
-    _module_step(triton_model, batch)
+    module_step(reference, _step(batch))
+    module_step(triton_model, _step(batch))
     reference.eval()
     triton_model.eval()
-    _assert_modules_agree(reference, triton_model, x)
+    assert_modules_agree(reference, triton_model, _step(x))
 
 
 @requires_interpreter
 def test_bnlstm_module_triton_graph_replay_bidirectional(fake_graphs):
     # both directions (one key) hold workspaces of their own until their backward has run
-    reference, triton_model = _module_pair(input_size=2, hidden_size=3, bidirectional=True)
+    reference, triton_model = twin_modules("triton", input_size=2, hidden_size=3, bidirectional=True)
     for seed in range(3):
         torch.manual_seed(seed)
         lengths = torch.tensor([4, 2, 3])
         x = torch.randn(4, 3, 2) * (torch.arange(4).unsqueeze(1) < lengths).unsqueeze(2)
-        _assert_modules_agree(reference, triton_model, pack_padded_sequence(x, lengths, enforce_sorted=False),
-                              cotangent_seed=seed)
+        assert_modules_agree(reference, triton_model, _step(pack_padded_sequence(x, lengths, enforce_sorted=False)),
+                             cotangent_seed=seed)
     assert fake_graphs
 
 
 @requires_interpreter
 def test_bnlstm_module_triton_time_offset_chunks():
-    reference, triton_model = _module_pair(input_size=2, hidden_size=3, max_length=5)
+    reference, triton_model = twin_modules("triton", input_size=2, hidden_size=3, max_length=5)
     x = torch.randn(3, 2, 2)
     hx = (torch.randn(1, 2, 3), torch.randn(1, 2, 3))
-    _assert_modules_agree(reference, triton_model, x, hx=hx, time_offset=3)
+    assert_modules_agree(reference, triton_model, _step(x, hx=hx, time_offset=3))
 
 
 @requires_interpreter
 def test_bnlstm_module_triton_matches_padded_output():
-    reference, triton_model = _module_pair(input_size=2, hidden_size=3, num_layers=1)
+    reference, triton_model = twin_modules("triton", input_size=2, hidden_size=3, num_layers=1)
     lengths = torch.tensor([2, 5, 5])
     x = torch.randn(5, 3, 2) * (torch.arange(5).unsqueeze(1) < lengths).unsqueeze(2)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -603,16 +580,16 @@ def test_bnlstm_module_triton_variant_persistent(monkeypatch):
 
     monkeypatch.setenv(fused_triton.VARIANT_ENV, "persistent")
     counter = _count_variant_launches(monkeypatch)
-    reference, triton_model = _module_pair(input_size=3, hidden_size=5, bidirectional=True)
+    reference, triton_model = twin_modules("triton", input_size=3, hidden_size=5, bidirectional=True)
     # one row left at the last step: its statistics fall back to the population's
     lengths = torch.tensor([4, 1, 3])
     x = torch.randn(4, 3, 3) * (torch.arange(4).unsqueeze(1) < lengths).unsqueeze(2)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-    _assert_modules_agree(reference, triton_model, packed)
+    assert_modules_agree(reference, triton_model, _step(packed))
     assert counter == {"bnlstm_persistent_fwd_kernel": 2, "bnlstm_persistent_bwd_kernel": 2}
     reference.eval()
     triton_model.eval()
-    _assert_modules_agree(reference, triton_model, packed)
+    assert_modules_agree(reference, triton_model, _step(packed))
     assert counter == {"bnlstm_persistent_fwd_kernel": 4, "bnlstm_persistent_bwd_kernel": 4}
 
 
@@ -707,7 +684,7 @@ def test_bnlstm_layer_triton_float16_error(T, B, I, H, lengths, normalization, u
 @requires_interpreter
 def test_bnlstm_module_triton_autocast_float16():
     # under autocast the op computes in autocast's dtype, as nn.LSTM does; running statistics stay float32
-    reference, triton_model = _module_pair(input_size=3, hidden_size=8)
+    reference, triton_model = twin_modules("triton", input_size=3, hidden_size=8)
     exact = BNLSTM(3, 8, backend="reference", dtype=torch.float64)
     exact.load_state_dict(reference.state_dict())
     x = torch.randn(5, 3, 3)
@@ -832,12 +809,13 @@ def test_bnlstm_layer_triton_cuda_deterministic(no_tf32):
 
 @requires_cuda
 def test_bnlstm_module_triton_cuda_bidirectional(no_tf32):
-    reference, triton_model = _module_pair(input_size=16, hidden_size=64, num_layers=2, bidirectional=True)
+    reference, triton_model = twin_modules("triton", input_size=16, hidden_size=64, num_layers=2, bidirectional=True)
     reference.to(CUDA)
     triton_model.to(CUDA)
     lengths = torch.tensor([9, 3, 12, 12, 7])
     x = torch.randn(12, 5, 16) * (torch.arange(12).unsqueeze(1) < lengths).unsqueeze(2)
-    _assert_modules_agree(reference, triton_model, pack_padded_sequence(x.to(CUDA), lengths, enforce_sorted=False))
+    packed = pack_padded_sequence(x.to(CUDA), lengths, enforce_sorted=False)
+    assert_modules_agree(reference, triton_model, _step(packed))
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
