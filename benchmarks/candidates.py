@@ -94,6 +94,7 @@ class Candidate:
     normalization: str | None = None  # "frame" or None
     precision: Precision = PRECISIONS["fp32"]
     variant: Variant | None = None
+    auto_pick: bool = False  # the variant the backend's own heuristic runs at this shape, device and precision
 
     @property
     def norm_label(self) -> str:
@@ -183,6 +184,28 @@ def _backend_rows(name: str, device: torch.device, backends: list[str] | None) -
     return ok, reason
 
 
+def auto_variant(backend: str, device: torch.device, shape: Shape, precision: Precision) -> str | None:
+    """The ``VARIANTS`` name a backend runs by default (its switches unset) at this shape: for Triton,
+    ``fused_triton.variant``'s heuristic, and graph replay where it is on by default (CUDA)."""
+    if backend != "triton":
+        return None
+    from fused_bnlstm.ops import fused_triton
+
+    with _environment_unset(fused_triton.VARIANT_ENV, fused_triton.GRAPHS_ENV):
+        kernels = fused_triton.variant(shape.B, shape.H, precision.dtype, device)
+        graphs = fused_triton._graphs_enabled(device)
+    return "persistent" if kernels == "persistent" else "step-graph" if graphs else "step"
+
+
+@contextlib.contextmanager
+def _environment_unset(*names: str):
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def discover(device: torch.device, shape: Shape, *, compile_mode: str = "auto",
              backends: list[str] | None = None, include_none: bool = True,
              precisions: list[Precision] | None = None, triton_variants: list[str] | None = None,
@@ -217,8 +240,9 @@ def discover(device: torch.device, shape: Shape, *, compile_mode: str = "auto",
                 for norm in normalizations:
                     key = "-".join(["bnlstm", name] + ([variant.name] if variant else [])
                                    + ["none" if norm is None else norm, precision.name])
+                    picked = variant is not None and variant.name == auto_variant(name, device, shape, precision)
                     candidates.append(Candidate(key, label, "bnlstm", backend=name, normalization=norm,
-                                                precision=precision, variant=variant))
+                                                precision=precision, variant=variant, auto_pick=picked))
 
     label = "torch.compile(BNLSTM reference)"
     if compile_mode == "off":

@@ -187,6 +187,7 @@ def _row(candidate: Candidate, mode: str, status: str = "ok", error: str | None 
         "kind": candidate.kind,
         "backend": candidate.backend,
         "variant": candidate.variant.name if candidate.variant else None,
+        "auto_pick": candidate.auto_pick,
         "normalization": candidate.normalization,
         "normalization_label": candidate.norm_label if candidate.kind != "lstm" else "none",
         "precision": candidate.precision.name,

@@ -87,7 +87,8 @@ def kernel_notes(kernels: list[dict] | None) -> str:
     """What a row's kernel names say, read by pattern: "cuDNN persistent RNN" for cuDNN's persistent
     kernels, and the GEMM math seen (a guess from names; the names themselves are printed beside it)."""
     names = [k["name"].lower() for k in kernels or []]
-    notes = ["cuDNN persistent RNN"] if any("persist" in name for name in names) else []
+    # (our own persistent kernels are named bnlstm_persistent_*)
+    notes = ["cuDNN persistent RNN"] if any("persist" in name and "bnlstm" not in name for name in names) else []
     for name in names:
         math = _math_of(name)
         if math and math not in notes:
@@ -114,7 +115,8 @@ def format_table(record: dict) -> str:
             continue
         lines += ["", f"{mode}:", "", header, rule]
         for r in rows:
-            lead = f"| {r['implementation']} | {r['normalization_label']} | {r.get('precision', '-')} | "
+            implementation = r["implementation"] + (" *" if r.get("auto_pick") else "")
+            lead = f"| {implementation} | {r['normalization_label']} | {r.get('precision', '-')} | "
             if r["status"] != "ok":
                 lines.append(lead + f"{r['status']}: {r['error']} |" + " |" * (len(columns) - 4))
                 continue
@@ -124,6 +126,8 @@ def format_table(record: dict) -> str:
             cells += [_fmt(r.get("peak_rss_mib"), ".1f")] if cpu else []
             cells += [_fmt(r["ratio_vs_lstm"], ".2f"), _fmt(r["ratio_vs_reference"], ".2f")]
             lines.append(lead + " | ".join(cells) + " |")
+    if any(r.get("auto_pick") for r in record["results"]):
+        lines += ["", "rows marked *: the variant the backend runs by default here (its heuristic, its switches unset)"]
     kernel_rows = [r for r in record["results"] if r.get("kernels")]
     if kernel_rows:
         lines += ["", "kernels (one profiled call; the top by self time, share of it):"]

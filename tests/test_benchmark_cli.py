@@ -147,6 +147,14 @@ def test_gpu_check_command_line_runs_on_cpu(tmp_path):
     # the reference runs at the first precision only
     assert {r["precision"] for r in results if r["backend"] == "reference"} == {"fp32"}
     assert all(r["kernels"] for r in results if r["kind"] == "lstm" and r["status"] == "ok")
+    # the heuristic's choice per row: off CUDA the per-step launches, marked in the table
+    assert {r["variant"] for r in triton if r["auto_pick"]} == {"step"}
+    assert not any(r["auto_pick"] for r in results if r["backend"] != "triton")
+    from benchmarks.report import format_table
+
+    table = format_table(record)
+    assert "BNLSTM triton (per-step launches) *" in table and "rows marked *" in table
+    assert "BNLSTM triton (persistent kernels) *" not in table
 
 
 def test_presets_threads_and_time_budget(tmp_path):
@@ -211,6 +219,7 @@ def test_kernel_notes_read_cudnn_and_cublas_names():
     assert "bf16" in kernel_notes([{"name": "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_tn"}])
     assert kernel_notes([{"name": "ampere_sgemm_128x64_tn"}]) == "fp32 FMA GEMM"
     assert kernel_notes(None) == ""
+    assert kernel_notes([{"name": "bnlstm_persistent_fwd_kernel"}]) == ""  # ours, not cuDNN's
 
 
 def test_report_compare_puts_records_side_by_side(tmp_path):
