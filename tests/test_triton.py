@@ -803,6 +803,37 @@ def test_bnlstm_layer_triton_cuda_inside_user_graph(no_tf32):
 
 
 @requires_cuda
+def test_bnlstm_module_triton_cuda_inside_user_graph(no_tf32):
+    """A BNLSTM module captured in a caller's torch.cuda.graph: a training forward (its running-statistics
+    update recorded too, as BatchNorm's is) and eval, replayed on new inputs, equal an eager twin's calls."""
+    reference, captured = twin_modules("triton", input_size=16, hidden_size=32, max_length=12)
+    reference.to(CUDA)
+    captured.to(CUDA)
+    static_x = torch.randn(12, 8, 16, device=CUDA)
+    for training in (True, False):
+        for model in (reference, captured):
+            model.train(training)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            captured(static_x)  # warm-up outside the capture (compiles, allocates), as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(side)
+        reference.load_state_dict(captured.state_dict())
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = captured(static_x)[0]
+        reference.load_state_dict(captured.state_dict())  # the capture ran no kernel; keep both equal anyway
+        for seed in (1, 2):
+            static_x.copy_(torch.randn(12, 8, 16, generator=torch.Generator().manual_seed(seed)).to(CUDA))
+            graph.replay()
+            with torch.no_grad():
+                expected = reference(static_x)[0]
+            assert_close_by_name(static_out, expected, f"output (training={training})", **TOLERANCES[torch.float32])
+            for (name, want), got in zip(reference.named_buffers(), captured.buffers()):
+                assert_close_by_name(got.float(), want.float(), name, **TOLERANCES[torch.float32])
+
+
+@requires_cuda
 def test_bnlstm_layer_triton_cuda_deterministic(no_tf32):
     assert_deterministic(CUDA, 16, 8, 32, 64, [16, 12, 1, 16, 9, 3, 16, 8])
 
