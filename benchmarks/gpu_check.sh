@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One prepared device call for the Triton backends (no network needed), under 9 minutes of wall time on an
-# H100/H200: every phase runs under `timeout`, and the limits add up to 515 s (tests/test_benchmark_cli.py
+# H100/H200: every phase runs under `timeout`, and the limits add up to 539 s (tests/test_benchmark_cli.py
 # checks the sum), so a hang in one phase still leaves the others' results.
 #   1. machine: card, driver, versions                                           (timeout 10 + 10 s)
 #   2. install the package against the machine's torch (no build isolation, no deps, no extension build)
 #                                                                                (timeout  30 s)
-#   3. compile check + the CUDA test tier of tests/test_triton.py                (timeout 150 s)
+#   3. compile check + the CUDA test tier of tests/test_triton.py                (timeout 144 s)
 #      and of tests/test_triton_persistent.py                                    (timeout  60 s)
+#      and tests/test_compile.py's (opcheck, fullgraph compile on the GPU)       (timeout  30 s)
 #   4. `python -m benchmarks` at the s-MNIST, char-PTB and generic presets       (timeout 95 + 80 + 80 s)
 #      (--time-budget 25 s under each: rows not reached are reported skipped and the records still written):
 #      every registered Triton variant (benchmarks/candidates.py VARIANTS: per-step launches, persistent
@@ -14,7 +15,7 @@
 #      fp32, in forward+backward, training forward and eval forward, naming the kernels each row ran (cuDNN
 #      algorithm, tensor-core math).
 # Everything lands in $OUT (default ./gpu_out): machine.txt, install.log, pytest.log, pytest_persistent.log,
-# bench_<preset>.log, bench/<preset>_cuda_*.{json,csv,png}, and bench.md (every table).
+# pytest_compile.log, bench_<preset>.log, bench/<preset>_cuda_*.{json,csv,png}, and bench.md (every table).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, on the GPU machine
 set -uo pipefail
@@ -60,8 +61,9 @@ tests() {  # tests FILE LIMIT_S LOG
   tail -n 25 "$OUT/$log"
   [ "$rc" -ne 0 ] && status=1
 }
-tests tests/test_triton.py 150 pytest.log
+tests tests/test_triton.py 144 pytest.log
 tests tests/test_triton_persistent.py 60 pytest_persistent.log
+tests tests/test_compile.py::test_cuda_triton_ops_pass_opcheck_and_compile_fullgraph 30 pytest_compile.log
 
 bench() {  # bench PRESET LIMIT_S: one preset under a hard limit, with a soft budget 25 s under it (startup and the row in flight)
   local preset=$1 limit=$2

@@ -107,13 +107,17 @@ def test_gpu_check_script_parses_and_its_time_limits_add_up_to_under_9_minutes()
     limits = [int(v) for line in code for v in re.findall(r"(?<![\w-])timeout (\d+)", line)]
     # the script's own functions, each a `timeout` inside: tests FILE LIMIT LOG, bench PRESET LIMIT
     limits += [int(v) for line in code for v in re.findall(r"^(?:tests|bench) \S+ (\d+)\b", line)]
-    # two timeouts in the machine block, install, two test files, three presets
-    assert len(limits) == 8, limits
+    # two timeouts in the machine block, install, three test runs, three presets
+    assert len(limits) == 9, limits
     assert sum(limits) < 9 * 60, limits
     for preset in ("smnist", "charptb", "generic"):
         assert re.search(rf"^bench {preset} \d+$", text, re.MULTILINE)
-    for tests in ("tests/test_triton.py", "tests/test_triton_persistent.py"):
-        assert re.search(rf"^tests {tests} \d+ ", text, re.MULTILINE)
+    compile_tier = "tests/test_compile.py::test_cuda_triton_ops_pass_opcheck_and_compile_fullgraph"
+    for tests in ("tests/test_triton.py", "tests/test_triton_persistent.py", compile_tier):
+        assert re.search(rf"^tests {re.escape(tests)} \d+ ", text, re.MULTILINE)
+    path, name = compile_tier.split("::")
+    with open(os.path.join(ROOT, path)) as handle:
+        assert f"def {name}(" in handle.read()
     assert "gpu_triton_bench" not in text
 
 

@@ -13,6 +13,9 @@ from fused_bnlstm.ops import backend_available
 from fused_bnlstm.ops import registered
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and backend_available("triton", CUDA)[0]),
+                                   reason="needs a CUDA GPU with the Triton backend")
 FUSED = [pytest.param(name, id=name, marks=pytest.mark.skipif(not backend_available(name, CPU)[0],
                                                              reason=backend_available(name, CPU)[1]))
          for name in ("cpp", "triton")]
@@ -46,17 +49,18 @@ def _assert_same_training_step(compiled, model, twin, x):
         torch.testing.assert_close(b, c, msg=lambda m: f"{name}: {m}")
 
 
-def _opcheck_layer_arguments(T=3, B=3, I=2, H=4):
+def _opcheck_layer_arguments(T=3, B=3, I=2, H=4, device=CPU, dtype=torch.float64):
     """x, h0, c0, params (weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, no weight_hr),
-    lengths and frame-wise population rows for the registered ops, float64 (the interpreter runs it too)."""
+    lengths and frame-wise population rows for the registered ops (float64 on the CPU: the interpreter runs
+    it too)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
 
     params = [rand(4 * H, I).requires_grad_(), rand(4 * H, H).requires_grad_(), rand(4 * H).requires_grad_(),
               *[(0.5 + rand(w).abs()).requires_grad_() for w in (4 * H, 4 * H, H)], rand(H).requires_grad_(),
-              torch.empty(0, dtype=torch.float64)]
+              torch.empty(0, device=device, dtype=dtype)]
     population = [rand(T, 4 * H), rand(T, 4 * H).abs() + 0.5, rand(T, 4 * H), rand(T, 4 * H).abs() + 0.5,
                   rand(T, H), rand(T, H).abs() + 0.5]
     # no step with fewer than two rows: the NaN rows of the returned statistics never compare equal
@@ -85,6 +89,32 @@ def test_registered_backward_op_passes_opcheck(backend):
         grads = registered.layer_backward(*args)
         assert len(grads) == 3 + len(params) and grads[0].shape == x.shape
         torch.library.opcheck(registered.layer_backward, args)
+
+
+@requires_cuda
+def test_cuda_triton_ops_pass_opcheck_and_compile_fullgraph(no_tf32):
+    """The CUDA tier (benchmarks/gpu_check.sh runs this file): both registered ops through opcheck on the GPU's
+    Triton kernels, and a fullgraph compile of a BNLSTM, AOT autograd and Inductor, equal to eager."""
+    x, h0, c0, params, lengths, population = _opcheck_layer_arguments(device=CUDA, dtype=torch.float32)
+    T, B, H = x.shape[0], x.shape[1], h0.shape[1]
+    cotangents = [torch.randn(T, B, H, device=CUDA), torch.randn(B, H, device=CUDA), torch.randn(B, H, device=CUDA)]
+    for use_batch_stats in (True, False):
+        torch.library.opcheck(registered.layer, (x, h0, c0, params, lengths, population, "frame", 1e-5,
+                                                 use_batch_stats, "triton"))
+        torch.library.opcheck(registered.layer_backward, (cotangents, x.detach(), h0, c0, [p.detach() for p in params],
+                                                          lengths, population, "frame", 1e-5, use_batch_stats,
+                                                          "triton"))
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        model, twin = _twins("triton")
+        model.to(CUDA)
+        twin.to(CUDA)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        _assert_same_training_step(compiled, model, twin, torch.randn(5, 3, 3, device=CUDA))
+        model.eval()
+        twin.eval()
+        x_eval = torch.randn(5, 3, 3, device=CUDA)
+        torch.testing.assert_close(compiled(x_eval)[0], twin(x_eval)[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -634,15 +634,6 @@ CUDA_CASES = [
 LOW_PRECISION_CASES = CUDA_CASES[:1] + CUDA_CASES[2:4]
 
 
-@pytest.fixture
-def no_tf32():
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
 @requires_cuda
 @pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES)
 def test_bnlstm_layer_triton_cuda_float32(no_tf32, T, B, I, H, lengths, normalization, use_batch_stats):
