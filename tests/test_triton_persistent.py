@@ -73,8 +73,17 @@ BLOCK_CASES = [
     pytest.param(4, 3, 5, 40, [4, 3, 2], "frame", True, id="B3-T4-I5-H40-frame-train-varlen"),
     pytest.param(4, 2, 1, 24, None, "frame", False, id="B2-T4-I1-H24-frame-eval"),
     pytest.param(4, 3, 5, 40, [4, 1, 2], "sequence", True, id="B3-T4-I5-H40-sequence-train-varlen"),
-    # (H <= 16 would be one block, which the kernels keep in registers: the "registers" form)
     pytest.param(2, 5, 1, 24, None, None, True, id="B5-T2-I1-H24-plain"),
+]
+
+# one 16-unit block (H <= 16) and one program: the path where every program owns one block (OWN_BLOCK, the
+# grid form's at the paper shapes on an H100), its states and sums carried in registers across the loop
+OWN_BLOCK_CASES = [
+    pytest.param(7, 3, 5, 14, [7, 1, 4], "frame", True, id="B3-T7-I5-H14-frame-train-varlen-tail1"),
+    pytest.param(4, 5, 1, 8, None, "frame", True, id="B5-T4-I1-H8-frame-train"),
+    pytest.param(4, 3, 5, 12, [4, 2, 3], "frame", False, id="B3-T4-I5-H12-frame-eval-varlen"),
+    pytest.param(4, 3, 5, 16, [4, 1, 2], "sequence", True, id="B3-T4-I5-H16-sequence-train-varlen"),
+    pytest.param(5, 2, 3, 5, [5, 3], None, True, id="B2-T5-I3-H5-plain-varlen"),
 ]
 
 
@@ -95,6 +104,14 @@ def test_bnlstm_layer_triton_persistent_single_matches_reference(persistent, nan
 
 
 @requires_interpreter
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", OWN_BLOCK_CASES)
+def test_bnlstm_layer_triton_persistent_own_block_matches_reference(persistent, nan_poisoned_empty, T, B, I, H,
+                                                                    lengths, normalization, use_batch_stats):
+    persistent("single")
+    compare_with_reference(BACKEND, T, B, I, H, lengths, normalization, use_batch_stats, torch.float32)
+
+
+@requires_interpreter
 @pytest.mark.parametrize("form", ["registers", "single"])
 def test_bnlstm_layer_triton_persistent_float64(persistent, form):
     persistent(form)
@@ -109,10 +126,11 @@ def test_bnlstm_layer_triton_persistent_without_bias(persistent, normalization):
 
 
 @requires_interpreter
-def test_bnlstm_layer_triton_persistent_no_grad_matches_reference(persistent):
+@pytest.mark.parametrize("H", [24, 12], ids=["blocks", "own-block"])
+def test_bnlstm_layer_triton_persistent_no_grad_matches_reference(persistent, H):
     """Without gradients the forward saves nothing (two state slots) and still returns the statistics."""
     persistent("single")
-    T, B, I, H, lengths = 5, 3, 2, 24, [5, 2, 4]
+    T, B, I, lengths = 5, 3, 2, [5, 2, 4]
     inputs = op_inputs(T, B, I, H, lengths, torch.float32)
     pop = population(T, H, "frame", torch.float32)
     with torch.no_grad():
@@ -243,8 +261,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     for B, H, dtype, torch_dtype, precision, form, programs in json.loads(sys.argv[1]):
         torch_dtype = getattr(torch, torch_dtype)
         carry = form == "registers"
-        # the kernels keep the one block in registers where it covers H (BH >= H)
-        common = dict(H=H, NUM_PROGRAMS=programs, PRECISION=precision, BB=block_rows(B),
+        # the "registers" form: one block covering H (BH >= H), carried in registers
+        common = dict(H=H, NUM_PROGRAMS=programs, CARRY=carry, PRECISION=precision, BB=block_rows(B),
                       BH=P._single_block_h(H) if carry else P._BLOCK_H)
         warps = P._REGISTERS_WARPS if carry else P._block_warps(B)
         for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True, BATCH=True)),

@@ -17,8 +17,12 @@ kernel pair, three forms (``FORMS``):
   each walking blocks i_p, i_p + NUM_PROGRAMS, ...; h / da_hh are exchanged through L2 (``.cg`` loads) with one
   grid barrier per step (``_grid_barrier``: release / acquire atomics on a monotonic counter). With one
   program the barrier is only the CTA barrier: "single" is "grid" with one program, which is how the
-  interpreter (it runs programs one after another) proves this path's arithmetic. (With H <= 16 one block
-  covers H, and both run as "registers".)
+  interpreter (it runs programs one after another) proves this path's arithmetic.
+- Where every program owns one block (``OWN_BLOCK``: at most as many blocks as programs, as at every paper
+  shape on an H100, 7 / 32 / 63 blocks on 132 SMs), the forward keeps the block's c and h in registers
+  across the time loop (c written each step only where backward keeps its history); only h crosses
+  programs. "single" at H <= 16 (one block, one program) runs that path, which is how the interpreter proves
+  it. The backward keeps its block states in memory (``bnlstm_persistent_bwd_kernel`` says why).
 
 The input branch is hoisted into one GEMM before the loop (sequence-wise also normalized there); dW_ih,
 dW_hh, dx and dh0 are GEMMs after the backward loop; those host steps are ``triton_common.py``'s, shared
@@ -118,16 +122,19 @@ def bnlstm_persistent_fwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats, p_sem,
     T, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, CARRY: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     """All T steps of every row: program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    ``CARRY`` (one block covers H, one program): W_hh^T [BH, 4*BH] is loaded once and h, c are loop-carried
-    register tensors. Otherwise a step's blocks read h_{t-1} [B, H] from ``p_h`` (every column, written by
-    every program the step before), write their slice of h_t, c_t, and a grid barrier ends the step.
+    ``CARRY`` (the "registers" form: one block covers H, one program): W_hh^T [BH, 4*BH] is loaded once and
+    h, c are loop-carried register tensors. Otherwise a step's blocks read h_{t-1} [B, H] from ``p_h`` (every
+    column, written by every program the step before), write their slice of h_t, and a grid barrier ends the
+    step; ``OWN_BLOCK`` (one block a program) carries the block's h and c in registers, else each block
+    reads its states back and writes c_t as well.
     ``BATCH``: some step of the call normalizes with batch statistics (off: no reduction over the rows).
     """
-    CARRY: tl.constexpr = BH >= H
+    NB: tl.constexpr = (H + BH - 1) // BH
+    OWN_BLOCK: tl.constexpr = NB <= NUM_PROGRAMS
     i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
@@ -153,6 +160,30 @@ def bnlstm_persistent_fwd_kernel(
             t += 1
         if not SAVE:
             store_states(p_h + (T % 2) * B * H, p_c + (T % 2) * B * H, o_s, m_s, b_h, b_c)
+    elif OWN_BLOCK:
+        # block i_p (the launch has one program a block): its states before step 0, then carried
+        o_g, m_g, _ = gate_columns(i_p, H, BH)
+        o_h, m_h = hidden_units(i_p, H, BH)
+        o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
+        b_h, b_c = load_states(p_h, p_c, o_s, m_s)
+        while t < T:
+            m_run = (m_b & (b_len > t))[:, None]
+            o_prev = state_offset(t, B, H, SAVE)
+            o_next = state_offset(t + 1, B, H, SAVE)
+            b_h, b_c = forward_block(
+                recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
+                              p_c.dtype.element_ty, ".cg"),
+                b_h, b_c, t, i_p, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop, p_steps, p_out, p_a_hh,
+                p_stats, eps, B, H, FRAME, BATCH, HAS_BIAS, SAVE, BB, BH)
+            # h_t for every program's next dot; c_t only into backward's history
+            if SAVE:
+                store_states(p_h + o_next, p_c + o_next, o_s, m_s, b_h, b_c)
+            else:
+                tl.store(p_h + o_next + o_s, b_h, mask=m_s)
+            _grid_barrier(p_sem, t, NUM_PROGRAMS)
+            t += 1
+        if not SAVE:
+            tl.store(p_c + (T % 2) * B * H + o_s, b_c, mask=m_s)
     else:
         while t < T:
             m_run = (m_b & (b_len > t))[:, None]
@@ -196,22 +227,23 @@ def _store_partial(p_part, b_da_hh, p_w_hh, i_h, o_b, m_b, H: tl.constexpr, PREC
 def bnlstm_persistent_bwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
     p_dparams, p_dpart, p_sem, T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, CARRY: tl.constexpr,
+    PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     """All T steps in reverse; program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (one block covers H,
-    one program): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh [4*BH, BH] is loaded
-    once, and dh, dc and the parameter-gradient sums stay in registers, written once at the end. Otherwise
-    each block writes its partial da_hh_t[:, block columns] W_hh[block columns, :] [B, H] to ``p_dpart``
-    ([2, NB, B, H], slot t % 2), and after the grid barrier a block sums the NB partials of its own columns
-    in block order (deterministic): B * H values read a block instead of all of da_hh [B, 4H]. The state
-    gradients live in ``p_dstate`` and the sums in ``p_dparams`` (zeros on entry), each block updating its
-    own columns.
+    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (the "registers" form:
+    one block covers H, one program): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh
+    [4*BH, BH] is loaded once, and dh, dc and the parameter-gradient sums stay in registers, written once at
+    the end. Otherwise each block writes its partial da_hh_t[:, block columns] W_hh[block columns, :] [B, H]
+    to ``p_dpart`` ([2, NB, B, H], slot t % 2), and after the grid barrier a block sums the NB partials of its
+    own columns in block order (deterministic): B * H values read a block instead of all of da_hh [B, 4H].
+    The state gradients live in ``p_dstate`` and the sums in ``p_dparams`` (zeros on entry), each block
+    updating its own columns every step, even where a program owns one block: carrying its dh and dc in
+    registers across the loop (as the forward carries h and c) spilled 16 bytes a thread on sm90 at B = 64
+    (ptxas; 88 with the sums as well), against none this way.
     """
     NB: tl.constexpr = (H + BH - 1) // BH
-    CARRY: tl.constexpr = BH >= H
     i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
     m_b = o_b < B
@@ -318,8 +350,8 @@ class _Saved(NamedTuple):
 
 def _launch(run: _Run) -> dict:
     """The launch arguments both persistent kernels share."""
-    return dict(NUM_PROGRAMS=run.programs, PRECISION=run.precision, BH=run.block_h, num_warps=run.num_warps,
-                **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
+    return dict(NUM_PROGRAMS=run.programs, CARRY=run.form == "registers", PRECISION=run.precision, BH=run.block_h,
+                num_warps=run.num_warps, **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
 
 
 def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, population: Tensor | None,
@@ -389,11 +421,12 @@ def _layer_backward(*, x: Tensor, params: LayerParams, saved: _Saved, cotangents
     dstate = torch.stack([dh_n, dc_n]).to(saved.c.dtype)
     da = torch.empty(2 if frame else 1, T, B, G, dtype=x.dtype, device=device)
     has_sums = frame or params.bias is not None
-    # (the block-walking forms add each step's sums to it)
+    # (zeros: a program walking several blocks adds each step's sums to it)
     dparams = torch.zeros(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
-    # [2, NB, B, H] the blocks' partial h-state gradients, by step parity (block-walking forms)
+    # [2, NB, B, H] the blocks' partial h-state gradients, by step parity (all but the "registers" form)
     blocks = triton.cdiv(H, run.block_h)
-    dpart = None if blocks == 1 else torch.empty(2, blocks, B, H, dtype=saved.c.dtype, device=device)
+    dpart = (None if run.form == "registers"
+             else torch.empty(2, blocks, B, H, dtype=saved.c.dtype, device=device))
     bnlstm_persistent_bwd_kernel[(run.programs,)](
         p_x_gates=saved.x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=saved.affine,
         p_stats=saved.stats, p_steps=saved.steps, p_lengths=saved.lengths, p_c=saved.c, p_a_hh=saved.a_hh,
