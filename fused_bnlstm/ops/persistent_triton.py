@@ -91,7 +91,9 @@ _BLOCK_H = 16
 # forward (227 KiB exist) and spills 3.6 KiB a thread backward; 512 rows would not launch
 _MAX_ROWS = 256
 # the largest [BB, 4*BH] tile (elements) the "registers" form holds without spilling, from the sm90 report
-_REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
+_REGISTERS_TILE = {torch.float32: 4096, torch.bfloat16: 2048, torch.float16: 2048, torch.float64: 2048}
+# and the widest block it holds: W_hh^T [BH, 4*BH] stays resident (fp32 32 x 32, a 4096 tile, spilled)
+_REGISTERS_MAX_BH = 16
 # warps of the "registers" form's one tile
 _REGISTERS_WARPS = 8
 
@@ -482,11 +484,13 @@ def _single_block_h(H: int) -> int:
 
 def persistent_fits(B: int, H: int, dtype: torch.dtype) -> bool:
     """Whether the "registers" form (one program, one [BB, 4*BH] tile) fits one SM: compiled for sm90 with
-    8 warps, both kernels stay within 255 registers a thread without spilling up to a tile of 4096
-    elements (B = 64 with H <= 16, B = 32 with H <= 32); s-MNIST's H = 100 (a [64, 512] tile) needs 256-384
-    KiB of shared memory and spills kilobytes a thread (the compile report in ``README.md``)."""
-    tile = triton_common.block_rows(B) * 4 * _single_block_h(H)
-    return tile <= _REGISTERS_TILE.get(dtype, _REGISTERS_TILE[torch.float32])
+    8 warps, both kernels stay within 255 registers a thread without spilling for H <= 16 and B <= 64 in
+    float32, B <= 32 in bfloat16 / float16 (the backward spilled 184-192 bytes a thread at float32 32 x 32
+    and bfloat16 64 x 16); s-MNIST's H = 100 (a [64, 512] tile) needs 256-384 KiB of shared memory and
+    spills kilobytes a thread (the compile report in ``README.md``)."""
+    block_h = _single_block_h(H)
+    tile = triton_common.block_rows(B) * 4 * block_h
+    return block_h <= _REGISTERS_MAX_BH and tile <= _REGISTERS_TILE.get(dtype, _REGISTERS_TILE[torch.float32])
 
 
 def _block_warps(B: int) -> int:
