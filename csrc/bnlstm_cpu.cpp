@@ -300,7 +300,6 @@ void for_chunks(int64_t H, int64_t grain, const F& body) {
     });
 }
 
-// One step of a loop under `guard`: body's chunks split in tasks of `grain` units, or whole.
 // Asks for `rows` rows of n floats, ld apart, in L2 ahead of use. The forward asks for its chunk's c_{t-1}
 // before the chunk's GEMMs: at large H the step's W_hh stream (16 MB at H=1000, 4 MB at 512, against 2 MB
 // of L2 a core) has evicted the rows the step before wrote, and the cell update's loads of them, one 256-byte
@@ -314,6 +313,7 @@ inline void prefetch_rows(const float* base, int64_t rows, int64_t ld, int64_t n
     }
 }
 
+// One step of a loop under `guard`: body's chunks split in tasks of `grain` units, or whole.
 template <typename F>
 void guarded_step(SplitGuard& guard, int64_t H, int64_t grain, const F& body) {
     const bool split = guard.split();
