@@ -76,15 +76,25 @@ BLOCK_CASES = [
     pytest.param(2, 5, 1, 24, None, None, True, id="B5-T2-I1-H24-plain"),
 ]
 
-# one 16-unit block (H <= 16) and one program: the path where every program owns one block (OWN_BLOCK, the
-# grid form's at the paper shapes on an H100), its states and sums carried in registers across the loop
+# one 8-unit block (H <= 8) on one program: the path where every program owns one block (OWN_BLOCK, the
+# grid form's at the paper shapes on an H100), the forward's states carried in registers across the loop
+# (blocks under 16 units never take the "registers" form: its dot needs 16)
 OWN_BLOCK_CASES = [
-    pytest.param(7, 3, 5, 14, [7, 1, 4], "frame", True, id="B3-T7-I5-H14-frame-train-varlen-tail1"),
+    pytest.param(7, 3, 5, 7, [7, 1, 4], "frame", True, id="B3-T7-I5-H7-frame-train-varlen-tail1"),
     pytest.param(4, 5, 1, 8, None, "frame", True, id="B5-T4-I1-H8-frame-train"),
-    pytest.param(4, 3, 5, 12, [4, 2, 3], "frame", False, id="B3-T4-I5-H12-frame-eval-varlen"),
-    pytest.param(4, 3, 5, 16, [4, 1, 2], "sequence", True, id="B3-T4-I5-H16-sequence-train-varlen"),
+    pytest.param(4, 3, 5, 6, [4, 2, 3], "frame", False, id="B3-T4-I5-H6-frame-eval-varlen"),
+    pytest.param(4, 3, 5, 8, [4, 1, 2], "sequence", True, id="B3-T4-I5-H8-sequence-train-varlen"),
     pytest.param(5, 2, 3, 5, [5, 3], None, True, id="B2-T5-I3-H5-plain-varlen"),
 ]
+
+
+@pytest.fixture
+def own_block(persistent, monkeypatch):
+    """The "single" form with 8-unit blocks: at H <= 8 one block on one program (OWN_BLOCK)."""
+    from fused_bnlstm.ops import persistent_triton
+
+    persistent("single")
+    monkeypatch.setattr(persistent_triton, "_BLOCK_H", 8)
 
 
 @requires_interpreter
@@ -105,9 +115,8 @@ def test_bnlstm_layer_triton_persistent_single_matches_reference(persistent, nan
 
 @requires_interpreter
 @pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", OWN_BLOCK_CASES)
-def test_bnlstm_layer_triton_persistent_own_block_matches_reference(persistent, nan_poisoned_empty, T, B, I, H,
+def test_bnlstm_layer_triton_persistent_own_block_matches_reference(own_block, nan_poisoned_empty, T, B, I, H,
                                                                     lengths, normalization, use_batch_stats):
-    persistent("single")
     compare_with_reference(BACKEND, T, B, I, H, lengths, normalization, use_batch_stats, torch.float32)
 
 
@@ -126,10 +135,13 @@ def test_bnlstm_layer_triton_persistent_without_bias(persistent, normalization):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("H", [24, 12], ids=["blocks", "own-block"])
-def test_bnlstm_layer_triton_persistent_no_grad_matches_reference(persistent, H):
+@pytest.mark.parametrize("H, block_h", [(24, 16), (6, 8)], ids=["blocks", "own-block"])
+def test_bnlstm_layer_triton_persistent_no_grad_matches_reference(persistent, monkeypatch, H, block_h):
     """Without gradients the forward saves nothing (two state slots) and still returns the statistics."""
+    from fused_bnlstm.ops import persistent_triton
+
     persistent("single")
+    monkeypatch.setattr(persistent_triton, "_BLOCK_H", block_h)
     T, B, I, lengths = 5, 3, 2, [5, 2, 4]
     inputs = op_inputs(T, B, I, H, lengths, torch.float32)
     pop = population(T, H, "frame", torch.float32)
@@ -263,8 +275,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     for B, H, dtype, torch_dtype, precision, form, programs in json.loads(sys.argv[1]):
         torch_dtype = getattr(torch, torch_dtype)
         carry = form == "registers"
-        # the "registers" form: one block covering H (BH >= H), carried in registers
-        common = dict(H=H, NUM_PROGRAMS=programs, CARRY=carry, PRECISION=precision, BB=block_rows(B),
+        # the kernels keep the one block in registers where it covers H (BH >= H)
+        common = dict(H=H, NUM_PROGRAMS=programs, PRECISION=precision, BB=block_rows(B),
                       BH=P._single_block_h(H) if carry else P._BLOCK_H)
         warps = P._REGISTERS_WARPS if carry else P._block_warps(B)
         for name, kernel, constexprs in (("fwd", P.bnlstm_persistent_fwd_kernel, dict(common, SAVE=True, BATCH=True)),

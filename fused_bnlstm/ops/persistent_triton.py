@@ -17,12 +17,14 @@ kernel pair, three forms (``FORMS``):
   each walking blocks i_p, i_p + NUM_PROGRAMS, ...; h / da_hh are exchanged through L2 (``.cg`` loads) with one
   grid barrier per step (``_grid_barrier``: release / acquire atomics on a monotonic counter). With one
   program the barrier is only the CTA barrier: "single" is "grid" with one program, which is how the
-  interpreter (it runs programs one after another) proves this path's arithmetic.
+  interpreter (it runs programs one after another) proves this path's arithmetic. (With H <= 16 one block
+  covers H, and both run as "registers".)
 - Where every program owns one block (``OWN_BLOCK``: at most as many blocks as programs, as at every paper
   shape on an H100, 7 / 32 / 63 blocks on 132 SMs), the forward keeps the block's c and h in registers
   across the time loop (c written each step only where backward keeps its history); only h crosses
-  programs. "single" at H <= 16 (one block, one program) runs that path, which is how the interpreter proves
-  it. The backward keeps its block states in memory (``bnlstm_persistent_bwd_kernel`` says why).
+  programs. The interpreter proves that path with "single" at 8-unit blocks and H <= 8 (one block on one
+  program, too narrow for the "registers" form's dot, the tests' setting). The backward keeps its block
+  states in memory (``bnlstm_persistent_bwd_kernel`` says why).
 
 The input branch is hoisted into one GEMM before the loop (sequence-wise also normalized there); dW_ih,
 dW_hh, dx and dh0 are GEMMs after the backward loop; those host steps are ``triton_common.py``'s, shared
@@ -124,17 +126,18 @@ def bnlstm_persistent_fwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats, p_sem,
     T, eps, B, H: tl.constexpr,
     FRAME: tl.constexpr, BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, CARRY: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     """All T steps of every row: program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    ``CARRY`` (the "registers" form: one block covers H, one program): W_hh^T [BH, 4*BH] is loaded once and
-    h, c are loop-carried register tensors. Otherwise a step's blocks read h_{t-1} [B, H] from ``p_h`` (every
+    ``CARRY`` (one block covers H, and is at least 16 wide for its dot: the "registers" form): W_hh^T
+    [BH, 4*BH] is loaded once and h, c are loop-carried register tensors. Otherwise a step's blocks read h_{t-1} [B, H] from ``p_h`` (every
     column, written by every program the step before), write their slice of h_t, and a grid barrier ends the
     step; ``OWN_BLOCK`` (one block a program) carries the block's h and c in registers, else each block
     reads its states back and writes c_t as well.
     ``BATCH``: some step of the call normalizes with batch statistics (off: no reduction over the rows).
     """
+    CARRY: tl.constexpr = BH >= H and BH >= 16
     NB: tl.constexpr = (H + BH - 1) // BH
     OWN_BLOCK: tl.constexpr = NB <= NUM_PROGRAMS
     i_p = tl.program_id(0).to(tl.int64)
@@ -229,13 +232,13 @@ def _store_partial(p_part, b_da_hh, p_w_hh, i_h, o_b, m_b, H: tl.constexpr, PREC
 def bnlstm_persistent_bwd_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
     p_dparams, p_dpart, p_sem, T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, CARRY: tl.constexpr,
-    PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr,
 ):
     """All T steps in reverse; program i_p owns the column blocks i_p, i_p + NUM_PROGRAMS, ... of BH units.
 
-    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (the "registers" form:
-    one block covers H, one program): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh
+    The h-state gradient of rows still running at t + 1 is da_hh_{t+1} W_hh. ``CARRY`` (one block covers H,
+    one program, at least 16 wide: the "registers" form): da_hh_{t+1} [BB, 4*BH] is the previous iteration's register tile, W_hh
     [4*BH, BH] is loaded once, and dh, dc and the parameter-gradient sums stay in registers, written once at
     the end. Otherwise each block writes its partial da_hh_t[:, block columns] W_hh[block columns, :] [B, H]
     to ``p_dpart`` ([2, NB, B, H], slot t % 2), and after the grid barrier a block sums the NB partials of its
@@ -245,6 +248,7 @@ def bnlstm_persistent_bwd_kernel(
     registers across the loop (as the forward carries h and c) spilled 16 bytes a thread on sm90 at B = 64
     (ptxas; 88 with the sums as well), against none this way.
     """
+    CARRY: tl.constexpr = BH >= H and BH >= 16
     NB: tl.constexpr = (H + BH - 1) // BH
     i_p = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BB)
@@ -352,8 +356,8 @@ class _Saved(NamedTuple):
 
 def _launch(run: _Run) -> dict:
     """The launch arguments both persistent kernels share."""
-    return dict(NUM_PROGRAMS=run.programs, CARRY=run.form == "registers", PRECISION=run.precision, BH=run.block_h,
-                num_warps=run.num_warps, **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
+    return dict(NUM_PROGRAMS=run.programs, PRECISION=run.precision, BH=run.block_h, num_warps=run.num_warps,
+                **({"launch_cooperative_grid": True} if run.programs > 1 else {}))
 
 
 def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, population: Tensor | None,
@@ -427,8 +431,8 @@ def _layer_backward(*, x: Tensor, params: LayerParams, saved: _Saved, cotangents
     dparams = torch.zeros(14 * H, dtype=saved.c.dtype, device=device) if has_sums else None
     # [2, NB, B, H] the blocks' partial h-state gradients, by step parity (all but the "registers" form)
     blocks = triton.cdiv(H, run.block_h)
-    dpart = (None if run.form == "registers"
-             else torch.empty(2, blocks, B, H, dtype=saved.c.dtype, device=device))
+    dpart = None if blocks == 1 and run.block_h >= 16 else torch.empty(2, blocks, B, H, dtype=saved.c.dtype,
+                                                                        device=device)
     bnlstm_persistent_bwd_kernel[(run.programs,)](
         p_x_gates=saved.x_gates, p_w_hh=params.weight_hh, p_bias=params.bias, p_affine=saved.affine,
         p_stats=saved.stats, p_steps=saved.steps, p_lengths=saved.lengths, p_c=saved.c, p_a_hh=saved.a_hh,
