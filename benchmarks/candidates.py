@@ -191,19 +191,10 @@ def auto_variant(backend: str, device: torch.device, shape: Shape, precision: Pr
         return None
     from fused_bnlstm.ops import fused_triton
 
-    with _environment_unset(fused_triton.VARIANT_ENV, fused_triton.GRAPHS_ENV):
+    with _environment(**{fused_triton.VARIANT_ENV: None, fused_triton.GRAPHS_ENV: None}):
         kernels = fused_triton.variant(shape.B, shape.H, precision.dtype, device)
         graphs = fused_triton._graphs_enabled(device)
     return "persistent" if kernels == "persistent" else "step-graph" if graphs else "step"
-
-
-@contextlib.contextmanager
-def _environment_unset(*names: str):
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def discover(device: torch.device, shape: Shape, *, compile_mode: str = "auto",
@@ -286,18 +277,24 @@ def build_module(candidate: Candidate, shape: Shape, device) -> nn.Module:
     return module
 
 
+def _set_environ(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 @contextlib.contextmanager
-def _environment(**variables: str):
+def _environment(**variables: str | None):
+    """Environment variables set (None: unset) for the block, then restored."""
     saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
+    for name, value in variables.items():
+        _set_environ(name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            _set_environ(name, value)
 
 
 def set_precision_switches(precision: Precision) -> None:

@@ -41,8 +41,8 @@ void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nul
 // Hidden-unit chunk c0 of a chunk-major step gradient (BackwardParams::da_chunked, a [T, B, 4H] buffer):
 // its rows over all steps, [T * B, 4w] with gate k's w columns at k * w (w = min(kBlock, H - c0)).
 at::Tensor gradient_chunk(const at::Tensor& da, int64_t H, int64_t c0) {
-    const int64_t R = da.size(0) * da.size(1), w = std::min(kBlock, H - c0);
-    return da.view({-1}).narrow(0, c0 * 4 * R, R * 4 * w).view({R, 4 * w});
+    const int64_t T = da.size(0), B = da.size(1), w = std::min(kBlock, H - c0);
+    return da.view({-1}).narrow(0, chunk_major_offset(T, 0, B, H, c0), T * B * 4 * w).view({T * B, 4 * w});
 }
 
 // Rows of a [4H, Q] weight (or its gradient) for chunk c0, gate by gate: [4w, Q] (a copy).

@@ -18,6 +18,14 @@ enum class Normalization : int { kNone = 0, kFrame = 1, kSequence = 2 };
 // Hidden units one kernel call handles at most; its per-column statistics live on the stack.
 constexpr int64_t kBlock = 64;
 
+// Where step t of hidden-unit chunk c0 starts in a [steps, B, 4H] step gradient laid out chunk-major
+// (BackwardParams::da_chunked): chunk c0's [steps][B][4][w] block sits at c0 * 4 * steps * B, w = min(kBlock,
+// H - c0), and step t's [B][4][w] rows inside it.
+inline int64_t chunk_major_offset(int64_t steps, int64_t t, int64_t B, int64_t H, int64_t c0) {
+    const int64_t w = H - c0 < kBlock ? H - c0 : kBlock;
+    return c0 * 4 * steps * B + t * B * 4 * w;
+}
+
 // Rows running at step t: lengths[b] > t (every row when there are no lengths).
 struct RowMask {
     const int64_t* lengths;  // [B] or nullptr
@@ -123,8 +131,8 @@ struct BackwardParams : StepParamsBase {
     // Gradient of W_ih x_t (frame, sequence): [T, B, 4H]; zero on rows that were not running.
     void* da_ih;
     // da_hh and da_ih chunk-major over all steps instead of [T, B, 4H] (frame-wise, where the step loop may
-    // split over threads; set by backward_cpu): chunk j0's [T][B][4][w] block at j0 * 4 * T * B,
-    // w = min(kBlock, H - j0), so that each task writes and the GEMM over all steps reads one contiguous block.
+    // split over threads; set by backward_cpu; chunk_major_offset), so that each task writes and the GEMM over
+    // all steps reads one contiguous block.
     bool da_chunked;
     // Parameter gradients accumulated over steps (acc_t): [4H], [4H], [4H], [H], [H].
     void* dbias;

@@ -418,7 +418,7 @@ void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da, c
     if (p.da_chunked) {
         for (int64_t c0 = 0; c0 < H; c0 += kBlock) {
             const int64_t w_c = std::min(kBlock, H - c0);
-            const float* da_c = da + c0 * 4 * p.T * B + t * B * 4 * w_c;  // [B, 4 w_c]
+            const float* da_c = da + chunk_major_offset(p.T, t, B, H, c0);  // [B, 4 w_c]
             brgemm_f32(B, n, 4 * w_c, 4 * w_c, n, H, c0 > 0, da_c, w + 4 * c0 * n, dh_out + j0);
         }
     } else {
