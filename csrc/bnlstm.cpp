@@ -15,22 +15,10 @@
 #include <vector>
 
 #include "bnlstm.h"
+#include "bnlstm_cpu.h"
 #include "workspace.h"
 
 namespace fused_bnlstm {
-
-void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh);
-void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
-                  const at::Tensor& w_hh);
-const char* kernel_isa();
-bool use_brgemm();
-bool gemm_through_brgemm();
-bool step_brgemm(int64_t B, int64_t H, int64_t I);
-std::pair<size_t, size_t> brgemm_shapes();
-at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
-at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b);
-void gemm_nn_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b);
-bool step_on_one_thread(int64_t B, int64_t H, int64_t I);
 
 namespace {
 
@@ -98,17 +86,20 @@ Normalization to_normalization(const std::optional<c10::string_view>& name) {
 
 // What both ops read: the input, the weights, the per-step plan (from fused_bnlstm.ops.prepare_layer).
 struct Layer {
-    at::Tensor x, w_ih, w_hh, gamma_ih, gamma_hh, gamma_c, beta_c, lengths;
+    at::Tensor x, w_ih, w_hh, gamma_ih, gamma_hh, gamma_c, beta_c, w_hr, lengths;
     int64_t T, B, I, H, G;
+    int64_t P;  // the recurrent state's width: proj_size with a projection (w_hr defined), else H
     Normalization norm;
     at::IntArrayRef counts;            // [T]
     std::vector<uint8_t> batch_stats;  // frame [T], sequence [1], None empty
     bool frame() const { return norm == Normalization::kFrame; }
     bool sequence() const { return norm == Normalization::kSequence; }
+    bool projected() const { return w_hr.defined(); }
 };
 
-// weights: weight_ih [4H, I], weight_hh [4H, H], then the normalization's batch-norm scales in LayerParams
-// order (frame: gamma_ih, gamma_hh, gamma_c, beta_c; sequence: gamma_ih).
+// weights: weight_ih [4H, I], weight_hh [4H, P], then the normalization's batch-norm scales in LayerParams
+// order (frame: gamma_ih, gamma_hh, gamma_c, beta_c; sequence: gamma_ih), then with a projection weight_hr
+// [P, H] (P = H without one).
 Layer parse_layer(const at::Tensor& x, at::TensorList weights, const OptTensor& lengths, at::IntArrayRef counts,
                   const c10::List<bool>& batch_stats, const std::optional<c10::string_view>& normalization) {
     Layer l;
@@ -118,16 +109,21 @@ Layer parse_layer(const at::Tensor& x, at::TensorList weights, const OptTensor& 
                 "fused_bnlstm (cpp): x must be a float32 or float64 CPU tensor [T, B, I], got ", x.toString(),
                 " of shape ", x.sizes());
     const size_t n_weights = l.frame() ? 6 : l.sequence() ? 3 : 2;
-    TORCH_CHECK(weights.size() == n_weights, "fused_bnlstm: expected ", n_weights, " weights, got ", weights.size());
+    TORCH_CHECK(weights.size() == n_weights || weights.size() == n_weights + 1, "fused_bnlstm: expected ",
+                n_weights, " weights (", n_weights + 1, " with weight_hr), got ", weights.size());
+    const bool projected = weights.size() == n_weights + 1;
+    const at::Tensor& sizes_from = projected ? weights.back() : weights[1];  // [P, H] or [4H, H]
     l.T = x.size(0);
     l.B = x.size(1);
     l.I = x.size(2);
-    l.H = weights[1].dim() == 2 ? weights[1].size(1) : 0;
+    l.H = sizes_from.dim() == 2 ? sizes_from.size(1) : 0;
+    l.P = projected ? sizes_from.size(0) : l.H;
     l.G = 4 * l.H;
     const at::ScalarType dtype = x.scalar_type();
     l.x = x.contiguous();
     l.w_ih = expect(weights[0], "weight_ih", dtype, {l.G, l.I});
-    l.w_hh = expect(weights[1], "weight_hh", dtype, {l.G, l.H});
+    l.w_hh = expect(weights[1], "weight_hh", dtype, {l.G, l.P});
+    if (projected) l.w_hr = expect(weights.back(), "weight_hr", dtype, {l.P, l.H});
     if (l.frame() || l.sequence()) l.gamma_ih = expect(weights[2], "gamma_ih", dtype, {l.G});
     if (l.frame()) {
         l.gamma_hh = expect(weights[3], "gamma_hh", dtype, {l.G});
@@ -148,11 +144,12 @@ Layer parse_layer(const at::Tensor& x, at::TensorList weights, const OptTensor& 
 // fused_cpp.SavedBuffers; shapes in bnlstm.h). Undefined where a mode has none.
 struct Saved {
     at::Tensor hs, cs, gates, xhat_ih, xhat_hh, xhat_c, tanh_c, rstd_ih, rstd_hh, rstd_c, seq_rstd;
+    at::Tensor rs;  // with a projection: r_t (ProjectedStates in bnlstm_cpu.h); hs then holds the kernels' m_t
 
     std::vector<at::Tensor> to_list(const at::TensorOptions& options) const {
         std::vector<at::Tensor> out;
         for (const at::Tensor* t : {&hs, &cs, &gates, &xhat_ih, &xhat_hh, &xhat_c, &tanh_c, &rstd_ih, &rstd_hh,
-                                    &rstd_c, &seq_rstd}) {
+                                    &rstd_c, &seq_rstd, &rs}) {
             out.push_back(or_absent(*t, options));
         }
         return out;
@@ -161,7 +158,7 @@ struct Saved {
 
 // The saved list handed back to backward, checked against the shapes forward gave it.
 Saved parse_saved(at::TensorList list, const Layer& l) {
-    TORCH_CHECK(list.size() == 11, "fused_bnlstm: expected the 11 saved buffers of forward, got ", list.size());
+    TORCH_CHECK(list.size() == 12, "fused_bnlstm: expected the 12 saved buffers of forward, got ", list.size());
     const at::ScalarType dtype = l.x.scalar_type(), acc = at::toOpMathType(dtype);
     const int64_t T = l.T, B = l.B, H = l.H, G = l.G;
     Saved s;
@@ -178,6 +175,7 @@ Saved parse_saved(at::TensorList list, const Layer& l) {
         s.rstd_c = expect(list[9], "saved rstd_c", acc, {T, H});
     }
     if (l.sequence()) s.seq_rstd = expect(list[10], "saved seq_rstd", acc, {G});
+    if (l.projected()) s.rs = expect(list[11], "saved rs", dtype, {T + 1, B, l.P});
     return s;
 }
 
@@ -227,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     const at::ScalarType dtype = l.x.scalar_type();
     const auto opts = l.x.options();
     const auto acc_opts = opts.dtype(at::toOpMathType(dtype));
-    const at::Tensor h0 = expect(h0_in, "h0", dtype, {B, H}), c0 = expect(c0_in, "c0", dtype, {B, H});
+    const at::Tensor h0 = expect(h0_in, "h0", dtype, {B, l.P}), c0 = expect(c0_in, "c0", dtype, {B, H});
     const at::Tensor bias = bias_in.has_value() ? expect(*bias_in, "bias", dtype, {G}) : at::Tensor();
 
     // Population statistics: frame [T, 4H] x 4 and [T, H] x 2, sequence [1, 4H] x 2 (means, variances).
@@ -248,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     // ms) or when the step runs on one thread (README.md). Training with split steps keeps the one GEMM
     // (char-PTB training forward at 2 threads 278-283 against 286-296 ms per step). Sequence-wise needs its
     // statistics over every frame before the loop.
-    const bool input_per_step = dtype == at::kFloat && !l.sequence() && step_brgemm(B, H, I) &&
+    const bool input_per_step = dtype == at::kFloat && !l.sequence() && !l.projected() && step_brgemm(B, H, I) &&
                                 (I <= 16 || !save || step_on_one_thread(B, H, I));
     // Frame-wise, training keeps the normalized input branch in its own chunked history (StepRows in
     // bnlstm_kernels.inc), so computed per step the input branch needs only one step's scratch. For None
@@ -264,8 +262,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     Saved s;
     s.hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
     s.cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
-    s.hs.select(0, 0).copy_(h0);
     s.cs.select(0, 0).copy_(c0);
+    ProjectedStates proj;
+    if (l.projected()) {
+        s.hs.select(0, 0).zero_();
+        s.rs = empty_workspace({save ? T + 1 : 2, B, l.P}, opts);
+        s.rs.select(0, 0).copy_(h0);
+        proj = ProjectedStates{l.w_hr, s.hs, s.rs, empty_workspace({T, B, l.P}, opts)};
+    } else {
+        s.hs.select(0, 0).copy_(h0);
+    }
     if (l.norm == Normalization::kNone) {
         s.gates = a_ih;  // the activations are written over the input branch
     } else {
@@ -292,6 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     } else if (l.sequence() && l.batch_stats[0]) {
         for (int k = 0; k < 2; ++k) moments.push_back(empty_workspace({1, G}, acc_opts));
     }
+    // The kernels' h output: the layer's output, or with a projection the m_t they write and nobody reads.
     at::Tensor output = empty_workspace({T, B, H}, opts);
 
     ForwardParams p{};
@@ -318,15 +325,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
         for (size_t k = 0; k < moments.size(); ++k) *fields[k] = moments[k].data_ptr();
     }
     p.output = output.data_ptr();
-    if (B > 0 && H > 0) forward_cpu(p, a_hh, s.hs, l.w_hh);
+    if (B > 0 && H > 0 && l.projected()) {
+        forward_projected_cpu(p, a_hh, l.w_hh, proj);
+    } else if (B > 0 && H > 0) {
+        forward_cpu(p, a_hh, s.hs, l.w_hh);
+    }
 
     // Results: no moments where no step used batch statistics ([0]-sized, one per moment of the mode).
     while (moments.size() < n_population) moments.push_back(absent(acc_opts));
     const int64_t last = save ? T : (T & 1);
-    at::Tensor h_n = s.hs.select(0, last).clone();
+    at::Tensor h_n = (l.projected() ? s.rs : s.hs).select(0, last).clone();
     at::Tensor c_n = s.cs.select(0, last).clone();
     std::vector<at::Tensor> saved = save ? s.to_list(opts) : std::vector<at::Tensor>{};
-    return {output, h_n, c_n, moments, saved};
+    return {l.projected() ? proj.output : output, h_n, c_n, moments, saved};
 }
 
 // bnlstm_backward: see the schema in TORCH_LIBRARY below and fused_cpp.py.
@@ -338,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
     const Saved s = parse_saved(saved_list, l);
     begin_workspace_call();
-    const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
+    const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G, P = l.P;
     const at::ScalarType dtype = l.x.scalar_type();
     const auto opts = l.x.options();
     const auto acc_opts = opts.dtype(at::toOpMathType(dtype));
@@ -346,13 +357,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     at::Tensor grad_output;
     if (grad_output_in.has_value()) {
         const at::Tensor g = *grad_output_in;
-        TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == at::IntArrayRef({T, B, H}),
-                    "fused_bnlstm: grad_output must be a CPU ", dtype, " tensor of shape [", T, ", ", B, ", ", H,
+        TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == at::IntArrayRef({T, B, P}),
+                    "fused_bnlstm: grad_output must be a CPU ", dtype, " tensor of shape [", T, ", ", B, ", ", P,
                     "], got ", g.toString(), " of shape ", g.sizes());
         grad_output = g.is_contiguous() ? g : workspace_copy(g);
     }
     // dh and dc hold the gradient of the state after the current step (h_n, c_n first); backward writes them.
-    at::Tensor dh = grad_h_n.has_value() ? expect(*grad_h_n, "grad_h_n", dtype, {B, H}).clone() : at::zeros({B, H}, opts);
+    at::Tensor dh = grad_h_n.has_value() ? expect(*grad_h_n, "grad_h_n", dtype, {B, P}).clone() : at::zeros({B, P}, opts);
     at::Tensor dc = grad_c_n.has_value() ? expect(*grad_c_n, "grad_c_n", dtype, {B, H}).clone() : at::zeros({B, H}, opts);
     at::Tensor dh_prev = empty_workspace({B, H}, opts);
     at::Tensor da_hh = empty_workspace({T, B, G}, opts);
@@ -366,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
 
     BackwardParams p{};
     set_common_params(p, l, s);
-    p.grad_output = ptr_or_null(grad_output);
+    p.grad_output = l.projected() ? nullptr : ptr_or_null(grad_output);  // projected: folded into dr
     p.dc = dc.data_ptr();
     p.da_hh = da_hh.data_ptr();
     p.da_ih = da_ih.data_ptr();
@@ -375,7 +386,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     p.dgamma_hh = ptr_or_null(dgamma_hh);
     p.dgamma_c = ptr_or_null(dgamma_c);
     p.dbeta_c = ptr_or_null(dbeta_c);
-    if (B > 0 && H > 0) {
+    ProjectedStates proj;
+    if (l.projected()) proj = ProjectedStates{l.w_hr, s.hs, s.rs, {}, grad_output, at::zeros({T, B, P}, opts)};
+    if (B > 0 && H > 0 && l.projected()) {
+        backward_projected_cpu(p, dh, da_hh, l.w_hh, proj);
+    } else if (B > 0 && H > 0) {
         backward_cpu(p, dh, dh_prev, da_hh, l.w_hh);
     } else {
         da_hh.zero_();
@@ -385,7 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     // Weight gradients and dx: GEMMs over all T * B rows (per hidden-unit chunk where the step gradients
     // are chunk-major).
     const at::Tensor x_rows = l.x.view({T * B, I});
-    const at::Tensor h_rows = s.hs.narrow(0, 0, T).view({T * B, H});
+    // the recurrent GEMM's operand: h_{t-1}, or with a projection r_{t-1}
+    const at::Tensor h_rows = (l.projected() ? s.rs : s.hs).narrow(0, 0, T).view({T * B, P});
     std::vector<at::Tensor> grad_weights;
     at::Tensor grad_x;
     if (p.da_chunked) {
@@ -401,6 +417,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     for (const at::Tensor* g : {&dgamma_ih, &dgamma_hh, &dgamma_c, &dbeta_c}) {
         if (g->defined()) grad_weights.push_back(g->to(dtype));
     }
+    if (l.projected()) {
+        // dW_hr = sum over steps of dr_t^T m_t, on the running rows (dr_run is zero elsewhere)
+        grad_weights.push_back(gemm_tn(proj.dr_run.view({T * B, P}), s.hs.narrow(0, 1, T).view({T * B, H})));
+    }
     at::Tensor grad_bias = has_bias ? dbias.to(dtype) : absent(opts);
     return {grad_x, dh, dc, grad_weights, grad_bias};
 }
@@ -408,10 +428,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
 }  // namespace fused_bnlstm
 
 // The schemas: fixed arity, results in named groups. weights = weight_ih, weight_hh, then the
-// normalization's batch-norm scales (see parse_layer); counts and batch_stats as prepare_layer computes
-// them; population: frame 6, sequence 2, None 0 tensors. moments: frame 6 (mean_ih, var_ih, mean_hh, var_hh,
-// mean_c, var_c), sequence 2, None 0, each [0]-sized when no step used batch statistics; saved: 11 buffers
-// (Saved above) when save, else none. Absent results are [0]-sized, never undefined.
+// normalization's batch-norm scales, then weight_hr with a projection (see parse_layer; h0, h_n, output and
+// their gradients are then P wide); counts and batch_stats as prepare_layer computes them; population:
+// frame 6, sequence 2, None 0 tensors. moments: frame 6 (mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c),
+// sequence 2, None 0, each [0]-sized when no step used batch statistics; saved: 12 buffers (Saved above)
+// when save, else none. Absent results are [0]-sized, never undefined.
 TORCH_LIBRARY(fused_bnlstm, m) {
     m.set_python_module("fused_bnlstm.ops.fused_cpp");
     m.def("bnlstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, Tensor? bias, Tensor? lengths, "

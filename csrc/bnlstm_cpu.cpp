@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "bnlstm.h"
+#include "bnlstm_cpu.h"
 #include "workspace.h"
 
 // MKL's thread-local thread count, its C entry point (mkl_service.h maps mkl_set_num_threads_local to it;
@@ -227,9 +228,6 @@ bool use_brgemm() {
     const char* env = std::getenv("FUSED_BNLSTM_CPU_BRGEMM");
     return works && !(env != nullptr && std::string(env) == "0");
 }
-
-bool step_brgemm(int64_t B, int64_t H, int64_t I);  // below, with the GEMMs
-bool gemm_through_brgemm();
 
 namespace {
 
@@ -502,6 +500,108 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
         }
         if (p.norm == Normalization::kSequence) {
             for_blocks(G, std::max<int64_t>(kBlock, grain),
+                       [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
+        }
+    });
+}
+
+// --- The projection (proj_size, LSTMP) -------------------------------------------------------------------
+//
+// With a projection the step kernels' h is m_t = o * tanh(BN(c_t)) [B, H] (in hs), and the layer's state and
+// output is r_t = W_hr m_t [B, P] (in rs, r_0 = h0): each step's recurrent GEMM reads r_{t-1} (depth P), and
+// a second GEMM after the step's pass projects m_t. These loops are the plain ones (at::mm per step, the
+// pass split over chunks of hidden units), not the brgemm loops above, whose packing and splitting assume a
+// recurrent depth of H.
+
+namespace {
+
+// After step t's projection r_next = W_hr m_t over every row: finished rows keep r_prev and output zeros,
+// running rows output r_next. r_prev, r_next, out: [B, P].
+template <typename scalar_t>
+void finish_projected_step(const RowMask& running, int64_t t, int64_t B, int64_t P, const scalar_t* r_prev,
+                           scalar_t* r_next, scalar_t* out) {
+    for (int64_t b = 0; b < B; ++b) {
+        if (running(b, t)) {
+            std::copy_n(r_next + b * P, P, out + b * P);
+        } else {
+            std::copy_n(r_prev + b * P, P, r_next + b * P);
+            std::fill_n(out + b * P, P, scalar_t(0));
+        }
+    }
+}
+
+// The gradient of r_t that reaches m_t: dr on the rows running at step t (plus the output's gradient there),
+// zero on finished rows (their r_t is r_{t-1}). dr, gout (or nullptr), dr_run: [B, P].
+template <typename scalar_t>
+void running_state_grad(const RowMask& running, int64_t t, int64_t B, int64_t P, const scalar_t* dr,
+                        const scalar_t* gout, scalar_t* dr_run) {
+    for (int64_t b = 0; b < B; ++b) {
+        scalar_t* row = dr_run + b * P;
+        if (!running(b, t)) {
+            std::fill_n(row, P, scalar_t(0));
+            continue;
+        }
+        for (int64_t k = 0; k < P; ++k) row[k] = dr[b * P + k] + (gout != nullptr ? gout[b * P + k] : scalar_t(0));
+    }
+}
+
+}  // namespace
+
+void forward_projected_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const ProjectedStates& proj) {
+    const int64_t B = p.B, H = p.H, P = proj.w_hr.size(0);
+    const int64_t grain = grain_size(B, H, p.I);
+    const at::Tensor w_hh_t = w_hh.t();        // [P, 4H]
+    const at::Tensor w_hr_t = proj.w_hr.t();   // [H, P]
+    AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_projected_cpu", [&] {
+        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
+        if (p.norm == Normalization::kSequence) {
+            for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
+                       [&](int64_t c0, int64_t c1) { kern.sequence_moments(p, c0, c1); });
+        }
+        for (int64_t t = 0; t < p.T; ++t) {
+            const int64_t prev = p.save ? t : (t & 1), next = p.save ? t + 1 : ((t + 1) & 1);
+            at::mm_out(a_hh, proj.rs.select(0, prev), w_hh_t);
+            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
+            at::Tensor r_next = proj.rs.select(0, next);
+            at::mm_out(r_next, proj.hs.select(0, next), w_hr_t);
+            finish_projected_step(p.running, t, B, P, proj.rs.select(0, prev).data_ptr<scalar_t>(),
+                                  r_next.data_ptr<scalar_t>(), proj.output.select(0, t).data_ptr<scalar_t>());
+        }
+    });
+}
+
+void backward_projected_cpu(BackwardParams& p, at::Tensor& dr, const at::Tensor& da_hh, const at::Tensor& w_hh,
+                            const ProjectedStates& proj) {
+    const int64_t B = p.B, H = p.H, P = proj.w_hr.size(0);
+    const int64_t grain = grain_size(B, H, p.I);
+    // dm: the step kernel's dh (the gradient of m_t); scratch: its dh_prev, free between its passes
+    at::Tensor dm = empty_workspace({B, H}, da_hh.options());
+    at::Tensor scratch = empty_workspace({B, H}, da_hh.options());
+    at::Tensor dr_prev = empty_workspace({B, P}, da_hh.options());
+    p.dh = dm.data_ptr();
+    p.dh_prev = scratch.data_ptr();
+    AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_projected_cpu", [&] {
+        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
+        for (int64_t t = p.T - 1; t >= 0; --t) {
+            // dr_run[t], the gradient of r_t on the running rows, is kept: dW_hr is one GEMM over all steps
+            at::Tensor dr_run = proj.dr_run.select(0, t);
+            const scalar_t* gout = proj.grad_output.defined() ? proj.grad_output.select(0, t).data_ptr<scalar_t>()
+                                                             : nullptr;
+            running_state_grad(p.running, t, B, P, dr.data_ptr<scalar_t>(), gout, dr_run.data_ptr<scalar_t>());
+            at::mm_out(dm, dr_run, proj.w_hr);  // [B, H]
+            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
+            // dr_{t-1} = d(W_hh r_{t-1}) W_hh; finished rows (da_hh zero there) pass dr through.
+            at::mm_out(dr_prev, da_hh.select(0, t), w_hh);
+            const scalar_t* dr_in = dr.data_ptr<scalar_t>();
+            scalar_t* dr_out = dr_prev.data_ptr<scalar_t>();
+            for (int64_t b = 0; b < B; ++b) {
+                if (p.running(b, t)) continue;
+                for (int64_t k = 0; k < P; ++k) dr_out[b * P + k] += dr_in[b * P + k];
+            }
+            std::swap(dr, dr_prev);
+        }
+        if (p.norm == Normalization::kSequence) {
+            for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
                        [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
         }
     });

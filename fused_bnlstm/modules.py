@@ -22,7 +22,7 @@ from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams
                               resolve_backend)
 
 # backends whose kernels have no projection (proj_size) yet: "auto" runs the reference for such a model
-_FUSED_WITHOUT_PROJECTION = ("triton", "cpp")
+_FUSED_WITHOUT_PROJECTION = ("triton",)
 # statistics slots per layer-direction unless max_length says otherwise (see _PopulationStatsMixin)
 DEFAULT_MAX_LENGTH = 256
 
@@ -486,9 +486,10 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             rows = B if self.normalization == "frame" else int(lengths.sum()) if lengths is not None else T * B
             self._check_training_rows(rows, group, x.device)
         # the reference runs what the fused kernels do not: an empty batch (zero-sized outputs that still
-        # carry gradients, as nn.LSTM's do), a projection, and synchronized statistics
-        fused_ok = B > 0 and self.proj_size == 0 and group is None
-        backend = resolve_backend(self.backend, x.device) if fused_ok else "reference"
+        # carry gradients, as nn.LSTM's do), a projection where a backend has none, and synchronized statistics
+        backend = resolve_backend(self.backend, x.device) if B > 0 and group is None else "reference"
+        if self.proj_size > 0 and backend in _FUSED_WITHOUT_PROJECTION:
+            backend = "reference"
         update_stats = update_stats and (B > 0 or group is not None)
 
         # Validation is over: from here on buffers may change.

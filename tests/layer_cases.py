@@ -18,10 +18,13 @@ CPU = torch.device("cpu")
 GRADIENTS = {
     "dx": "x", "dh0": "h0", "dc0": "c0", "dW_ih": "weight_ih", "dW_hh": "weight_hh", "dbias": "bias",
     "dgamma_ih": "gamma_ih", "dgamma_hh": "gamma_hh", "dgamma_c": "gamma_c", "dbeta_c": "beta_c",
+    "dW_hr": "weight_hr",
 }
-# the op's arguments each normalization reads
+# the op's arguments a projection adds (op_inputs(..., proj=P)), in every normalization
+PROJECTION = ("weight_hr",)
+# the op's arguments each normalization reads (without a projection)
 USED = {
-    "frame": tuple(GRADIENTS.values()),
+    "frame": tuple(arg for arg in GRADIENTS.values() if arg not in PROJECTION),
     "sequence": ("x", "h0", "c0", "weight_ih", "weight_hh", "bias", "gamma_ih"),
     None: ("x", "h0", "c0", "weight_ih", "weight_hh", "bias"),
 }
@@ -34,8 +37,9 @@ def assert_close_by_name(actual, expected, name, atol, rtol):
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def op_inputs(T, B, I, H, lengths, dtype, device=CPU, bias=True, seed=0):
-    """Random op inputs (x zero past each row's length), each a leaf that requires grad."""
+def op_inputs(T, B, I, H, lengths, dtype, device=CPU, bias=True, seed=0, proj=0):
+    """Random op inputs (x zero past each row's length), each a leaf that requires grad; with ``proj`` > 0 a
+    projection (weight_hr [proj, H], only then a key; h0 and weight_hh's depth then proj wide)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, shift=0.0):
@@ -45,13 +49,17 @@ def op_inputs(T, B, I, H, lengths, dtype, device=CPU, bias=True, seed=0):
     x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
     if lengths is not None:
         x = x * (torch.arange(T).unsqueeze(1) < torch.tensor(lengths)).unsqueeze(2)
-    return dict(
-        x=x.to(device, dtype).requires_grad_(), h0=rand(B, H), c0=rand(B, H),
-        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, H, scale=0.5),
+    P = proj or H
+    inputs = dict(
+        x=x.to(device, dtype).requires_grad_(), h0=rand(B, P), c0=rand(B, H),
+        weight_ih=rand(4 * H, I, scale=0.5), weight_hh=rand(4 * H, P, scale=0.5),
         bias=rand(4 * H, scale=0.3) if bias else None,
         gamma_ih=rand(4 * H, scale=0.2, shift=0.4), gamma_hh=rand(4 * H, scale=0.2, shift=0.4),
         gamma_c=rand(H, scale=0.2, shift=0.4), beta_c=rand(H, scale=0.2),
     )
+    if proj:
+        inputs["weight_hr"] = rand(P, H, scale=0.5)
+    return inputs
 
 
 def population(T, H, normalization, dtype, device=CPU, seed=1):
@@ -88,7 +96,8 @@ def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cot
                                       use_batch_stats=use_batch_stats, normalization=normalization)
     g = torch.Generator().manual_seed(cotangent_seed)
     cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
-    names = [n for n, arg in GRADIENTS.items() if arg in USED[normalization] and inputs[arg] is not None]
+    names = [n for n, arg in GRADIENTS.items()
+             if arg in USED[normalization] + PROJECTION and inputs.get(arg) is not None]
     grads = torch.autograd.grad([out, h_n, c_n], [inputs[GRADIENTS[n]] for n in names], cotangents)
     results = {"output": out, "h_n": h_n, "c_n": c_n}
     results.update(dict(zip(names, grads)))
@@ -96,11 +105,11 @@ def run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization, cot
 
 
 def compare_with_reference(backend, T, B, I, H, lengths, normalization, use_batch_stats, dtype, device=CPU,
-                           bias=True, tolerance=None):
+                           bias=True, tolerance=None, proj=0):
     """Hold ``backend`` to the reference on one case: every output, every gradient by name, the statistics."""
     tolerance = tolerance or TOLERANCES[dtype]
     pop = population(T, H, normalization, dtype, device)
-    inputs = op_inputs(T, B, I, H, lengths, dtype, device, bias)
+    inputs = op_inputs(T, B, I, H, lengths, dtype, device, bias, proj=proj)
     ref, ref_stats = run_layer("reference", inputs, lengths, pop, use_batch_stats, normalization)
     got, got_stats = run_layer(backend, inputs, lengths, pop, use_batch_stats, normalization)
     assert ref.keys() == got.keys()

@@ -16,8 +16,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import LayerConfig, LayerParams, backend_available, bnlstm_layer
-from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_modules_agree, assert_same_statistics,
-                         call_layer, compare_with_reference, op_inputs, population, run_layer, twin_modules)
+from layer_cases import (CPU, PROJECTION, TOLERANCES, USED, assert_close_by_name, assert_modules_agree,
+                         assert_same_statistics, call_layer, compare_with_reference, op_inputs, population, run_layer,
+                         twin_modules)
 
 _built, _why = backend_available("cpp", CPU)
 pytestmark = pytest.mark.skipif(not _built, reason=f"fused_bnlstm._C is not built here: {_why}")
@@ -116,17 +117,18 @@ def test_bnlstm_layer_cpp_gradcheck(normalization, use_batch_stats, lengths):
     assert torch.autograd.gradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
-    pytest.param("frame", True, [3, 1, 2], id="frame-train-varlen-fallback"),
-    pytest.param("sequence", True, [3, 1, 2], id="sequence-train-varlen"),
-    pytest.param(None, True, None, id="none"),
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths, proj", [
+    pytest.param("frame", True, [3, 1, 2], 0, id="frame-train-varlen-fallback"),
+    pytest.param("sequence", True, [3, 1, 2], 0, id="sequence-train-varlen"),
+    pytest.param(None, True, None, 0, id="none"),
+    pytest.param("frame", True, [3, 2, 3], 1, id="frame-train-varlen-projection"),
 ])
-def test_bnlstm_layer_cpp_double_backward(normalization, use_batch_stats, lengths):
+def test_bnlstm_layer_cpp_double_backward(normalization, use_batch_stats, lengths, proj):
     # A gradient penalty needs a graph of the gradients: the cpp backward hands over to the reference's VJP
     # then, never a silent zero (issue #11).
     T, B, I, H = 3, 3, 2, 2
-    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
-    names = [n for n in USED[normalization] if inputs[n] is not None]
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64, proj=proj)
+    names = [n for n in USED[normalization] + PROJECTION if inputs.get(n) is not None]
     pop = population(T, H, normalization, torch.float64)
 
     def layer(*args):
@@ -167,6 +169,55 @@ def test_bnlstm_layer_cpp_under_torch_func_and_batched_grads():
     for k in range(4):
         (one,) = torch.autograd.grad(layer("reference")(x), x, cotangents[k])
         assert_close_by_name(batched[k], one, f"batched dx[{k}]", **TOLERANCES[torch.float64])
+
+
+# --- a projection (proj_size, LSTMP): the projected loops of csrc/bnlstm_cpu.cpp ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalization, use_batch_stats", MODES)
+@pytest.mark.parametrize("T, B, I, H, P, lengths", [
+    pytest.param(4, 3, 5, 8, 3, None, id="T4-B3-I5-H8-P3"),
+    pytest.param(5, 5, 3, 6, 2, [5, 1, 3, 2, 5], id="T5-B5-I3-H6-P2-varlen"),
+    pytest.param(3, 4, 2, 70, 5, [3, 3, 1, 2], id="T3-B4-I2-H70-P5-varlen-two-chunks"),
+])
+def test_bnlstm_layer_cpp_with_projection_matches_reference(T, B, I, H, P, lengths, normalization, use_batch_stats,
+                                                            dtype):
+    # output [T, B, P], h_n [B, P], c_n [B, H], every gradient (dW_hr [P, H], dW_hh [4H, P]), the statistics
+    compare_with_reference("cpp", T, B, I, H, lengths, normalization, use_batch_stats, dtype, proj=P)
+
+
+@pytest.mark.parametrize("normalization, use_batch_stats", MODES)
+def test_bnlstm_layer_cpp_with_projection_inference_path_matches_reference(normalization, use_batch_stats):
+    # Nothing requires grad: two states of each kind (m, r, c) used in turn instead of the histories.
+    T, B, I, H, P, lengths = 5, 3, 2, 8, 3, [5, 2, 4]
+    pop = population(T, H, normalization, torch.float64)
+    inputs = {k: (v.detach() if v is not None else None)
+              for k, v in op_inputs(T, B, I, H, lengths, torch.float64, proj=P).items()}
+    kwargs = dict(lengths=lengths, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
+    ref = call_layer(inputs, **kwargs, backend="reference")
+    with torch.no_grad():
+        cpp = call_layer(inputs, **kwargs, backend="cpp")
+    for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
+        assert_close_by_name(got, want, name, **TOLERANCES[torch.float64])
+    assert_same_statistics(ref[3], cpp[3], **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("normalization, lengths", [
+    pytest.param("frame", [3, 1, 2], id="frame-train-varlen-fallback"),
+    pytest.param(None, [3, 2, 3], id="none-varlen"),
+])
+def test_bnlstm_layer_cpp_with_projection_gradcheck(normalization, lengths):
+    T, B, I, H, P = 3, 3, 2, 3, 2
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64, proj=P)
+    names = [n for n in USED[normalization] + PROJECTION if inputs[n] is not None]
+    pop = population(T, H, normalization, torch.float64)
+
+    def layer(*args):
+        values = dict(inputs, **dict(zip(names, args)))
+        return call_layer(values, lengths=lengths, population=pop, normalization=normalization, backend="cpp")[:3]
+
+    assert torch.autograd.gradcheck(layer, [inputs[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def _isas():
@@ -387,19 +438,20 @@ def test_bnlstm_layer_cpp_none_matches_nn_lstm():
     torch.testing.assert_close(c_n, c_want[0])
 
 
-@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
-    pytest.param("frame", True, [3, 2, 3], id="frame-train-varlen"),
-    pytest.param("frame", False, None, id="frame-eval"),
-    pytest.param("sequence", True, [3, 1, 2], id="sequence-train-varlen"),
-    pytest.param(None, True, [3, 1, 2], id="none-varlen"),
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths, proj", [
+    pytest.param("frame", True, [3, 2, 3], 0, id="frame-train-varlen"),
+    pytest.param("frame", False, None, 0, id="frame-eval"),
+    pytest.param("sequence", True, [3, 1, 2], 0, id="sequence-train-varlen"),
+    pytest.param(None, True, [3, 1, 2], 0, id="none-varlen"),
+    pytest.param("frame", True, [3, 2, 3], 2, id="frame-train-varlen-projection"),
 ])
-def test_cpp_ops_pass_opcheck(normalization, use_batch_stats, lengths):
+def test_cpp_ops_pass_opcheck(normalization, use_batch_stats, lengths, proj):
     # The two registered ops: schema, fake (meta) implementation, autograd registration, AOT dispatch.
     from fused_bnlstm.ops.common import prepare_layer
     from fused_bnlstm.ops.fused_cpp import forward_arguments
 
     T, B, I, H = 3, 3, 2, 4
-    inputs = op_inputs(T, B, I, H, lengths, torch.float64)
+    inputs = op_inputs(T, B, I, H, lengths, torch.float64, proj=proj)
     params = LayerParams(**{name: inputs.get(name) for name in LayerParams._fields})
     config = LayerConfig(normalization=normalization, use_batch_stats=use_batch_stats)
     prepared = prepare_layer(inputs["x"], inputs["h0"], inputs["c0"], params, config,
@@ -429,17 +481,18 @@ def test_cpp_backend_reports_devices_it_cannot_run_on():
 # --- the module end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("proj_size", [0, 3], ids=["", "proj"])
 @pytest.mark.parametrize("normalization", ["frame", "sequence", None])
-def test_bnlstm_cpp_bidirectional_two_layers_packed(normalization):
+def test_bnlstm_cpp_bidirectional_two_layers_packed(normalization, proj_size):
     ref, cpp = twin_modules("cpp", 5, 6, num_layers=2, bidirectional=True, normalization=normalization,
-                            dtype=torch.float64)
+                            proj_size=proj_size, dtype=torch.float64)
     lengths = [5, 2, 4, 3]
     x = torch.randn(5, 4, 5, dtype=torch.float64)
-    h0 = torch.randn(4, 4, 6, dtype=torch.float64)
+    h0 = torch.randn(4, 4, proj_size or 6, dtype=torch.float64)
 
     def run(module):
         packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
-        out, (h_n, c_n) = module(packed, (h0, torch.zeros_like(h0)))
+        out, (h_n, c_n) = module(packed, (h0, torch.zeros(4, 4, 6, dtype=torch.float64)))
         return pad_packed_sequence(out)[0], h_n, c_n
 
     assert_modules_agree(ref, cpp, run)

@@ -127,14 +127,21 @@ def test_proj_size_equals_nn_lstm(bidirectional):
         model(x, (hx[1], hx[1]))
 
 
-def test_proj_size_with_batch_norm_gradcheck_and_backend_choice():
+def test_proj_size_with_batch_norm_gradcheck_and_backend_choice(monkeypatch):
+    from fused_bnlstm.ops import fused_cpp
+
+    # "auto" runs the projection on the fused CPU kernels where they are built
+    calls = []
+    kernels = fused_cpp.bnlstm_layer_cpp
+    monkeypatch.setattr(fused_cpp, "bnlstm_layer_cpp", lambda **kwargs: calls.append(1) or kernels(**kwargs))
     model = _model("auto", proj_size=2)
     assert model.weight_hr_l0.shape == (2, 4) and "proj_size=2" in repr(model)
     x = torch.randn(3, 3, 3, dtype=torch.float64, requires_grad=True)
     assert model(x)[0].shape == (3, 3, 2)
     assert torch.autograd.gradcheck(lambda x: model(x)[0], (x,), fast_mode=True)
-    with pytest.raises(NotImplementedError, match="the 'cpp' backend does not run proj_size > 0 yet"):
-        BNLSTM(3, 4, proj_size=2, backend="cpp")
+    assert bool(calls) == backend_available("cpp", torch.device("cpu"))[0]
+    with pytest.raises(NotImplementedError, match="the 'triton' backend does not run proj_size > 0 yet"):
+        BNLSTM(3, 4, proj_size=2, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -63,7 +63,7 @@ class SavedBuffers(NamedTuple):
     """The forward op's ``saved`` result, what backward reads (shapes in csrc/bnlstm.h; [0]-sized where a
     normalization has none)."""
 
-    hs: Tensor  # [T + 1, B, H] states before each step, then h_n
+    hs: Tensor  # [T + 1, B, H] states before each step, then h_n (with a projection: m_t, row 0 unused)
     cs: Tensor  # [T + 1, B, H]
     gates: Tensor  # [T, B, 4H] activations
     xhat_ih: Tensor  # [T, B, 4H] frame, sequence
@@ -74,11 +74,20 @@ class SavedBuffers(NamedTuple):
     rstd_hh: Tensor  # [T, 4H] frame
     rstd_c: Tensor  # [T, H] frame
     seq_rstd: Tensor  # [4H] sequence
+    rs: Tensor  # [T + 1, B, P] with a projection: the projected states r_t = W_hr m_t, r_0 = h0
 
 
 def _weights(params: LayerParams, normalization: str | None) -> list[Tensor]:
-    """The op's ``weights``: weight_ih, weight_hh, then the batch-norm scales the normalization reads."""
-    return [params.weight_ih, params.weight_hh, *(getattr(params, name) for name in BN_PARAMETERS[normalization])]
+    """The op's ``weights``: weight_ih, weight_hh, the batch-norm scales the normalization reads, then
+    weight_hr with a projection."""
+    projection = [params.weight_hr] if params.weight_hr is not None else []
+    return [params.weight_ih, params.weight_hh, *(getattr(params, name) for name in BN_PARAMETERS[normalization]),
+            *projection]
+
+
+def _projected(weights: list[Tensor], normalization: str | None) -> bool:
+    """Whether the op's ``weights`` end with weight_hr."""
+    return len(weights) > 2 + len(BN_PARAMETERS[normalization])
 
 
 def _moment_widths(H: int, normalization: str | None) -> tuple[int, ...]:
@@ -94,7 +103,7 @@ def _register_fakes() -> None:
     def _forward_fake(x, h0, c0, weights, bias, lengths, counts, batch_stats, population, eps, normalization,
                       save):
         T, B, _ = x.shape
-        H = h0.shape[1]
+        H, P = weights[0].shape[0] // 4, h0.shape[1]
         new = x.new_empty
         rows = T if normalization == "frame" else 1
         moments = [new(rows, width) if any(batch_stats) else new(0)
@@ -106,18 +115,19 @@ def _register_fakes() -> None:
                      new(T, B, 4 * H) if normalized else new(0), new(T, B, 4 * H) if frame else new(0),
                      new(T, B, H) if frame else new(0), new(T, B, H),
                      new(T, 4 * H) if frame else new(0), new(T, 4 * H) if frame else new(0),
-                     new(T, H) if frame else new(0), new(4 * H) if normalization == "sequence" else new(0)]
-        return new(T, B, H), new(B, H), new(B, H), moments, saved
+                     new(T, H) if frame else new(0), new(4 * H) if normalization == "sequence" else new(0),
+                     new(T + 1, B, P) if _projected(weights, normalization) else new(0)]
+        return new(T, B, P), new(B, P), new(B, H), moments, saved
 
     @torch.library.register_fake("fused_bnlstm::bnlstm_backward")
     def _backward_fake(grad_output, grad_h_n, grad_c_n, x, weights, has_bias, lengths, counts, batch_stats, saved,
                        normalization, need_dx):
         T, B, _ = x.shape
-        H = weights[1].shape[1]
+        H, P = weights[0].shape[0] // 4, weights[1].shape[1]
         new = x.new_empty
         grad_x = new(x.shape) if need_dx else new(0)
         grad_bias = new(4 * H) if has_bias else new(0)
-        return grad_x, new(B, H), new(B, H), [torch.empty_like(w) for w in weights], grad_bias
+        return grad_x, new(B, P), new(B, H), [torch.empty_like(w) for w in weights], grad_bias
 
 
 # --- the autograd formula of bnlstm_forward: bnlstm_backward -------------------------------------------------
@@ -178,14 +188,14 @@ def _saved_for_backward(ctx) -> _ForBackward:
 def _reference_grads(ctx, saved: _ForBackward, cotangents, needs_input_grad):
     """The backward op's results, computed through the reference (differentiable, batched cotangents)."""
     normalization = ctx.layer["normalization"]
-    bn_names = BN_PARAMETERS[normalization]
-    weight_ih, weight_hh, *bn = saved.weights
-    params = LayerParams(weight_ih, weight_hh, saved.bias, **dict(zip(bn_names, bn)))
+    weight_names = ("weight_ih", "weight_hh", *BN_PARAMETERS[normalization],
+                    *(("weight_hr",) if _projected(saved.weights, normalization) else ()))
+    params = LayerParams(bias=saved.bias, **dict(zip(weight_names, saved.weights)))
     if saved.population:
         population = Population(*saved.population)
     elif normalization is not None:
         # every step used batch statistics (the forward kept no rows): stand-ins nobody reads
-        T, H = len(ctx.layer["counts"]), saved.h0.shape[1]
+        T, H = len(ctx.layer["counts"]), saved.c0.shape[1]
         widths = [4 * H] * 4 + [H] * 2 if normalization == "frame" else [4 * H] * 2
         population = Population(*[saved.x.new_zeros(1, width).expand(T if normalization == "frame" else 1, width)
                                   for width in widths])
@@ -196,12 +206,12 @@ def _reference_grads(ctx, saved: _ForBackward, cotangents, needs_input_grad):
                         population=population)
     config = LayerConfig(normalization=normalization, eps=ctx.eps, use_batch_stats=any(inputs.batch_stats))
     needs_x, needs_h0, needs_c0, needs_weights, needs_bias, *_ = needs_input_grad
-    needs_params = dict(zip(("weight_ih", "weight_hh", *bn_names), needs_weights), bias=needs_bias)
+    needs_params = dict(zip(weight_names, needs_weights), bias=needs_bias)
     needs = (needs_x, needs_h0, needs_c0, *(needs_params.get(name, False) for name in LayerParams._fields))
     grads = dict(zip(("x", "h0", "c0", *LayerParams._fields),
                      reference_backward(inputs=inputs, params=params, config=config, cotangents=cotangents,
                                         needs_input_grad=needs)))
-    grad_weights = [grads[name] for name in ("weight_ih", "weight_hh", *bn_names)]
+    grad_weights = [grads[name] for name in weight_names]
     return grads["x"], grads["h0"], grads["c0"], grad_weights, grads["bias"]
 
 
@@ -275,7 +285,7 @@ def _forward(arguments: dict):
     rest = {name: arguments[name] for name in _OP_KEYWORDS}
     results = _EagerForward.apply(rest, arguments["x"], arguments["h0"], arguments["c0"], arguments["bias"],
                                   *arguments["weights"])
-    moments_end = 3 + len(_moment_widths(arguments["h0"].shape[1], arguments["normalization"]))
+    moments_end = 3 + len(_moment_widths(arguments["c0"].shape[1], arguments["normalization"]))
     return (*results[:3], list(results[3:moments_end]), list(results[moments_end:]))
 
 
@@ -316,8 +326,6 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
         raise RuntimeError(f"BNLSTM backend 'cpp' cannot run: {reason}")
     if not inputs.x.is_floating_point():
         raise TypeError(f"BNLSTM backend 'cpp' expects floating-point input, got {inputs.x.dtype}")
-    if params.weight_hr is not None:
-        raise NotImplementedError("BNLSTM backend 'cpp' has no projection (proj_size > 0) yet; use the reference")
     if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
            for t in (inputs.x, inputs.h0, inputs.c0, *params)):
         # inside a torch.func transform (vmap, grad, jacrev, ...): compiled kernels cannot read its tensors,
