@@ -359,11 +359,12 @@ NO_GRAD_CASES = [
 ]
 
 
-def compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats, device=CPU):
+def compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats, device=CPU, proj=0):
     """Under no_grad: the same outputs and statistics as the reference, and nothing saved (two state slots,
-    no W_hh h_{t-1}); without batch statistics, the batch-tiled inference kernel."""
+    no W_hh h_{t-1}; with a projection ``proj``, two slots of the projected state too, which the recurrent dot
+    reads at depth proj); without batch statistics, the batch-tiled inference kernel."""
     pop = population(T, H, normalization, torch.float32, device)
-    inputs = op_inputs(T, B, I, H, lengths, torch.float32, device)
+    inputs = op_inputs(T, B, I, H, lengths, torch.float32, device, proj=proj)
     config = dict(population=pop, lengths=lengths, use_batch_stats=use_batch_stats, normalization=normalization)
     launches = _launched(monkeypatch)
     with torch.no_grad():
@@ -375,6 +376,7 @@ def compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_s
     assert len(launches) == T
     for name, arguments in launches:
         assert arguments["p_h"].shape[0] == 2 and arguments.get("p_a_hh") is None
+        assert arguments["p_r"].shape == (2, B, proj or H) and arguments["P"] == (proj or H)
         uses_batch = normalization == "frame" and use_batch_stats
         assert name == ("bnlstm_fwd_step_kernel" if uses_batch else "bnlstm_infer_step_kernel")
 
@@ -384,6 +386,16 @@ def compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_s
 def test_bnlstm_layer_triton_no_grad_matches_reference(monkeypatch, nan_poisoned_empty, T, B, I, H, lengths,
                                                        normalization, use_batch_stats):
     compare_no_grad(monkeypatch, T, B, I, H, lengths, normalization, use_batch_stats)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization, use_batch_stats", [
+    pytest.param("frame", True, id="frame-train"), pytest.param("frame", False, id="frame-eval"),
+    pytest.param("sequence", False, id="sequence-eval"), pytest.param(None, True, id="plain"),
+])
+def test_bnlstm_layer_triton_projection_no_grad_matches_reference(monkeypatch, nan_poisoned_empty, normalization,
+                                                                  use_batch_stats):
+    compare_no_grad(monkeypatch, 3, 3, 2, 8, [3, 1, 2], normalization, use_batch_stats, proj=3)
 
 
 @requires_interpreter
@@ -420,13 +432,13 @@ def fake_graphs(monkeypatch):
     return captured
 
 
-def compare_repeated_calls(normalization, use_batch_stats, lengths, device=CPU):
+def compare_repeated_calls(normalization, use_batch_stats, lengths, device=CPU, proj=0):
     """One shape, a call per entry of ``lengths`` with new inputs, lengths and cotangents each (with graphs:
     eager, capture and replay, then replays), each held to the reference, with and without gradients."""
     T, B, I, H = 4, 3, 2, 16
     for seed, call_lengths in enumerate(lengths):
         pop = population(T, H, normalization, torch.float32, device, seed=10 + seed)
-        inputs = op_inputs(T, B, I, H, call_lengths, torch.float32, device, seed=seed)
+        inputs = op_inputs(T, B, I, H, call_lengths, torch.float32, device, seed=seed, proj=proj)
         case = (call_lengths, pop, use_batch_stats, normalization, 100 + seed)
         expected, expected_stats = run_layer("reference", inputs, *case)
         actual, actual_stats = run_layer("triton", inputs, *case)
@@ -471,6 +483,57 @@ def test_bnlstm_layer_triton_graph_capture_refused_launches_steps(monkeypatch):
     monkeypatch.setattr(fused_triton, "_WORKSPACES", fused_triton._WorkspacePool())
     with pytest.warns(UserWarning, match="launching each step instead"):
         compare_repeated_calls("frame", True, ([4, 1, 3], [4, 4, 2], [2, 4, 4]))
+
+
+PROJECTION_CASES = [
+    # frame-wise training: a step where one row runs (population fallback); one and two column blocks
+    pytest.param(3, 3, 3, 8, 3, [3, 1, 2], "frame", True, id="B3-T3-I3-H8-P3-frame-train-varlen-tail1"),
+    pytest.param(3, 3, 3, 4, 2, None, "frame", True, id="B3-T3-I3-H4-P2-frame-train"),
+    pytest.param(3, 3, 2, 24, 5, [2, 3, 3], "frame", True, id="B3-T3-I2-H24-P5-frame-train-varlen-two-blocks"),
+    # frame-wise eval with gradients: population statistics in the training kernels
+    pytest.param(3, 3, 3, 8, 3, [3, 1, 2], "frame", False, id="B3-T3-I3-H8-P3-frame-eval-varlen"),
+    pytest.param(3, 3, 3, 8, 3, [3, 1, 2], "sequence", True, id="B3-T3-I3-H8-P3-sequence-train-varlen"),
+    pytest.param(3, 3, 3, 4, 2, [2, 3, 1], "sequence", False, id="B3-T3-I3-H4-P2-sequence-eval-varlen"),
+    pytest.param(3, 3, 3, 8, 3, [3, 1, 2], None, True, id="B3-T3-I3-H8-P3-plain-varlen"),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("T, B, I, H, P, lengths, normalization, use_batch_stats", PROJECTION_CASES)
+def test_bnlstm_layer_triton_projection_matches_reference(nan_poisoned_empty, T, B, I, H, P, lengths,
+                                                          normalization, use_batch_stats, dtype):
+    # proj_size P: output and h_n [., B, P], every gradient by name, dW_hr included
+    compare_with_reference("triton", T, B, I, H, lengths, normalization, use_batch_stats, dtype, proj=P)
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_projection_graph_replay_matches_reference(fake_graphs):
+    # the host steps between a projection's launches replay with them: they must read the workspace's buffers
+    compare_repeated_calls("frame", True, ([4, 1, 3], None, [4, 4, 2], [2, 4, 4]), proj=3)
+    assert len(fake_graphs) == 3
+
+
+@requires_interpreter
+def test_bnlstm_layer_triton_projection_never_reads_tensors_to_host(monkeypatch):
+    from fused_bnlstm.ops import LayerConfig, LayerParams
+    from fused_bnlstm.ops.common import prepare_layer
+    from fused_bnlstm.ops.fused_triton import bnlstm_layer_triton
+
+    T, B, I, H, P, lengths = 3, 3, 2, 8, 3, [3, 1, 2]
+    tensors = op_inputs(T, B, I, H, lengths, torch.float32, proj=P)
+    params = LayerParams(**{n: tensors[n] for n in LayerParams._fields})
+    config = LayerConfig()
+    inputs = prepare_layer(tensors["x"], tensors["h0"], tensors["c0"], params, config, torch.tensor(lengths),
+                           population(T, H, "frame", torch.float32))
+    guard = _NoHostReads(monkeypatch)
+    guard.active = True
+    out, h_n, c_n, _ = bnlstm_layer_triton(inputs=inputs, params=params, config=config)
+    torch.autograd.grad([out, h_n, c_n], [tensors["x"], tensors["weight_hr"]],
+                        [torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n)])
+    with torch.no_grad():
+        bnlstm_layer_triton(inputs=inputs, params=params, config=config._replace(use_batch_stats=False))
+    guard.active = False
 
 
 def _step(x, hx=None, time_offset=0):
@@ -622,6 +685,23 @@ def test_triton_variant_setting(monkeypatch):
                    population=population(2, 3, "frame", torch.float32))
 
 
+@requires_interpreter
+def test_triton_variant_never_persistent_with_projection(monkeypatch):
+    """The persistent kernels have no projection: ``variant`` keeps a call with one on the per-step launches
+    whatever the setting, also where ``auto`` would choose the persistent kernels; through the op, such a
+    call asked to run persistent runs per step and matches the reference."""
+    from fused_bnlstm.ops import fused_triton, persistent_triton
+
+    monkeypatch.setattr(persistent_triton, "persistent_preferred", lambda B, H, dtype, device: True)
+    for setting in ("auto", "persistent", "step"):
+        monkeypatch.setenv(fused_triton.VARIANT_ENV, setting)
+        for device in (CPU, torch.device("cuda")):
+            assert fused_triton.variant(3, 8, torch.float32, device, projection=True) == "step"
+    counter = _count_variant_launches(monkeypatch)
+    compare_with_reference("triton", 3, 3, 2, 8, [3, 1, 2], "frame", True, torch.float32, proj=3)
+    assert counter == {"bnlstm_fwd_step_kernel": 3, "bnlstm_bwd_step_kernel": 3}
+
+
 CUDA = torch.device("cuda")
 # few distinct (H, B-block) pairs: the step kernels compile once per hidden size and row block
 CUDA_CASES = [
@@ -638,6 +718,13 @@ LOW_PRECISION_CASES = CUDA_CASES[:1] + CUDA_CASES[2:4]
 @pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES)
 def test_bnlstm_layer_triton_cuda_float32(no_tf32, T, B, I, H, lengths, normalization, use_batch_stats):
     compare_with_reference("triton", T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, device=CUDA)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T, B, I, H, lengths, normalization, use_batch_stats", CUDA_CASES[:4])
+def test_bnlstm_layer_triton_cuda_projection(no_tf32, T, B, I, H, lengths, normalization, use_batch_stats):
+    compare_with_reference("triton", T, B, I, H, lengths, normalization, use_batch_stats, torch.float32, device=CUDA,
+                           proj=24)
 
 
 def compare_low_precision(T, B, I, H, lengths, normalization, use_batch_stats, dtype, device):
@@ -757,8 +844,9 @@ def test_bnlstm_layer_triton_cuda_no_host_sync(no_tf32, normalization, use_batch
 
 
 @requires_cuda
+@pytest.mark.parametrize("proj", [0, 5], ids=["no-projection", "P5"])
 @pytest.mark.parametrize("normalization, use_batch_stats, lengths", REPEATED_CALLS)
-def test_bnlstm_layer_triton_cuda_graph_replay(no_tf32, monkeypatch, normalization, use_batch_stats, lengths):
+def test_bnlstm_layer_triton_cuda_graph_replay(no_tf32, monkeypatch, normalization, use_batch_stats, lengths, proj):
     from fused_bnlstm.ops import fused_triton
 
     monkeypatch.delenv(fused_triton.GRAPHS_ENV, raising=False)
@@ -766,7 +854,7 @@ def test_bnlstm_layer_triton_cuda_graph_replay(no_tf32, monkeypatch, normalizati
     captured = []
     capture = fused_triton._capture
     monkeypatch.setattr(fused_triton, "_capture", lambda launches: captured.append(launches) or capture(launches))
-    compare_repeated_calls(normalization, use_batch_stats, lengths, CUDA)
+    compare_repeated_calls(normalization, use_batch_stats, lengths, CUDA, proj=proj)
     assert len(captured) == 3
 
 
@@ -873,12 +961,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     B = 64
     tiles = dict(H=100, BB=block_rows(B), BH=F._BLOCK_H)
-    infer_tiles = dict(tiles, BB=F._INFER_ROWS)
+    infer_tiles = dict(tiles, BB=F._INFER_ROWS, P=100)
     # every kernel in fp32 IEEE and bf16, the dot kernels in TF32 as well; plain variants once
     for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", None)):
         frame = dict(FRAME=True, HAS_BIAS=True, PRECISION=precision, **tiles)
-        compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, dict(frame, SAVE=True), F._num_warps(B))
-        compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, frame, F._num_warps(B))
+        compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, dict(frame, SAVE=True, P=100), F._num_warps(B))
+        compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, dict(frame, RECURRENT=True), F._num_warps(B))
         compile_for_sm90(K.bnlstm_infer_step_kernel, dtype,
                          dict(FOLDED=True, HAS_BIAS=False, p_bias=None, PRECISION=precision, **infer_tiles), 4)
         if precision == "tf32":
@@ -886,11 +974,18 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         for kernel in (K.sequence_bn_fwd_kernel, K.sequence_bn_bwd_kernel):
             compile_for_sm90(kernel, dtype, dict(BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES), 4)
     plain = dict(FRAME=False, HAS_BIAS=False, PRECISION="ieee", p_bias=None, p_affine=None, p_steps=None, **tiles)
-    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(plain, SAVE=False, p_pop=None, p_a_hh=None, p_stats=None),
+    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32",
+                     dict(plain, SAVE=False, P=100, p_pop=None, p_a_hh=None, p_stats=None), F._num_warps(B))
+    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(plain, RECURRENT=True, p_stats=None, p_dparams=None),
                      F._num_warps(B))
-    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(plain, p_stats=None, p_dparams=None), F._num_warps(B))
     compile_for_sm90(K.bnlstm_infer_step_kernel, "fp32",
                      dict(FOLDED=False, HAS_BIAS=True, p_fold=None, PRECISION="ieee", **infer_tiles), 4)
+    # a projection (proj_size 50): the recurrent dots at depth P, the backward without its own dot
+    frame = dict(FRAME=True, HAS_BIAS=True, PRECISION="tf32", **tiles)
+    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(frame, SAVE=True, P=50), F._num_warps(B))
+    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(frame, RECURRENT=False, p_w_hh=None), F._num_warps(B))
+    compile_for_sm90(K.bnlstm_infer_step_kernel, "fp32",
+                     dict(FOLDED=True, HAS_BIAS=False, p_bias=None, PRECISION="tf32", **dict(infer_tiles, P=50)), 4)
     print("compiled")
 """)
 

@@ -23,8 +23,17 @@ backward derivation in ``README.md`` beside this file):
   per step: the population moments, gamma, beta and the bias folded into one scale and shift per column
   and step, programs tiled over rows as well as columns, nothing saved.
 
+- With a projection (LSTMP, ``proj_size``; ``weight_hr`` [P, H]) the step kernels' h is the unprojected
+  m_t = o * tanh(BN(c_t)) and their recurrent dot reads a second history r [., B, P] with depth P. Between
+  two forward launches one GEMM and a select on the host give r_t = W_hr m_t on the running rows (the
+  output row), finished rows keeping r_{t-1}. In backward the host forms, before each launch, the gradient
+  of r_t (the output's, plus step t + 1's da_hh W_hh, whose width P the kernel's column blocks do not own)
+  and m_t's gradient dr_t W_hr, which the kernel reads as its output gradient; dW_hr is one GEMM after the
+  loop. Without a projection r is h itself and the kernels run as before.
+
 - On CUDA the step loops are captured as CUDA graphs per workspace and replayed (``_Workspace``;
-  ``FUSED_BNLSTM_TRITON_GRAPHS=0`` launches every step from Python instead).
+  ``FUSED_BNLSTM_TRITON_GRAPHS=0`` launches every step from Python instead); a projection's host steps are
+  captured with the launches.
 
 Statistics, accumulation and the cell state are float32 (float64 for float64 tensors); bf16 and fp16 run
 the GEMMs in their dtype with float32 accumulation; under autocast the op computes in autocast's dtype.
@@ -36,7 +45,7 @@ train with (B <= 512). No call reads a device tensor back to the host: the per-s
 
 ``bnlstm_layer_triton`` is the backend's entry for both variants: these per-step launches, or the
 persistent kernels of ``persistent_triton.py`` (the whole sequence in one launch), as ``variant`` chooses
-(``FUSED_BNLSTM_TRITON_VARIANT``: ``auto``, ``step``, ``persistent``).
+(``FUSED_BNLSTM_TRITON_VARIANT``: ``auto``, ``step``, ``persistent``; a projection always runs per step).
 """
 
 from __future__ import annotations
@@ -122,24 +131,29 @@ class _Plan(NamedTuple):
 
 
 class _Operands(NamedTuple):
-    """The tensors both step kernels read, in the kernels' layout (``triton_kernels.py``)."""
+    """The tensors both step kernels read, in the kernels' layout (``triton_kernels.py``), and what the host
+    steps of a projection read between the launches."""
 
     x_gates: Tensor  # [T, B, 4H] frame: W_ih x (raw); otherwise the finished input branch
-    weight_hh: Tensor  # [4H, H]
+    weight_hh: Tensor  # [4H, P] (P = H without a projection)
     bias: Tensor | None  # [4H]
     affine: Tensor | None  # [10H] gamma_ih | gamma_hh | gamma_c | beta_c, frame only
     steps: Tensor | None  # [T, 2] int32 rows running and batch statistics (1) or not (0) per step, frame only
     lengths: Tensor  # [B] int64 on the device
+    weight_hr: Tensor | None  # [P, H] the projection, or None
+    running: Tensor | None  # [T, B, 1] bool, the rows running at each step (with a projection only)
 
 
 class _Recurrence(NamedTuple):
     """What the forward step launches leave."""
 
-    out: Tensor  # [T, B, H]
-    h: Tensor  # [T+1, B, H] h states (input dtype); [2, B, H] when nothing is saved
+    out: Tensor  # [T, B, P] the layer's output
+    h: Tensor  # [T+1, B, H] the kernels' h states (input dtype); [2, B, H] when nothing is saved
     c: Tensor  # [T+1, B, H] c states (accumulation dtype); [2, B, H] when nothing is saved
-    a_hh: Tensor | None  # [T, B, 4H] W_hh h_{t-1} (accumulation dtype), saved for backward
-    stats: Tensor | None  # [T, 18H] the moments each step used (frame)
+    r: Tensor  # [T+1, B, P] the states the recurrent dot reads (rows as h): h itself without a projection
+    m: Tensor  # [T, B, H] the kernels' output rows (zero on finished rows): out itself without a projection
+    a_hh: Tensor | None = None  # [T, B, 4H] W_hh r_{t-1} (accumulation dtype), saved for backward
+    stats: Tensor | None = None  # [T, 18H] the moments each step used (frame)
 
 
 class _Saved(NamedTuple):
@@ -150,10 +164,11 @@ class _Saved(NamedTuple):
     gamma_ih: Tensor | None  # [4H], read by the sequence-BN backward
     a_ih: Tensor | None  # [T, B, 4H] the raw input branch, sequence only
     seq_stats: Tensor | None  # [2, 4H] the sequence moments used (means, then variances)
-    h: Tensor
+    h: Tensor  # [T+1, B, P] the states the recurrent GEMM read (``_Recurrence.r``)
     c: Tensor
     a_hh: Tensor
     stats: Tensor | None
+    m: Tensor | None  # [T, B, H] with a projection, the kernels' output rows m_t (zero on finished rows)
 
 
 class _Gradients(NamedTuple):
@@ -162,6 +177,7 @@ class _Gradients(NamedTuple):
     da: Tensor  # [2, T, B, 4H] da_hh, da_ih (frame); [1, T, B, 4H] da_hh = da_ih otherwise
     dstate: Tensor  # [2, B, H] the h and c state gradients after step 0's launch
     dparams: Tensor | None  # [T, 14H] per-step partial sums: d(affine) [10H] | dbias [4H]
+    dr: Tensor | None  # [T+1, B, P] with a projection, the gradients of the projected states r_t
 
 
 def _num_warps(B: int) -> int:
@@ -272,14 +288,50 @@ class _WorkspacePool:
 _WORKSPACES = _WorkspacePool()
 
 
-def _workspace_for(*, x: Tensor, weight_hh: Tensor, plan: _Plan, population: Tensor | None,
-                   bias: Tensor | None, save: bool) -> _Workspace:
+def _workspace_for(*, x: Tensor, params: LayerParams, plan: _Plan, population: Tensor | None,
+                   save: bool) -> _Workspace:
     """A pooled workspace where graphs are on, else a plain one; the key is everything a graph bakes in."""
     if not _graphs_enabled(x.device):
         return _Workspace()
-    key = (x.device, x.shape[:2], weight_hh.shape, x.dtype, None if population is None else population.dtype,
-           bias is not None, plan.normalization, plan.use_batch_stats, plan.eps, plan.precision, save)
+    projection = None if params.weight_hr is None else params.weight_hr.shape
+    key = (x.device, x.shape[:2], params.weight_hh.shape, projection, x.dtype,
+           None if population is None else population.dtype, params.bias is not None, plan.normalization,
+           plan.use_batch_stats, plan.eps, plan.precision, save)
     return _WORKSPACES.acquire(key)
+
+
+def _state_buffers(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
+                   rows: int) -> _Recurrence:
+    """The buffers a forward loop writes, the initial states in row 0 of ``rows`` (T + 1, or two slots).
+
+    With a projection the kernels' h (m_t) only feeds its own step's output: its row 0 is zeros (a finished
+    row's kept m is never read), r [rows, B, P] starts at h0 and the kernels' output rows m [T, B, H] are
+    projected into out [T, B, P] between the launches."""
+    T, B, G = operands.x_gates.shape
+    H = G // 4
+    dtype, device = operands.x_gates.dtype, operands.x_gates.device
+    h = workspace.empty("h", (rows, B, H), dtype, device)
+    c = workspace.empty("c", (rows, B, H), acc_dtype(dtype), device)
+    c[0] = c0
+    out = workspace.empty("out", (T, B, h0.shape[1]), dtype, device)
+    if operands.weight_hr is None:
+        h[0] = h0
+        return _Recurrence(out=out, h=h, c=c, r=h, m=out)
+    h[0] = 0
+    r = workspace.empty("r", (rows, B, h0.shape[1]), dtype, device)
+    r[0] = h0
+    return _Recurrence(out=out, h=h, c=c, r=r, m=workspace.empty("m", (T, B, H), dtype, device))
+
+
+def _project(*, rec: _Recurrence, operands: _Operands, t: int) -> None:
+    """With a projection, after step t's launch: the output row out[t] = W_hr m_t [B, P] (zero on finished
+    rows, as m_t is) and r_t = out[t] on the rows running at t, finished rows keeping r_{t-1}."""
+    if operands.weight_hr is None:
+        return
+    # r's rows before and after step t: t and t + 1 of T + 1, or slots t % 2 and the other of two
+    rows = rec.r.shape[0]
+    torch.matmul(rec.m[t], operands.weight_hr.t(), out=rec.out[t])
+    torch.where(operands.running[t], rec.out[t], rec.r[t % rows], out=rec.r[(t + 1) % rows])
 
 
 def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
@@ -287,14 +339,8 @@ def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tenso
     """The recurrence, one launch per step; ``save`` keeps the state history and a_hh for backward."""
     T, B, G = operands.x_gates.shape
     H = G // 4
-    dtype, device = operands.x_gates.dtype, operands.x_gates.device
-    acc = acc_dtype(dtype)
-    rows = T + 1 if save else 2
-    h = workspace.empty("h", (rows, B, H), dtype, device)
-    c = workspace.empty("c", (rows, B, H), acc, device)
-    h[0] = h0
-    c[0] = c0
-    out = workspace.empty("out", (T, B, H), dtype, device)
+    acc, device = acc_dtype(operands.x_gates.dtype), operands.x_gates.device
+    rec = _state_buffers(workspace=workspace, operands=operands, h0=h0, c0=c0, rows=T + 1 if save else 2)
     a_hh = workspace.empty("a_hh", (T, B, G), acc, device) if save else None
     stats = workspace.empty("stats", (T, 18 * H), acc, device) if operands.affine is not None else None
     launch = _step_launch(B, H, plan)
@@ -305,11 +351,13 @@ def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tenso
             kernels.bnlstm_fwd_step_kernel[grid](
                 p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias,
                 p_affine=operands.affine, p_pop=population, p_steps=operands.steps, p_lengths=operands.lengths,
-                p_h=h, p_c=c, p_out=out, p_a_hh=a_hh, p_stats=stats, t=t, **launch,
+                p_h=rec.h, p_r=rec.r, p_c=rec.c, p_out=rec.m, p_a_hh=a_hh, p_stats=stats, t=t, P=rec.r.shape[2],
+                **launch,
             )
+            _project(rec=rec, operands=operands, t=t)
 
     workspace.run("forward", launches)
-    return _Recurrence(out=out, h=h, c=c, a_hh=a_hh, stats=stats)
+    return rec._replace(a_hh=a_hh, stats=stats)
 
 
 def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
@@ -318,12 +366,7 @@ def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor,
     states live in two slots, frame-wise normalization is the folded per-step affine map ``fold``."""
     T, B, G = operands.x_gates.shape
     H = G // 4
-    dtype, device = operands.x_gates.dtype, operands.x_gates.device
-    h = workspace.empty("h", (2, B, H), dtype, device)
-    c = workspace.empty("c", (2, B, H), acc_dtype(dtype), device)
-    h[0] = h0
-    c[0] = c0
-    out = workspace.empty("out", (T, B, H), dtype, device)
+    rec = _state_buffers(workspace=workspace, operands=operands, h0=h0, c0=c0, rows=2)
     grid = (triton.cdiv(H, _BLOCK_H), triton.cdiv(B, _INFER_ROWS))
     bias = None if fold is not None else operands.bias
 
@@ -331,12 +374,13 @@ def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor,
         for t in range(T):
             kernels.bnlstm_infer_step_kernel[grid](
                 p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=bias, p_fold=fold,
-                p_lengths=operands.lengths, p_h=h, p_c=c, p_out=out, t=t, B=B, H=H, PRECISION=plan.precision,
-                BB=_INFER_ROWS, BH=_BLOCK_H, num_warps=4,
+                p_lengths=operands.lengths, p_h=rec.h, p_r=rec.r, p_c=rec.c, p_out=rec.m, t=t, B=B, H=H,
+                P=rec.r.shape[2], PRECISION=plan.precision, BB=_INFER_ROWS, BH=_BLOCK_H, num_warps=4,
             )
+            _project(rec=rec, operands=operands, t=t)
 
     workspace.run("forward", launches)
-    return _Recurrence(out=out, h=h, c=c, a_hh=None, stats=None)
+    return rec
 
 
 def _fold_population(*, params: LayerParams, population: Tensor, eps: float) -> Tensor:
@@ -356,9 +400,25 @@ def _fold_population(*, params: LayerParams, population: Tensor, eps: float) -> 
     return torch.cat([scale[:, :8 * H], shift_gates, scale[:, 8 * H:], shift_c], dim=1).contiguous()
 
 
+def _project_backward(*, operands: _Operands, t: int, da_hh: Tensor, dout: Tensor, dr: Tensor,
+                      dh: Tensor) -> None:
+    """With a projection, before step t's backward launch: dr[t], the gradient of r_t [B, P], then the
+    whole gradient of m_t, dh[t] = dr[t] W_hr [B, H] (the kernel reads its running rows only).
+
+    r_t fed step t + 1's recurrent GEMM on the rows running there (da_hh_{t+1} W_hh, the launch before this
+    one having written da_hh_{t+1}) and was carried on unchanged by the rows finished there (dr[t + 1];
+    dr[T] holds h_n's cotangent); on the rows running at t it is also the output row."""
+    carry = dr[t + 1]
+    if t + 1 < dout.shape[0]:
+        carry = torch.where(operands.running[t + 1], torch.matmul(da_hh[t + 1], operands.weight_hh), carry)
+    torch.where(operands.running[t], carry + dout[t], carry, out=dr[t])
+    torch.matmul(dr[t], operands.weight_hr, out=dh[t])
+
+
 def _recurrence_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved,
                          cotangents: tuple[Tensor, Tensor, Tensor], plan: _Plan) -> _Gradients:
-    """Reverse-time launches over what ``_recurrence_forward`` saved."""
+    """Reverse-time launches over what ``_recurrence_forward`` saved (with a projection, each launch after
+    ``_project_backward``'s host steps)."""
     dout, dh_n, dc_n = cotangents
     T, B, G = operands.x_gates.shape
     H = G // 4
@@ -366,26 +426,38 @@ def _recurrence_backward(*, workspace: _Workspace, operands: _Operands, saved: _
     frame = operands.affine is not None
     # [2, B, H] the state gradients the launches update in place: a copy, never the incoming cotangents
     dstate = workspace.empty("dstate", (2, B, H), saved.c.dtype, device)
-    dstate[0] = dh_n
     dstate[1] = dc_n
     da = workspace.empty("da", (2 if frame else 1, T, B, G), dtype, device)
     has_sums = frame or operands.bias is not None
     dparams = workspace.empty("dparams", (T, 14 * H), saved.c.dtype, device) if has_sums else None
     dout = workspace.take("dout", dout.contiguous())
+    # without a projection the kernel forms the h-state gradient itself (da_hh_{t+1} W_hh) and reads the
+    # output's gradient; with one it reads m_t's whole gradient dh (its h-state gradient stays zero) and
+    # p_w_hh None turns its recurrent dot off
+    dr, dh, weight_hh = None, dout, operands.weight_hh
+    if operands.weight_hr is None:
+        dstate[0] = dh_n
+    else:
+        dstate[0] = 0
+        dr = workspace.empty("dr", (T + 1, B, dh_n.shape[1]), dtype, device)
+        dr[T] = dh_n
+        dh, weight_hh = workspace.empty("dh", (T, B, H), dtype, device), None
     launch = _step_launch(B, H, plan)
     grid = (triton.cdiv(H, _BLOCK_H),)
 
     def launches():
         for t in range(T - 1, -1, -1):
+            if dr is not None:
+                _project_backward(operands=operands, t=t, da_hh=da[0], dout=dout, dr=dr, dh=dh)
             kernels.bnlstm_bwd_step_kernel[grid](
-                p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias,
+                p_x_gates=operands.x_gates, p_w_hh=weight_hh, p_bias=operands.bias,
                 p_affine=operands.affine, p_stats=saved.stats, p_steps=operands.steps, p_lengths=operands.lengths,
-                p_c=saved.c, p_a_hh=saved.a_hh, p_dout=dout, p_dstate=dstate, p_da=da, p_dparams=dparams, t=t,
+                p_c=saved.c, p_a_hh=saved.a_hh, p_dout=dh, p_dstate=dstate, p_da=da, p_dparams=dparams, t=t,
                 T=T, **launch,
             )
 
     workspace.run("backward", launches)
-    return _Gradients(da=da, dstate=dstate, dparams=dparams)
+    return _Gradients(da=da, dstate=dstate, dparams=dparams, dr=dr)
 
 
 def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, plan: _Plan,
@@ -405,6 +477,12 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
         lengths = workspace.empty("lengths", (B,), torch.int64, device).fill_(T)
     else:
         lengths = workspace.take_host("lengths", plan.lengths, device)
+    running = None
+    if params.weight_hr is not None:
+        # [T, B, 1] the rows running at each step, which a projection's host steps select
+        step_index = torch.arange(T, device=device).unsqueeze(1)
+        running = torch.lt(step_index, lengths, out=workspace.empty("running", (T, B), torch.bool, device))
+        running = running.unsqueeze(2)
     seq_stats = None
     if plan.normalization == "sequence":
         # [T, B, 4H] the hoisted input branch, one GEMM over every step, then BN over every valid frame
@@ -422,7 +500,8 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
                                                      params.beta_c]))
         steps = device_steps(plan.counts, plan.batch_stats, workspace.empty("steps", (T, 2), torch.int32, device))
     operands = _Operands(x_gates=x_gates, weight_hh=workspace.take("weight_hh", params.weight_hh),
-                         bias=workspace.take("bias", params.bias), affine=affine, steps=steps, lengths=lengths)
+                         bias=workspace.take("bias", params.bias), affine=affine, steps=steps, lengths=lengths,
+                         weight_hr=workspace.take("weight_hr", params.weight_hr), running=running)
     if infer:
         fold = _fold_population(params=params, population=population, eps=plan.eps) if frame else None
         rec = _recurrence_infer(workspace=workspace, operands=operands, h0=h0, c0=c0,
@@ -432,7 +511,7 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
                                   population=workspace.take("pop", population) if frame else None, plan=plan,
                                   save=save)
     last = T if save else T % 2
-    h_n, c_n = rec.h[last].clone(), rec.c[last].to(x.dtype, copy=True)
+    h_n, c_n = rec.r[last].clone(), rec.c[last].to(x.dtype, copy=True)
     # a workspace that outlives this call hands out copies
     out = rec.out if workspace.key is None else rec.out.clone()
     moments = rec.stats if frame else seq_stats
@@ -441,8 +520,8 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
     if not save:
         return out, h_n, c_n, moments, None, None
     saved = _Saved(x=x, weight_ih=params.weight_ih, gamma_ih=params.gamma_ih,
-                   a_ih=a_ih if seq_stats is not None else None, seq_stats=seq_stats, h=rec.h, c=rec.c,
-                   a_hh=rec.a_hh, stats=rec.stats)
+                   a_ih=a_ih if seq_stats is not None else None, seq_stats=seq_stats, h=rec.r, c=rec.c,
+                   a_hh=rec.a_hh, stats=rec.stats, m=None if params.weight_hr is None else rec.m)
     return out, h_n, c_n, moments, operands, saved
 
 
@@ -462,7 +541,8 @@ def _layer_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved
     params = LayerParams(weight_ih=saved.weight_ih, weight_hh=operands.weight_hh, bias=operands.bias)
     return gradients_after_loop(da_hh=grads.da[0], da_ih=da_ih, dc0=grads.dstate[1], x=saved.x, h=saved.h,
                                 params=params, sums=None if grads.dparams is None else grads.dparams.sum(0),
-                                dgamma_ih=dgamma_ih, frame=plan.normalization == "frame", needs=needs)
+                                dgamma_ih=dgamma_ih, frame=plan.normalization == "frame", needs=needs,
+                                projection=None if grads.dr is None else (grads.dr[:-1], saved.m))
 
 
 class BNLSTMLayerFunction(torch.autograd.Function):
@@ -474,8 +554,7 @@ class BNLSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, population, x, h0, c0, *params):
         layer_params = LayerParams(*params)
-        workspace = _workspace_for(x=x, weight_hh=layer_params.weight_hh, plan=plan, population=population,
-                                   bias=layer_params.bias, save=True)
+        workspace = _workspace_for(x=x, params=layer_params, plan=plan, population=population, save=True)
         out, h_n, c_n, moments, operands, saved = _layer_forward(
             x=x, h0=h0, c0=c0, params=layer_params, plan=plan, population=population, workspace=workspace,
             save=True,
@@ -509,14 +588,17 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def variant(B: int, H: int, dtype: torch.dtype, device: torch.device) -> str:
+def variant(B: int, H: int, dtype: torch.dtype, device: torch.device, projection: bool = False) -> str:
     """Which kernels a call runs, ``"step"`` or ``"persistent"``: ``FUSED_BNLSTM_TRITON_VARIANT`` (``auto`` by
     default) names one, or ``auto`` takes ``persistent_triton.persistent_preferred`` on CUDA (a prediction
     from the sm90 compile report, ``README.md``) and the per-step launches elsewhere (the interpreter proves
-    both; on the CPU it runs the per-step ones unless told otherwise)."""
+    both; on the CPU it runs the per-step ones unless told otherwise). A call with a projection
+    (``projection``) runs the per-step launches whatever the setting: the persistent kernels have none."""
     setting = os.environ.get(VARIANT_ENV, "auto").strip().lower() or "auto"
     if setting not in VARIANTS:
         raise ValueError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {setting!r}")
+    if projection:
+        return "step"
     if setting != "auto":
         return setting
     preferred = device.type == "cuda" and persistent_triton.persistent_preferred(B, H, dtype, device)
@@ -528,16 +610,17 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
     the per-step launches of this file or the persistent kernels, as ``variant`` says.
 
     Returns as ``fused_bnlstm.ops.bnlstm_layer`` (the reference ``bnlstm_layer_naive`` is the oracle this is
-    tested against): output [T, B, H], h_n, c_n [B, H] and the ``BatchStatistics`` used.
+    tested against): output [T, B, P], h_n [B, P], c_n [B, H] (P = proj_size with a projection, else H) and
+    the ``BatchStatistics`` used.
     """
-    check_call("'triton'", inputs, params, config)
+    check_call("'triton'", inputs, params, config, projection=True)
     x = inputs.x
     device = x.device
     T, B, _ = x.shape
     # one compute dtype for every operand; casts and layout fixes happen below, differentiably, at the one
     # boundary into the kernels
     dtype = compute_dtype("'triton'", x)
-    if variant(B, inputs.c0.shape[1], dtype, device) == "persistent":
+    if variant(B, inputs.c0.shape[1], dtype, device, projection=params.weight_hr is not None) == "persistent":
         return persistent_triton.bnlstm_layer_triton_persistent(inputs=inputs, params=params, config=config)
 
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
@@ -561,8 +644,7 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
             out, h_n, c_n, moments = BNLSTMLayerFunction.apply(plan, population, *tensors)
         else:
             params = LayerParams(*tensors[3:])
-            workspace = _workspace_for(x=tensors[0], weight_hh=params.weight_hh, plan=plan, population=population,
-                                       bias=params.bias, save=False)
+            workspace = _workspace_for(x=tensors[0], params=params, plan=plan, population=population, save=False)
             out, h_n, c_n, moments, _, _ = _layer_forward(
                 x=tensors[0], h0=tensors[1], c0=tensors[2], params=params, plan=plan, population=population,
                 workspace=workspace, save=False,

@@ -66,9 +66,11 @@ def available(device) -> tuple[bool, str]:
     return False, f"Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), not on {device.type}"
 
 
-def check_call(name: str, inputs: LayerInput, params: LayerParams, config: LayerConfig) -> None:
+def check_call(name: str, inputs: LayerInput, params: LayerParams, config: LayerConfig, *,
+               projection: bool = False) -> None:
     """What a Triton backend (``name`` in the messages) refuses: a device it cannot run on, synchronized
-    statistics, a projection, an empty sequence or batch, lengths inside a caller's CUDA graph capture."""
+    statistics, a projection unless it runs one (``projection``: the per-step launches do, the persistent
+    kernels do not), an empty sequence or batch, lengths inside a caller's CUDA graph capture."""
     device = inputs.x.device
     ok, reason = available(device)
     if not ok:
@@ -76,7 +78,7 @@ def check_call(name: str, inputs: LayerInput, params: LayerParams, config: Layer
     if config.process_group is not None:
         raise NotImplementedError(f"the {name} backend has no synchronized statistics (process_group); use the "
                                   f"reference backend")
-    if params.weight_hr is not None:
+    if params.weight_hr is not None and not projection:
         raise NotImplementedError(f"the {name} backend has no projection (proj_size); use the reference backend")
     T, B, _ = inputs.x.shape
     if T == 0 or B == 0:
@@ -213,13 +215,15 @@ def sequence_bn_backward(*, a_ih: Tensor, du: Tensor, gamma_ih: Tensor, seq_stat
 
 
 def gradients_after_loop(*, da_hh: Tensor, da_ih: Tensor, dc0: Tensor, x: Tensor, h: Tensor, params: LayerParams,
-                         sums: Tensor | None, dgamma_ih: Tensor | None, frame: bool,
-                         needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+                         sums: Tensor | None, dgamma_ih: Tensor | None, frame: bool, needs: tuple[bool, ...],
+                         projection: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, ...]:
     """The gradients over (x, h0, c0, *LayerParams) once a reverse loop has left da_hh, da_ih [T, B, 4H]
     (da_ih already through the sequence-wise BN), the c-state gradient before step 0 and the parameter
     sums [14H] (d(affine) [10H] | dbias [4H], summed over the steps; None without frame BN and bias).
     ``dgamma_ih``: sequence-wise, from ``sequence_bn_backward``. dx, dh0, dW_ih and dW_hh are GEMMs over all
-    T*B frames (h: the states [T+1, B, H]); None where not needed or unused; cast to x's dtype."""
+    T*B frames (h: the states the recurrent GEMM read [T+1, B, P]); None where not needed or unused; cast to
+    x's dtype. ``projection``: (dr [T, B, P], m [T, B, H]), the gradients of the projected states r_t and the
+    unprojected outputs m_t (zero on finished rows), whose product over all frames is dW_hr."""
     T, B, _ = x.shape
     G = params.weight_hh.shape[0]
     H = G // 4
@@ -230,11 +234,14 @@ def gradients_after_loop(*, da_hh: Tensor, da_ih: Tensor, dc0: Tensor, x: Tensor
     dx = torch.matmul(da_ih, params.weight_ih) if needs[0] else None
     # every row runs step 0 (lengths >= 1): the h state before it gets da_hh_0 W_hh
     dh0 = torch.matmul(da_hh[0], params.weight_hh) if needs[1] else None
-    # [4H, I] and [4H, H]: sums over all T*B frames of da^T x and da^T h_{t-1}
+    # [4H, I] and [4H, P]: sums over all T*B frames of da^T x and da^T h_{t-1} (r_{t-1} with a projection)
     dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), x.reshape(T * B, -1)) if needs[3] else None
-    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), h[:T].reshape(T * B, H)) if needs[4] else None
+    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), h[:T].reshape(T * B, -1)) if needs[4] else None
     cast = [None if g is None or not need else g.to(x.dtype, copy=True)
             for g, need in zip((dh0, dc0, dbias, *affine), (needs[1], needs[2], *needs[5:]))]
-    grads = (dx, cast[0], cast[1], dW_ih, dW_hh, *cast[2:])
-    # LayerParams fields the kernels do not read (weight_hr, refused) get no gradient
-    return grads + (None,) * (len(needs) - len(grads))
+    dW_hr = None
+    if projection is not None and needs[10]:
+        dr, m = projection
+        # [P, H]: r_t = W_hr m_t on the rows running at t, the only rows where m is not zero
+        dW_hr = torch.matmul(dr.reshape(T * B, -1).t(), m.reshape(T * B, H))
+    return (dx, cast[0], cast[1], dW_ih, dW_hh, *cast[2:], dW_hr)

@@ -20,15 +20,19 @@ where the states live), ``store_sums`` (a block's parameter-gradient sums) and t
 Buffers (C-contiguous; "state" buffers hold the state *after* each step, index 0 the initial one):
 
     x_gates   [T, B, 4H]  frame: W_ih x_t (raw); otherwise the finished input branch u_t
-    w_hh      [4H, H]     h [T+1, B, H] (input dtype)       c [T+1, B, H] (accumulation dtype)
+    w_hh      [4H, P]     h [T+1, B, H] (input dtype)       c [T+1, B, H] (accumulation dtype)
                           (without SAVE: [2, B, H] each, step t reads slot t % 2 and writes the other)
-    a_hh      [T, B, 4H]  W_hh h_{t-1}, saved for backward; None when nothing is saved
+    r         [T+1, B, P] the state the recurrent dot reads, laid out as h: h itself (P = H), or with a
+                          projection (``proj_size``) r_t = W_hr h_t, which the host writes between launches
+    a_hh      [T, B, 4H]  W_hh r_{t-1}, saved for backward; None when nothing is saved
     affine    [10H]       gamma_ih | gamma_hh | gamma_c | beta_c (frame only)
     fold      [T, 14H]    eval, frame: scale of a_ih | scale of a_hh | shift of the gates [4H each], then
                           scale | shift of c [H each] (population moments, gamma, beta and bias folded)
     pop       [T, 18H]    a step's population moments: means of ih | hh | c ([4H | 4H | H]), then the
     stats     [T, 18H]    variances 9H further; stats: the moments each step normalized with
     dstate    [2, B, H]   the h and c state gradients the backward launches carry from step to step
+    dout      [T, B, H]   the gradient of each step's output h_t (with a projection: h_t's whole gradient,
+                          through r_t = W_hr h_t, formed by the host between launches)
     da        [., T, B, 4H]  da_hh, then (frame) da_ih
     dparams   [T, 14H]    per-step partial sums: d(affine) [10H] | dbias [4H], summed over T afterwards
 """
@@ -51,6 +55,8 @@ def _passed(name):
 # the constexpr flags of the forward and backward kernels (per-step and persistent), from their optional tensors
 FORWARD_FLAGS = {"FRAME": _passed("p_affine"), "HAS_BIAS": _passed("p_bias"), "SAVE": _passed("p_a_hh")}
 BACKWARD_FLAGS = {"FRAME": _passed("p_affine"), "HAS_BIAS": _passed("p_bias")}
+# the per-step backward kernel's own flag: it forms the h-state gradient from da_hh W_hh itself (no projection)
+RECURRENT_FLAG = {"RECURRENT": _passed("p_w_hh")}
 
 
 @triton.jit
@@ -354,15 +360,16 @@ def store_sums(p_dparams, i_h, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b_
 @triton.heuristics(FORWARD_FLAGS)
 @triton.jit(do_not_specialize=["t", "B"])
 def bnlstm_fwd_step_kernel(
-    p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_c, p_out, p_a_hh, p_stats,
-    t, eps, B, H: tl.constexpr,
+    p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_r, p_c, p_out, p_a_hh, p_stats,
+    t, eps, B, H: tl.constexpr, P: tl.constexpr,
     FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
 ):
-    """One time step t for column block i_h: W_hh h_{t-1} on its tile, then ``forward_block``.
+    """One time step t for column block i_h: W_hh r_{t-1} on its tile, then ``forward_block``.
 
-    ``p_steps`` [T, 2] (int32, frame only): the rows running at each step, and whether the step normalizes
-    with their batch moments (1) or the population's (0).
+    ``p_r`` [., B, P]: the recurrent state, ``p_h`` itself (P = H) or with a projection the projected one
+    (laid out as ``p_h``). ``p_steps`` [T, 2] (int32, frame only): the rows running at each step, and whether
+    the step normalizes with their batch moments (1) or the population's (0).
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
@@ -371,8 +378,8 @@ def bnlstm_fwd_step_kernel(
     o_h, m_h = hidden_units(i_h, H, BH)
     o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     o_prev = state_offset(t, B, H, SAVE)
-    b_a_hh = recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH,
-                           p_c.dtype.element_ty, "")
+    b_a_hh = recurrent_dot(p_r + state_offset(t, B, P, SAVE), p_w_hh, o_b, m_b, o_g, m_g, P, 1, P, PRECISION, BB,
+                           4 * BH, p_c.dtype.element_ty, "")
     b_h_prev, b_c_prev = load_states(p_h + o_prev, p_c + o_prev, o_s, m_s)
     b_h, b_c = forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop,
                              p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, True, HAS_BIAS, SAVE, BB, BH)
@@ -383,8 +390,8 @@ def bnlstm_fwd_step_kernel(
 @triton.heuristics({"FOLDED": _passed("p_fold"), "HAS_BIAS": _passed("p_bias")})
 @triton.jit(do_not_specialize=["t", "B"])
 def bnlstm_infer_step_kernel(
-    p_x_gates, p_w_hh, p_bias, p_fold, p_lengths, p_h, p_c, p_out,
-    t, B, H: tl.constexpr,
+    p_x_gates, p_w_hh, p_bias, p_fold, p_lengths, p_h, p_r, p_c, p_out,
+    t, B, H: tl.constexpr, P: tl.constexpr,
     FOLDED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
 ):
@@ -394,7 +401,8 @@ def bnlstm_infer_step_kernel(
     units [i_h * BH, (i_h + 1) * BH) of rows [i_b * BB, (i_b + 1) * BB). Frame-wise (``FOLDED``) both
     normalizations, gamma and the bias are the step's per-column affine maps from ``p_fold`` [T, 14H]:
     z = s_ih * a_ih + s_hh * a_hh + shift, y = s_c * c + shift_c. Otherwise the input branch is finished
-    and z = a_hh + u (+ bias). States live in two slots [2, B, H].
+    and z = a_hh + u (+ bias). States live in two slots [2, B, H]; the recurrent dot reads ``p_r`` [2, B, P]
+    (``p_h`` itself, P = H, or the projected state, as in ``bnlstm_fwd_step_kernel``).
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
@@ -405,7 +413,8 @@ def bnlstm_infer_step_kernel(
     o_prev = state_offset(t, B, H, False)
     b_x = tl.load(p_x_gates + t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :], mask=m_b[:, None] & m_g[None, :],
                   other=0.0).to(p_c.dtype.element_ty)
-    b_a_hh = recurrent_dot(p_h + o_prev, p_w_hh, o_b, m_b, o_g, m_g, H, 1, H, PRECISION, BB, 4 * BH, b_x.dtype, "")
+    b_a_hh = recurrent_dot(p_r + state_offset(t, B, P, False), p_w_hh, o_b, m_b, o_g, m_g, P, 1, P, PRECISION, BB,
+                           4 * BH, b_x.dtype, "")
     if FOLDED:
         p_fold_t = p_fold + t * 14 * H
         b_z = (_load_vector(p_fold_t, o_g, m_g, b_x.dtype) * b_x
@@ -427,19 +436,21 @@ def bnlstm_infer_step_kernel(
     store_states(p_h + o_next, p_c + o_next, o_s, m_s, b_h, b_c)
 
 
-@triton.heuristics(BACKWARD_FLAGS)
+@triton.heuristics({**BACKWARD_FLAGS, **RECURRENT_FLAG})
 @triton.jit(do_not_specialize=["t", "T", "B"])
 def bnlstm_bwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
     p_dparams, t, T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, RECURRENT: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
 ):
     """Step t in reverse for column block i_h: the h-state gradient, then ``backward_block``.
 
     ``p_dstate`` [2, B, H] holds the gradients of the h and c states after step t + 1 on entry and after
     step t on exit, each program touching only its columns. The h-state gradient of rows still running at
-    t + 1 comes from that step's da_hh [B, 4H] (written by the previous launch) times W_hh. Parameter
+    t + 1 comes from that step's da_hh [B, 4H] (written by the previous launch) times W_hh. With a projection
+    (``p_w_hh`` None, ``RECURRENT`` off) the host has formed the whole h gradient in ``p_dout`` (through
+    r_t = W_hr h_t, whose width the recurrent GEMM runs on) and keeps the h-state gradient at zero. Parameter
     gradients go to the step's row of ``p_dparams``, each program writing its own columns: deterministic,
     no atomics.
     """
@@ -449,12 +460,13 @@ def bnlstm_bwd_step_kernel(
     o_h, m_h = hidden_units(i_h, H, BH)
     o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     b_dh, b_dc = load_states(p_dstate, p_dstate + B * H, o_s, m_s)
-    if t + 1 < T:
-        # [BB, BH] da_hh_{t+1} W_hh[:, block], over the 4H gate columns
-        b_da_w = recurrent_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h, m_h, 4 * H, H, 1, PRECISION, BB,
-                               BH, b_dh.dtype, "")
-        _, _, m_next = _running_rows(p_lengths, 0, B, t + 1, BB)
-        b_dh = tl.where(m_next, b_da_w, b_dh)
+    if RECURRENT:
+        if t + 1 < T:
+            # [BB, BH] da_hh_{t+1} W_hh[:, block], over the 4H gate columns
+            b_da_w = recurrent_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h, m_h, 4 * H, H, 1, PRECISION,
+                                   BB, BH, b_dh.dtype, "")
+            _, _, m_next = _running_rows(p_lengths, 0, B, t + 1, BB)
+            b_dh = tl.where(m_next, b_da_w, b_dh)
     _, b_dc, b_ih, b_hh, b_b, b_gc, b_bc = backward_block(
         b_dh, b_dc, tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0),
         tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0), t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine,
