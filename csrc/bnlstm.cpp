@@ -212,14 +212,31 @@ bool any_flag(const std::vector<uint8_t>& flags) {
     return false;
 }
 
+// Whether a call synchronizes its statistics over a process group: frame-wise with batch statistics on some step
+// (None takes no statistics: nothing to synchronize). The other cases run on the reference backend.
+bool check_synced(const Layer& l, const std::optional<c10::string_view>& group_name) {
+    if (!group_name.has_value()) return false;
+    TORCH_CHECK(!l.sequence() && !l.projected(), "fused_bnlstm (cpp): synchronized statistics run frame-wise "
+                "(or without normalization) and without a projection here; the reference backend runs the rest");
+    return l.frame() && any_flag(l.batch_stats);
+}
+
+// [T, B] bool: whether row b runs at step t (lengths[b] > t).
+at::Tensor running_rows(const Layer& l) {
+    const at::Tensor steps = at::arange(l.T, at::kLong).unsqueeze(1);
+    return l.lengths.defined() ? steps < l.lengths.unsqueeze(0) : at::ones({l.T, l.B}, at::kBool);
+}
+
 }  // namespace
 
 // bnlstm_forward: see the schema in TORCH_LIBRARY below and fused_cpp.py.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
     const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, at::TensorList weights,
     const OptTensor& bias_in, const OptTensor& lengths, at::IntArrayRef counts, const c10::List<bool>& batch_stats,
-    at::TensorList population, double eps, std::optional<c10::string_view> normalization, bool save) {
+    at::TensorList population, double eps, std::optional<c10::string_view> normalization, bool save,
+    std::optional<c10::string_view> group_name) {
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
+    const bool synced = check_synced(l, group_name);
     begin_workspace_call();
     const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
     const at::ScalarType dtype = l.x.scalar_type();
@@ -246,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     // ms) or when the step runs on one thread (README.md). Training with split steps keeps the one GEMM
     // (char-PTB training forward at 2 threads 278-283 against 286-296 ms per step). Sequence-wise needs its
     // statistics over every frame before the loop.
-    const bool input_per_step = dtype == at::kFloat && !l.sequence() && !l.projected() && step_brgemm(B, H, I) &&
+    const bool input_per_step = dtype == at::kFloat && !l.sequence() && !l.projected() && !synced &&
+                                step_brgemm(B, H, I) &&
                                 (I <= 16 || !save || step_on_one_thread(B, H, I));
     // Frame-wise, training keeps the normalized input branch in its own chunked history (StepRows in
     // bnlstm_kernels.inc), so computed per step the input branch needs only one step's scratch. For None
@@ -325,7 +343,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
         for (size_t k = 0; k < moments.size(); ++k) *fields[k] = moments[k].data_ptr();
     }
     p.output = output.data_ptr();
-    if (B > 0 && H > 0 && l.projected()) {
+    // Synchronized: the kernels normalize with moments over the group, as with a population's (SyncedStatistics).
+    const std::vector<uint8_t> no_batch_stats(synced ? T : 0, 0);
+    SyncedStatistics sync;
+    if (synced) {
+        sync = SyncedStatistics{std::string(*group_name), l.batch_stats.data(), running_rows(l), a_ih, s.hs, s.cs};
+        for (size_t k = 0; k < 6; ++k) sync.given[k] = pop[k].clone();
+        p.batch_stats = no_batch_stats.data();
+        const void** fields[] = {&p.pop_mean_ih, &p.pop_var_ih, &p.pop_mean_hh, &p.pop_var_hh, &p.pop_mean_c,
+                                 &p.pop_var_c};
+        for (size_t k = 0; k < 6; ++k) *fields[k] = sync.given[k].data_ptr();
+        moments.assign(sync.given.begin(), sync.given.end());
+    }
+    if (synced && H > 0) {
+        forward_sync_cpu(p, a_hh, l.w_hh, sync);  // every rank, with rows or without
+    } else if (B > 0 && H > 0 && l.projected()) {
         forward_projected_cpu(p, a_hh, l.w_hh, proj);
     } else if (B > 0 && H > 0) {
         forward_cpu(p, a_hh, s.hs, l.w_hh);
@@ -345,8 +377,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     const OptTensor& grad_output_in, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const at::Tensor& x_in,
     at::TensorList weights, bool has_bias, const OptTensor& lengths, at::IntArrayRef counts,
     const c10::List<bool>& batch_stats, at::TensorList saved_list, std::optional<c10::string_view> normalization,
-    bool need_dx) {
+    bool need_dx, std::optional<c10::string_view> group_name) {
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
+    const bool synced = check_synced(l, group_name);
     const Saved s = parse_saved(saved_list, l);
     begin_workspace_call();
     const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G, P = l.P;
@@ -388,7 +421,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     p.dbeta_c = ptr_or_null(dbeta_c);
     ProjectedStates proj;
     if (l.projected()) proj = ProjectedStates{l.w_hr, s.hs, s.rs, {}, grad_output, at::zeros({T, B, P}, opts)};
-    if (B > 0 && H > 0 && l.projected()) {
+    if (synced && H > 0) {
+        backward_sync_cpu(p, dh, dh_prev, da_hh, l.w_hh, std::string(*group_name));
+    } else if (B > 0 && H > 0 && l.projected()) {
         backward_projected_cpu(p, dh, da_hh, l.w_hh, proj);
     } else if (B > 0 && H > 0) {
         backward_cpu(p, dh, dh_prev, da_hh, l.w_hh);
@@ -436,11 +471,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
 TORCH_LIBRARY(fused_bnlstm, m) {
     m.set_python_module("fused_bnlstm.ops.fused_cpp");
     m.def("bnlstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, Tensor? bias, Tensor? lengths, "
-          "int[] counts, bool[] batch_stats, Tensor[] population, float eps, str? normalization, bool save) -> "
+          "int[] counts, bool[] batch_stats, Tensor[] population, float eps, str? normalization, bool save, "
+          "str? group_name) -> "
           "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] moments, Tensor[] saved)");
     m.def("bnlstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor[] weights, "
           "bool has_bias, Tensor? lengths, int[] counts, bool[] batch_stats, Tensor[] saved, str? normalization, "
-          "bool need_dx) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_weights, "
+          "bool need_dx, str? group_name) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_weights, "
           "Tensor grad_bias)");
 }
 

@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -604,6 +606,127 @@ void backward_projected_cpu(BackwardParams& p, at::Tensor& dr, const at::Tensor&
             for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
                        [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
         }
+    });
+}
+
+// --- Synchronized statistics (a process group, frame-wise) ---------------------------------------------------
+//
+// Every batch norm of a step with batch statistics normalizes over the running rows of every rank of the group:
+// the sums behind its moments (forward) and behind its backward (the kernels' phases, BackwardParams) are summed
+// over the group with torch's functional all-reduce, one collective at each reduction point. Forward: the input
+// branch's sums of every step in one collective before the loop; per step those of W_hh h_{t-1}, then those of
+// c_t. The step kernel normalizes with the summed moments as it would with a population's (ForwardParams' pop_*
+// point at them), and runs twice on such a step: once for c_t, whose sums BN(c) needs, then again with them
+// for h_t (the gates and c_t come out the same; the pass is cheap beside a collective). Backward, per step in
+// reverse: BN(c)'s sums [2, H], then the gates' [3, 4H]. These loops are the plain ones (at::mm per step).
+
+namespace {
+
+// Sums `sums` over the process group named `group`, in place. Every rank makes the same calls in the same order.
+void group_sum_(at::Tensor& sums, const std::string& group) {
+    static const c10::OperatorHandle all_reduce =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
+    static const auto wait = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("_c10d_functional::wait_tensor", "")
+                                 .typed<at::Tensor(const at::Tensor&)>();
+    std::vector<c10::IValue> stack{sums, std::string("sum"), group};
+    all_reduce.callBoxed(&stack);
+    sums.copy_(wait.call(stack[0].toTensor()));
+}
+
+// Mean and biased variance over the group from summed (sum, sum of squares) [2, ..., F] and counts [..., 1].
+std::pair<at::Tensor, at::Tensor> moments_of(const at::Tensor& sums, const at::Tensor& counts) {
+    const at::Tensor mean = sums[0] / counts;
+    return {mean, (sums[1] / counts - mean * mean).clamp_min(0)};
+}
+
+// This rank's (sum, sum of squares) over the rows where mask [..., B, 1] is 1 of value [..., B, F]: [2, ..., F].
+at::Tensor masked_sums(const at::Tensor& value, const at::Tensor& mask) {
+    const at::Tensor kept = value * mask;
+    return at::stack({kept.sum(-2), (kept * value).sum(-2)});
+}
+
+}  // namespace
+
+void forward_sync_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const SyncedStatistics& sync) {
+    const int64_t B = p.B, H = p.H;
+    const int64_t grain = grain_size(B, H, p.I);
+    const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
+    const auto acc = a_hh.options().dtype(sync.given[0].scalar_type());
+    // [T, B, 1]: the rows running at each step; [T, 1]: the group's counts (at least 1: steps without batch
+    // statistics take none of these moments)
+    const at::Tensor mask = sync.running.to(a_hh.scalar_type()).unsqueeze(-1);
+    const at::Tensor counts = at::tensor(std::vector<int64_t>(p.counts, p.counts + p.T)).clamp_min(1).to(acc)
+                                  .unsqueeze(-1);
+    const auto keep = [&](int k, int64_t t, const std::pair<at::Tensor, at::Tensor>& m) {
+        sync.given[k].select(0, t).copy_(m.first);
+        sync.given[k + 1].select(0, t).copy_(m.second);
+    };
+    {
+        at::Tensor sums = masked_sums(sync.a_ih, mask).to(acc);  // [2, T, 4H]
+        group_sum_(sums, sync.group);
+        const auto m = moments_of(sums, counts);
+        for (int64_t t = 0; t < p.T; ++t) {
+            if (sync.batch_stats[t]) keep(0, t, {m.first[t], m.second[t]});
+        }
+    }
+    AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_sync_cpu", [&] {
+        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
+        const auto step_pass = [&](int64_t t) {
+            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
+        };
+        for (int64_t t = 0; t < p.T; ++t) {
+            const int64_t prev = p.save ? t : (t & 1), next = p.save ? t + 1 : ((t + 1) & 1);
+            at::mm_out(a_hh, sync.hs.select(0, prev), w_hh_t);
+            if (!sync.batch_stats[t]) {
+                step_pass(t);
+                continue;
+            }
+            at::Tensor sums_hh = masked_sums(a_hh, mask[t]).to(acc);  // [2, 4H]
+            group_sum_(sums_hh, sync.group);
+            keep(2, t, moments_of(sums_hh, counts[t]));
+            step_pass(t);  // c_t (h_t with the cell moments of before)
+            at::Tensor sums_c = masked_sums(sync.cs.select(0, next), mask[t]).to(acc);  // [2, H]
+            group_sum_(sums_c, sync.group);
+            keep(4, t, moments_of(sums_c, counts[t]));
+            step_pass(t);
+        }
+    });
+}
+
+void backward_sync_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
+                       const at::Tensor& w_hh, const std::string& group) {
+    const int64_t H = p.H;
+    const int64_t grain = grain_size(p.B, H, p.I);
+    const auto acc = da_hh.options().dtype(at::toOpMathType(da_hh.scalar_type()));
+    at::Tensor sums_c = at::empty({2, H}, acc);
+    at::Tensor sums_gates = at::empty({3, 4 * H}, acc);
+    p.sync_sums_c = sums_c.data_ptr();
+    p.sync_sums_gates = sums_gates.data_ptr();
+    AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_sync_cpu", [&] {
+        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
+        const auto step_pass = [&](int64_t t, int phase) {
+            p.sync_phase = phase;
+            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
+        };
+        for (int64_t t = p.T - 1; t >= 0; --t) {
+            p.dh = dh.data_ptr();
+            p.dh_prev = dh_prev.data_ptr();
+            if (p.batch_stats[t]) {
+                step_pass(t, 1);
+                group_sum_(sums_c, group);
+                step_pass(t, 2);
+                group_sum_(sums_gates, group);
+                step_pass(t, 3);
+            } else {
+                step_pass(t, 0);
+            }
+            // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
+            at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
+            pass_finished_rows(p, t, dh.data_ptr<scalar_t>(), dh_prev.data_ptr<scalar_t>(), 0, H);
+            std::swap(dh, dh_prev);
+        }
+        p.sync_phase = 0;
     });
 }
 

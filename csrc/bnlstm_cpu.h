@@ -3,8 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "bnlstm.h"
@@ -22,6 +24,18 @@ struct ProjectedStates {
     at::Tensor dr_run;       // backward: [T, B, P], the gradient of r_t on the rows running at step t, else 0
 };
 
+// Synchronized statistics (frame-wise; the synchronized loops in bnlstm_cpu.cpp). ForwardParams' pop_* point at
+// `given` and its batch_stats at all-zero flags: the kernels normalize with these moments, which the loop
+// fills (summed over the group) on the steps with batch statistics and the population's rows fill elsewhere.
+struct SyncedStatistics {
+    std::string group;             // the process group's name (torch.distributed's group_name)
+    const uint8_t* batch_stats;    // [T] the steps that normalize with batch statistics
+    at::Tensor running;            // [T, B] bool: the rows running at each step
+    at::Tensor a_ih;               // [T, B, 4H] the input branch
+    at::Tensor hs, cs;             // the tensors behind StepParamsBase::hs and cs
+    std::array<at::Tensor, 6> given;  // mean_ih, var_ih, mean_hh, var_hh [T, 4H], mean_c, var_c [T, H]
+};
+
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh);
 void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
                   const at::Tensor& w_hh);
@@ -30,6 +44,10 @@ void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const 
 void forward_projected_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const ProjectedStates& proj);
 void backward_projected_cpu(BackwardParams& p, at::Tensor& dr, const at::Tensor& da_hh, const at::Tensor& w_hh,
                             const ProjectedStates& proj);
+
+void forward_sync_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const SyncedStatistics& sync);
+void backward_sync_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
+                       const at::Tensor& w_hh, const std::string& group);
 
 const char* kernel_isa();
 bool use_brgemm();

@@ -21,8 +21,9 @@ from fused_bnlstm.distributed import global_sum
 from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams, Population, bnlstm_layer,
                               resolve_backend)
 
-# backends whose kernels have no projection (proj_size) yet: "auto" runs the reference for such a model
-_FUSED_WITHOUT_PROJECTION = ("triton",)
+# The normalizations each fused backend synchronizes over a process group itself (without a projection); the
+# reference runs the other synchronized calls.
+_SYNCHRONIZED = {"cpp": ("frame", None), "triton": ()}
 # statistics slots per layer-direction unless max_length says otherwise (see _PopulationStatsMixin)
 DEFAULT_MAX_LENGTH = 256
 
@@ -299,8 +300,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as ``nn.LSTM``.
         proj_size: as ``nn.LSTM`` (LSTMP): ``h_t = W_hr (o_t * tanh(BN(c_t)))`` with ``weight_hr_l{k}``
-            [proj_size, hidden_size], the recurrence and the output on the projected state. The fused
-            backends do not have it yet: ``backend="auto"`` then runs the reference.
+            [proj_size, hidden_size], the recurrence and the output on the projected state (every backend).
         max_length: number of per-step statistics slots (default 256), allocated once. Training steps past
             it share the last slot (the paper's choice; a training call that gets there warns once); eval
             reads ``min(t + time_offset, last trained slot)``, so longer sequences than any trained on
@@ -359,9 +359,6 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size > 0 and backend in _FUSED_WITHOUT_PROJECTION:
-            raise NotImplementedError(f"the {backend!r} backend does not run proj_size > 0 yet; use "
-                                      "backend='auto' or 'reference'")
 
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -485,11 +482,7 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         if self.normalization is not None and use_batch_stats and (B > 0 or group is not None):
             rows = B if self.normalization == "frame" else int(lengths.sum()) if lengths is not None else T * B
             self._check_training_rows(rows, group, x.device)
-        # the reference runs what the fused kernels do not: an empty batch (zero-sized outputs that still
-        # carry gradients, as nn.LSTM's do), a projection where a backend has none, and synchronized statistics
-        backend = resolve_backend(self.backend, x.device) if B > 0 and group is None else "reference"
-        if self.proj_size > 0 and backend in _FUSED_WITHOUT_PROJECTION:
-            backend = "reference"
+        backend = self._layer_backend(B, group, x.device)
         update_stats = update_stats and (B > 0 or group is not None)
 
         # Validation is over: from here on buffers may change.
@@ -572,6 +565,19 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         return x, None, None, is_batched
+
+    def _layer_backend(self, B: int, group, device: torch.device) -> str:
+        """The backend a call runs on: the reference for synchronized statistics a fused backend does not run
+        (_SYNCHRONIZED), and for an empty batch (zero-sized outputs that still carry gradients, as nn.LSTM's do)
+        unless synchronized: the ranks of a group all take one backend, with rows or without, so that their
+        collectives match."""
+        backend = resolve_backend(self.backend, device)
+        if backend == "reference":
+            return backend
+        if group is not None:
+            synchronized = self.normalization in _SYNCHRONIZED[backend] and self.proj_size == 0
+            return backend if synchronized else "reference"
+        return backend if B > 0 else "reference"
 
     def _check_hidden(self, hx, is_batched, is_packed, B, x, num_directions):
         expected_c = (self.num_layers * num_directions, B, self.hidden_size)

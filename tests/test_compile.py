@@ -149,6 +149,14 @@ def test_compile_dynamic_runs_every_length_without_recompiling(backend):
             _assert_same_training_step(compiled, model, twin, torch.randn(T, B, 3))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_compile_fullgraph_with_a_projection_equals_eager(backend):
+    # proj_size: the op's output and h_n are P wide (its fake implementations say so)
+    model, twin = _twins(backend, proj_size=2)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _assert_same_training_step(compiled, model, twin, torch.randn(5, 3, 3))
+
+
 def test_compile_with_inductor_on_the_default_backend():
     model, twin = _twins("auto")
     compiled = torch.compile(model, fullgraph=True)

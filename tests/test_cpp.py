@@ -467,7 +467,7 @@ def test_cpp_ops_pass_opcheck(normalization, use_batch_stats, lengths, proj):
     backward = dict(grad_output=cotangents[0], grad_h_n=cotangents[1], grad_c_n=cotangents[2],
                     x=forward["x"].detach(), weights=[w.detach() for w in forward["weights"]], has_bias=True,
                     lengths=forward["lengths"], counts=forward["counts"], batch_stats=forward["batch_stats"],
-                    saved=saved, normalization=normalization, need_dx=True)
+                    saved=saved, normalization=normalization, need_dx=True, group_name=None)
     torch.library.opcheck(torch.ops.fused_bnlstm.bnlstm_backward.default, (), backward)
 
 

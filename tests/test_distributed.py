@@ -185,11 +185,15 @@ def _rows(batches: list[dict], rank: int) -> slice:
 
 # ---- what the ranks run --------------------------------------------------------------------------------------
 
-def _job_sync(rank, world_size, *, spec, batches, backend="auto", ddp=False):
-    """One training call of a model in sync mode on this rank's batch (DDP-wrapped with ``ddp``)."""
+def _job_sync(rank, world_size, *, spec, batches, backend, ddp=False):
+    """One training call of a model in sync mode on this rank's batch (DDP-wrapped with ``ddp``), and the
+    backend each layer call ran on."""
     module = convert_sync_bnlstm(_model(spec, backend=backend))
     model = DistributedDataParallel(module) if ddp else module
-    return _train_call(model, batches[rank], module)
+    ran = []
+    choose = module._layer_backend
+    module._layer_backend = lambda *args: ran.append(choose(*args)) or ran[-1]
+    return dict(_train_call(model, batches[rank], module), ran=ran)
 
 
 def _job_sync_error(rank, world_size, *, spec, batches):
@@ -326,7 +330,8 @@ def _population_inputs(world_size: int, seed: int) -> dict:
 def _jobs(world_size: int) -> tuple[dict, dict]:
     """What a spawn of ``world_size`` ranks runs, and the inputs the expectations need."""
     cases = _sync_inputs(SYNC_CASES_2 if world_size == 2 else SYNC_CASES_3, seed=10 * world_size)
-    jobs = {f"sync/{name}": (_job_sync, dict(spec=spec, batches=batches)) for name, (spec, batches) in cases.items()}
+    jobs = {f"sync/{name}/{backend}": (_job_sync, dict(spec=spec, batches=batches, backend=backend))
+            for name, (spec, batches) in cases.items() for backend in DDP_BACKENDS}
     population = _population_inputs(world_size, seed=5)
     jobs["population"] = (_job_population, population)
     if world_size == 3:  # (each process costs seconds here: DDP, the error and the example run on 2 ranks)
@@ -334,7 +339,9 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
     ddp_spec = _spec(7, max_length=8)
     ddp_batches = [_batch(ddp_spec, 4 + 2 * r, 3, [4 + 2 * r, 2, 1]) for r in range(world_size)]
     cases["ddp-sync"] = (ddp_spec, ddp_batches)
-    jobs["sync/ddp-sync"] = (_job_sync, dict(spec=ddp_spec, batches=ddp_batches, ddp=True))
+    for backend in DDP_BACKENDS:
+        jobs[f"sync/ddp-sync/{backend}"] = (_job_sync, dict(spec=ddp_spec, batches=ddp_batches, backend=backend,
+                                                           ddp=True))
     for backend in DDP_BACKENDS:
         jobs[f"ddp/{backend}"] = (_job_ddp, dict(spec=ddp_spec, batches=ddp_batches, backend=backend))
     jobs["example"] = (_job_example, {})
@@ -384,12 +391,16 @@ def test_sync_mode_without_process_group_is_local():
         torch.testing.assert_close(result["grads"][name], value, **TOLERANCE)
 
 
-def test_sync_matches_concatenated_batch(world):
-    """Sync mode on N ranks == one process on the concatenated rows (every case of this world size)."""
+@pytest.mark.parametrize("backend", DDP_BACKENDS)
+def test_sync_matches_concatenated_batch(world, backend):
+    """Sync mode on N ranks == one process on the concatenated rows (every case of this world size). The cpp
+    backend synchronizes frame-wise statistics in its own loops; sequence-wise runs on the reference."""
     world_size, results, inputs = world
     for name, (spec, batches) in inputs["cases"].items():
         single = _single(spec, batches)
-        ranks = [r[f"sync/{name}"] for r in results]
+        ranks = [r[f"sync/{name}/{backend}"] for r in results]
+        expected = backend if spec["kwargs"].get("normalization", "frame") == "frame" else "reference"
+        assert all(set(r["ran"]) == {expected} for r in ranks), (name, [r["ran"] for r in ranks])
         try:
             _assert_matches_concatenated(ranks, batches, single, ddp=name == "ddp-sync")
         except AssertionError as error:

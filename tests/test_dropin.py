@@ -140,8 +140,6 @@ def test_proj_size_with_batch_norm_gradcheck_and_backend_choice(monkeypatch):
     assert model(x)[0].shape == (3, 3, 2)
     assert torch.autograd.gradcheck(lambda x: model(x)[0], (x,), fast_mode=True)
     assert bool(calls) == backend_available("cpp", torch.device("cpu"))[0]
-    with pytest.raises(NotImplementedError, match="the 'triton' backend does not run proj_size > 0 yet"):
-        BNLSTM(3, 4, proj_size=2, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

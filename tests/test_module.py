@@ -478,7 +478,6 @@ def test_plain_cell_equals_nn_lstm_cell():
         pytest.param(dict(bias=1), TypeError, "bias should be of type bool, got: int", id="bias-int"),
         pytest.param(dict(batch_first=None), TypeError, "batch_first should be of type bool", id="batch-first"),
         pytest.param(dict(proj_size=-1), ValueError, "proj_size should be a positive integer or zero", id="proj-neg"),
-        pytest.param(dict(proj_size=2, backend="triton"), NotImplementedError, "does not run proj_size > 0 yet", id="proj-fused"),
         pytest.param(dict(eps=0.0), ValueError, "eps must be a number greater than zero", id="eps0"),
         pytest.param(dict(momentum=1.5), ValueError, "momentum must be None or a number in [0, 1]", id="momentum"),
         pytest.param(dict(max_length=0), ValueError, "max_length must be a positive int", id="max-length"),

@@ -545,8 +545,10 @@ def _step(x, hx=None, time_offset=0):
 
 
 @requires_interpreter
-def test_bnlstm_module_triton_bidirectional_two_layers_packed():
-    reference, triton_model = twin_modules("triton", input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("proj_size", [0, 2], ids=["", "proj"])
+def test_bnlstm_module_triton_bidirectional_two_layers_packed(proj_size):
+    reference, triton_model = twin_modules("triton", input_size=3, hidden_size=5, num_layers=2, bidirectional=True,
+                                           proj_size=proj_size)
     lengths = torch.tensor([4, 6, 2])
     x = torch.randn(6, 3, 3) * (torch.arange(6).unsqueeze(1) < lengths).unsqueeze(2)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)

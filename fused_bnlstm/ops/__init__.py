@@ -119,6 +119,9 @@ def bnlstm_layer(
     if backend != "reference" and torch.onnx.is_in_onnx_export():
         # ONNX has no kernel of ours: the exported graph is the reference's steps
         backend = "reference"
+    if backend != "reference" and torch.compiler.is_compiling() and config.process_group is not None:
+        # the custom op's schema has no process group: a traced graph takes the reference's steps
+        backend = "reference"
     if backend != "reference" and torch.compiler.is_compiling():
         # a traced graph holds the custom op (the reference is traced as it is: it is the decomposition)
         from fused_bnlstm.ops.registered import bnlstm_layer_registered

@@ -159,6 +159,19 @@ def prepare_layer(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, config
                       population=population)
 
 
+def pad_steps(x: Tensor, population: Population | None, steps: int) -> tuple[Tensor, Population | None]:
+    """x [T, B, I] and a frame-wise population extended to ``steps`` rows: the steps the group runs after
+    this rank's rows have all finished (no row of this rank reads them; zeros, and mean 0 / variance 1)."""
+    extra = steps - x.shape[0]
+    x = torch.cat([x, x.new_zeros(extra, *x.shape[1:])])
+    if population is not None and population.mean_hh is not None:
+        population = Population(*[
+            torch.cat([p, p.new_full((extra, p.shape[1]), 1.0 if name.startswith("var") else 0.0)])
+            for name, p in zip(Population._fields, population)
+        ])
+    return x, population
+
+
 def finish_statistics(inputs: LayerInput, config: LayerConfig, moments, dtype: torch.dtype, *,
                       owned: bool = False) -> BatchStatistics | None:
     """The batch statistics a call returns: detached, in ``dtype``, NaN where a step used the population's.

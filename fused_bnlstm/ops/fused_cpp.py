@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fused_bnlstm.ops.common import (BN_PARAMETERS, LayerConfig, LayerInput, LayerOutput, LayerParams, Population,
-                                     finish_statistics, needs_reference_backward, reference_backward)
+                                     finish_statistics, needs_reference_backward, pad_steps, reference_backward)
 
 try:
     from fused_bnlstm import _C
@@ -100,8 +100,8 @@ def _moment_widths(H: int, normalization: str | None) -> tuple[int, ...]:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("fused_bnlstm::bnlstm_forward")
-    def _forward_fake(x, h0, c0, weights, bias, lengths, counts, batch_stats, population, eps, normalization,
-                      save):
+    def _forward_fake(x, h0, c0, weights, bias, lengths, counts, batch_stats, *options):
+        _population, _eps, normalization, save, _group_name = options
         T, B, _ = x.shape
         H, P = weights[0].shape[0] // 4, h0.shape[1]
         new = x.new_empty
@@ -120,8 +120,8 @@ def _register_fakes() -> None:
         return new(T, B, P), new(B, P), new(B, H), moments, saved
 
     @torch.library.register_fake("fused_bnlstm::bnlstm_backward")
-    def _backward_fake(grad_output, grad_h_n, grad_c_n, x, weights, has_bias, lengths, counts, batch_stats, saved,
-                       normalization, need_dx):
+    def _backward_fake(grad_output, grad_h_n, grad_c_n, x, weights, has_bias, *options):
+        _lengths, _counts, _batch_stats, _saved, _normalization, need_dx, _group_name = options
         T, B, _ = x.shape
         H, P = weights[0].shape[0] // 4, weights[1].shape[1]
         new = x.new_empty
@@ -156,7 +156,7 @@ class _ForBackward(NamedTuple):
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, weights, bias, lengths, counts, batch_stats, population, eps, normalization, save = inputs
+    x, h0, c0, weights, bias, lengths, counts, batch_stats, population, eps, normalization, save, group_name = inputs
     _, _, _, moments, saved = output
     ctx.mark_non_differentiable(*moments, *saved)
     ctx.set_materialize_grads(False)
@@ -167,10 +167,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, bias, lengths, *saved, *weights, *kept)
     ctx.list_sizes = (len(weights), len(kept))
     ctx.layer = dict(has_bias=bias is not None, counts=counts, batch_stats=batch_stats,
-                     normalization=normalization)
+                     normalization=normalization, group_name=group_name)
     ctx.eps = eps
     ctx.no_grads = tuple(_no_grad_like(arg) for arg in (lengths, counts, batch_stats, population, eps,
-                                                         normalization, save))
+                                                         normalization, save, group_name))
 
 
 def _saved_for_backward(ctx) -> _ForBackward:
@@ -204,7 +204,8 @@ def _reference_grads(ctx, saved: _ForBackward, cotangents, needs_input_grad):
     inputs = LayerInput(x=saved.x, h0=saved.h0, c0=saved.c0, lengths=saved.lengths,
                         counts=tuple(ctx.layer["counts"]), batch_stats=tuple(ctx.layer["batch_stats"]),
                         population=population)
-    config = LayerConfig(normalization=normalization, eps=ctx.eps, use_batch_stats=any(inputs.batch_stats))
+    config = LayerConfig(normalization=normalization, eps=ctx.eps, use_batch_stats=any(inputs.batch_stats),
+                         process_group=_process_group(ctx.layer["group_name"]))
     needs_x, needs_h0, needs_c0, needs_weights, needs_bias, *_ = needs_input_grad
     needs_params = dict(zip(weight_names, needs_weights), bias=needs_bias)
     needs = (needs_x, needs_h0, needs_c0, *(needs_params.get(name, False) for name in LayerParams._fields))
@@ -273,7 +274,7 @@ class _EagerForward(torch.autograd.Function):
 
 
 # the op's arguments after x, h0, c0, weights and bias, in schema order
-_OP_KEYWORDS = ("lengths", "counts", "batch_stats", "population", "eps", "normalization", "save")
+_OP_KEYWORDS = ("lengths", "counts", "batch_stats", "population", "eps", "normalization", "save", "group_name")
 
 
 def _forward(arguments: dict):
@@ -303,14 +304,25 @@ def _cast(value, dtype: torch.dtype):
 
 def forward_arguments(inputs: LayerInput, params: LayerParams, config: LayerConfig, save: bool) -> dict:
     """The keyword arguments of ``torch.ops.fused_bnlstm.bnlstm_forward`` for one prepared call (tensors in
-    a dtype the kernels run)."""
+    a dtype the kernels run; synchronized, x and the population already run over the group's steps)."""
     population = inputs.population
+    group = config.process_group
     return dict(
         x=inputs.x, h0=inputs.h0, c0=inputs.c0, weights=_weights(params, config.normalization), bias=params.bias,
         lengths=inputs.lengths, counts=list(inputs.counts), batch_stats=list(inputs.batch_stats),
         population=[t for t in population if t is not None] if population is not None else [],
         eps=config.eps, normalization=config.normalization, save=save,
+        group_name=group.group_name if group is not None else None,
     )
+
+
+def _process_group(group_name: str | None):
+    """The process group a synchronized call named (the reference's double backward needs the group)."""
+    if group_name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
 
 
 def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerConfig) -> LayerOutput:
@@ -326,6 +338,9 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
         raise RuntimeError(f"BNLSTM backend 'cpp' cannot run: {reason}")
     if not inputs.x.is_floating_point():
         raise TypeError(f"BNLSTM backend 'cpp' expects floating-point input, got {inputs.x.dtype}")
+    if config.process_group is not None and (config.normalization == "sequence" or params.weight_hr is not None):
+        raise NotImplementedError("BNLSTM backend 'cpp' synchronizes frame-wise statistics without a projection; "
+                                  "the reference backend runs sequence-wise and projected ones")
     if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
            for t in (inputs.x, inputs.h0, inputs.c0, *params)):
         # inside a torch.func transform (vmap, grad, jacrev, ...): compiled kernels cannot read its tensors,
@@ -338,8 +353,17 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
     run = inputs._replace(x=_cast(inputs.x, compute), h0=_cast(inputs.h0, compute), c0=_cast(inputs.c0, compute),
                           population=_cast(inputs.population, compute))
     params = _cast(params, compute)
+    T = run.x.shape[0]
+    if config.process_group is not None:
+        # the group's steps (len(counts)): this rank's rows have finished on the ones past its own T
+        x, population = pad_steps(run.x, run.population, len(run.counts))
+        lengths = run.lengths if run.lengths is not None or len(run.counts) == T else \
+            torch.full((x.shape[1],), T, dtype=torch.long)
+        run = run._replace(x=x, population=population, lengths=lengths)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (run.x, run.h0, run.c0, *params))
     output, h_n, c_n, moments, _ = _forward(forward_arguments(run, params, config, save))
+    if config.process_group is not None:
+        output = output[:T]
     owned = any(inputs.batch_stats)
     if not owned:
         # No step normalized with batch statistics, so the op computed no moments. finish_statistics returns

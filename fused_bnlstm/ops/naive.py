@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fused_bnlstm.distributed import all_reduce_sum
-from fused_bnlstm.ops.common import LayerConfig, LayerInput, LayerOutput, LayerParams, Population, finish_statistics
+from fused_bnlstm.ops.common import LayerConfig, LayerInput, LayerOutput, LayerParams, finish_statistics, pad_steps
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,19 +56,6 @@ def _masked_moments(value: Tensor, mask: Tensor, count, group=None) -> tuple[Ten
     return mean, var
 
 
-def _pad_steps(x: Tensor, population: Population | None, steps: int) -> tuple[Tensor, Population | None]:
-    """x [T, B, I] and a frame-wise population extended to ``steps`` rows: the steps the group runs after
-    this rank's rows have all finished (no row of this rank reads them; zeros, and mean 0 / variance 1)."""
-    extra = steps - x.shape[0]
-    x = torch.cat([x, x.new_zeros(extra, *x.shape[1:])])
-    if population is not None and population.mean_hh is not None:
-        population = Population(*[
-            torch.cat([p, p.new_full((extra, p.shape[1]), 1.0 if name.startswith("var") else 0.0)])
-            for name, p in zip(Population._fields, population)
-        ])
-    return x, population
-
-
 def _normalize(value: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor | None, eps: float) -> Tensor:
     """gamma * (value - mean) / sqrt(var + eps) (+ beta), computed in the statistics dtype, cast back."""
     acc = _stats_dtype(value.dtype)
@@ -88,7 +75,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
     # steps to run: T, or in sync mode the group's longest sequence (this rank's rows stop at T)
     steps_run = len(inputs.counts)
     if group is not None:
-        x, pop = _pad_steps(x, pop, steps_run)
+        x, pop = pad_steps(x, pop, steps_run)
     # [T, B]: the rows still running at each step
     steps = torch.arange(steps_run, device=x.device).unsqueeze(1)
     running = (steps < (lengths.to(x.device) if lengths is not None else T)).expand(steps_run, B)
