@@ -23,7 +23,7 @@ from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams
 
 # The normalizations each fused backend synchronizes over a process group itself (without a projection); the
 # reference runs the other synchronized calls.
-_SYNCHRONIZED = {"cpp": ("frame", None), "triton": ()}
+_SYNCHRONIZED = {"cpp": ("frame", None), "triton": ("frame", None)}
 # statistics slots per layer-direction unless max_length says otherwise (see _PopulationStatsMixin)
 DEFAULT_MAX_LENGTH = 256
 

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM, convert_sync_bnlstm, update_population_statistics
+from fused_bnlstm.modules import _SYNCHRONIZED
 from fused_bnlstm.ops import backend_available
 
 pytestmark = [
@@ -48,7 +49,12 @@ TIME_LIMIT = 150
 COLLECTIVE_TIMEOUT = 60
 I, H = 3, 5
 TOLERANCE = dict(rtol=1e-8, atol=1e-10)  # float64 everywhere
-DDP_BACKENDS = [b for b in ("reference", "cpp") if backend_available(b, torch.device("cpu"))[0]]
+# triton: on CPU tensors under its interpreter, whose TRITON_INTERPRET=1 (conftest) the spawned ranks inherit
+DDP_BACKENDS = [b for b in ("reference", "cpp", "triton") if backend_available(b, torch.device("cpu"))[0]]
+# The interpreter takes seconds a case: Triton runs these sync cases (different T with and without lengths,
+# one-row tails, one row a rank, two layers both ways, ranks without rows, DDP) and no DDP-without-sync check.
+TRITON_CASES = ("frame-T5-T7", "frame-plain-T4-T6", "frame-2layers-bidirectional", "frame-empty-rank",
+                "frame-one-row-each", "frame-T6-T3-empty", "ddp-sync")
 
 
 # ---- running ranks -----------------------------------------------------------------------------------------
@@ -331,7 +337,8 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
     """What a spawn of ``world_size`` ranks runs, and the inputs the expectations need."""
     cases = _sync_inputs(SYNC_CASES_2 if world_size == 2 else SYNC_CASES_3, seed=10 * world_size)
     jobs = {f"sync/{name}/{backend}": (_job_sync, dict(spec=spec, batches=batches, backend=backend))
-            for name, (spec, batches) in cases.items() for backend in DDP_BACKENDS}
+            for name, (spec, batches) in cases.items() for backend in DDP_BACKENDS
+            if backend != "triton" or name in TRITON_CASES}
     population = _population_inputs(world_size, seed=5)
     jobs["population"] = (_job_population, population)
     if world_size == 3:  # (each process costs seconds here: DDP, the error and the example run on 2 ranks)
@@ -343,7 +350,8 @@ def _jobs(world_size: int) -> tuple[dict, dict]:
         jobs[f"sync/ddp-sync/{backend}"] = (_job_sync, dict(spec=ddp_spec, batches=ddp_batches, backend=backend,
                                                            ddp=True))
     for backend in DDP_BACKENDS:
-        jobs[f"ddp/{backend}"] = (_job_ddp, dict(spec=ddp_spec, batches=ddp_batches, backend=backend))
+        if backend != "triton":
+            jobs[f"ddp/{backend}"] = (_job_ddp, dict(spec=ddp_spec, batches=ddp_batches, backend=backend))
     jobs["example"] = (_job_example, {})
     one_row = _spec(3)
     jobs["sync-error"] = (_job_sync_error, dict(spec=one_row, batches=[_batch(one_row, 3, 1), _batch(one_row, 3, 0)]))
@@ -391,15 +399,25 @@ def test_sync_mode_without_process_group_is_local():
         torch.testing.assert_close(result["grads"][name], value, **TOLERANCE)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton") if b in DDP_BACKENDS])
+def test_fused_backends_synchronize_frame_wise(backend):
+    """The module routes frame-wise sync calls to the fused backends themselves (and would plain ones)."""
+    assert "frame" in _SYNCHRONIZED[backend] and None in _SYNCHRONIZED[backend]
+
+
 @pytest.mark.parametrize("backend", DDP_BACKENDS)
 def test_sync_matches_concatenated_batch(world, backend):
-    """Sync mode on N ranks == one process on the concatenated rows (every case of this world size). The cpp
-    backend synchronizes frame-wise statistics in its own loops; sequence-wise runs on the reference."""
+    """Sync mode on N ranks == one process on the concatenated rows (every case of this world size). A fused
+    backend synchronizes the normalizations the module routes to it (``_SYNCHRONIZED``: frame-wise on cpp and
+    triton) in its own loops; the others run on the reference."""
     world_size, results, inputs = world
     for name, (spec, batches) in inputs["cases"].items():
+        if f"sync/{name}/{backend}" not in results[0]:
+            continue
         single = _single(spec, batches)
         ranks = [r[f"sync/{name}/{backend}"] for r in results]
-        expected = backend if spec["kwargs"].get("normalization", "frame") == "frame" else "reference"
+        synchronized = spec["kwargs"].get("normalization", "frame") in _SYNCHRONIZED.get(backend, ())
+        expected = backend if synchronized else "reference"
         assert all(set(r["ran"]) == {expected} for r in ranks), (name, [r["ran"] for r in ranks])
         try:
             _assert_matches_concatenated(ranks, batches, single, ddp=name == "ddp-sync")
@@ -419,7 +437,7 @@ def test_example_ddp_train_with_sync(world2):
     assert results[1]["example"] == ""
 
 
-@pytest.mark.parametrize("backend", DDP_BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in DDP_BACKENDS if b != "triton"])
 def test_ddp_without_sync(world2, backend):
     """Each rank normalizes over its own rows: DDP's gradient is the mean of the ranks' own gradients, each
     rank's buffers are its own update, and the next call starts from rank 0's buffers on every rank."""

@@ -21,9 +21,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from fused_bnlstm import BNLSTM
 from fused_bnlstm.ops import Population, backend_available
-from layer_cases import (CPU, TOLERANCES, USED, assert_close_by_name, assert_modules_agree, assert_same_statistics,
-                         call_layer, compare_with_reference, has_nvidia_toolchain, module_step, op_inputs, population,
-                         run_layer, twin_modules)
+from layer_cases import (CPU, GRADIENTS, TOLERANCES, USED, assert_close_by_name, assert_modules_agree,
+                         assert_same_statistics, call_layer, compare_with_reference, has_nvidia_toolchain, module_step,
+                         op_inputs, population, run_layer, twin_modules)
 
 _cpu_ok, _cpu_reason = backend_available("triton", CPU)
 requires_interpreter = pytest.mark.skipif(not _cpu_ok, reason=f"Triton on CPU tensors: {_cpu_reason}")
@@ -704,6 +704,74 @@ def test_triton_variant_never_persistent_with_projection(monkeypatch):
     assert counter == {"bnlstm_fwd_step_kernel": 3, "bnlstm_bwd_step_kernel": 3}
 
 
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone (torch.distributed initialized for the test, then not)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _run_synchronized(backend, inputs, lengths, pop, normalization, use_batch_stats, group):
+    """``run_layer`` with the statistics synchronized over ``group``."""
+    out, h_n, c_n, stats = call_layer(inputs, backend=backend, lengths=lengths, population=pop,
+                                      normalization=normalization, use_batch_stats=use_batch_stats,
+                                      process_group=group)
+    g = torch.Generator().manual_seed(2)
+    cotangents = [torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for v in (out, h_n, c_n)]
+    names = [n for n, arg in GRADIENTS.items() if arg in USED[normalization] and inputs.get(arg) is not None]
+    grads = torch.autograd.grad([out, h_n, c_n], [inputs[GRADIENTS[n]] for n in names], cotangents)
+    return {"output": out, "h_n": h_n, "c_n": c_n, **dict(zip(names, grads))}, stats
+
+
+@requires_interpreter
+@pytest.mark.parametrize("T, B, H, lengths, normalization, use_batch_stats, dtype, launches", [
+    # counts (3, 2, 1): two steps synchronized (two launches forward, three backward), the last on the population
+    pytest.param(3, 3, 24, [3, 1, 2], "frame", True, torch.float64, (5, 7), id="B3-T3-H24-frame-train-tail1-fp64"),
+    pytest.param(2, 4, 5, None, "frame", True, torch.float32, (4, 6), id="B4-T2-H5-frame-train-fp32"),
+    pytest.param(3, 3, 5, [3, 2, 1], "frame", False, torch.float64, (3, 3), id="B3-T3-H5-frame-eval-fp64"),
+    pytest.param(3, 3, 5, [3, 2, 1], None, True, torch.float64, (3, 3), id="B3-T3-H5-plain-fp64"),
+])
+def test_bnlstm_layer_triton_synchronized_matches_reference(monkeypatch, fake_graphs, nan_poisoned_empty,
+                                                            one_rank_group, T, B, H, lengths, normalization,
+                                                            use_batch_stats, dtype, launches):
+    """Synchronized statistics over a group of one rank, held to the reference over the same group: the
+    phases, the host's a_hh and the group moments standing in as the population (the collectives themselves
+    and ranks that differ are ``tests/test_distributed.py``'s). Per-step launches only (never persistent,
+    whatever the setting), two forward / three backward per step with batch statistics, never captured."""
+    from fused_bnlstm.ops import fused_triton
+
+    monkeypatch.setenv(fused_triton.VARIANT_ENV, "persistent")
+    tolerance = TOLERANCES[dtype]
+    pop = population(T, H, normalization, dtype)
+    inputs = op_inputs(T, B, 2, H, lengths, dtype)
+    case = (lengths, pop, normalization, use_batch_stats, one_rank_group)
+    expected, expected_stats = _run_synchronized("reference", inputs, *case)
+    for call in range(2):
+        counter = _count_variant_launches(monkeypatch)
+        actual, actual_stats = _run_synchronized("triton", inputs, *case)
+        assert (counter.get("bnlstm_fwd_step_kernel", 0), counter.get("bnlstm_bwd_step_kernel", 0)) == launches
+        assert set(counter) <= {"bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel"}, counter
+        for name in expected:
+            assert_close_by_name(actual[name], expected[name], f"call {call}: {name}", **tolerance)
+        assert_same_statistics(expected_stats, actual_stats, **tolerance)
+    assert fake_graphs == []
+
+
+@requires_interpreter
+@pytest.mark.parametrize("normalization, proj", [("sequence", 0), ("frame", 2)], ids=["sequence", "projection"])
+def test_bnlstm_layer_triton_synchronized_refuses_sequence_and_projection(one_rank_group, normalization, proj):
+    """Sequence-wise and projected synchronized calls are the reference's (the module routes them there)."""
+    inputs = op_inputs(3, 2, 2, 4, None, torch.float32, proj=proj)
+    with pytest.raises(NotImplementedError, match="synchronizes frame-wise statistics"):
+        call_layer(inputs, backend="triton", population=population(3, 4, normalization, torch.float32),
+                   normalization=normalization, process_group=one_rank_group)
+
+
 CUDA = torch.device("cuda")
 # few distinct (H, B-block) pairs: the step kernels compile once per hidden size and row block
 CUDA_CASES = [
@@ -967,8 +1035,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     # every kernel in fp32 IEEE and bf16, the dot kernels in TF32 as well; plain variants once
     for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", None)):
         frame = dict(FRAME=True, HAS_BIAS=True, PRECISION=precision, **tiles)
-        compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, dict(frame, SAVE=True, P=100), F._num_warps(B))
-        compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, dict(frame, RECURRENT=True), F._num_warps(B))
+        compile_for_sm90(K.bnlstm_fwd_step_kernel, dtype, dict(frame, SAVE=True, RECURRENT=True, P=100),
+                         F._num_warps(B))
+        compile_for_sm90(K.bnlstm_bwd_step_kernel, dtype, dict(frame, RECURRENT=True, PHASE=0), F._num_warps(B))
         compile_for_sm90(K.bnlstm_infer_step_kernel, dtype,
                          dict(FOLDED=True, HAS_BIAS=False, p_bias=None, PRECISION=precision, **infer_tiles), 4)
         if precision == "tf32":
@@ -977,17 +1046,27 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             compile_for_sm90(kernel, dtype, dict(BR=_BLOCK_ROWS, BF=_BLOCK_FEATURES), 4)
     plain = dict(FRAME=False, HAS_BIAS=False, PRECISION="ieee", p_bias=None, p_affine=None, p_steps=None, **tiles)
     compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32",
-                     dict(plain, SAVE=False, P=100, p_pop=None, p_a_hh=None, p_stats=None), F._num_warps(B))
-    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(plain, RECURRENT=True, p_stats=None, p_dparams=None),
+                     dict(plain, SAVE=False, RECURRENT=True, P=100, p_pop=None, p_a_hh=None, p_stats=None),
                      F._num_warps(B))
+    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32",
+                     dict(plain, RECURRENT=True, PHASE=0, p_stats=None, p_dparams=None), F._num_warps(B))
     compile_for_sm90(K.bnlstm_infer_step_kernel, "fp32",
                      dict(FOLDED=False, HAS_BIAS=True, p_fold=None, PRECISION="ieee", **infer_tiles), 4)
     # a projection (proj_size 50): the recurrent dots at depth P, the backward without its own dot
     frame = dict(FRAME=True, HAS_BIAS=True, PRECISION="tf32", **tiles)
-    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(frame, SAVE=True, P=50), F._num_warps(B))
-    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(frame, RECURRENT=False, p_w_hh=None), F._num_warps(B))
+    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(frame, SAVE=True, RECURRENT=True, P=50),
+                     F._num_warps(B))
+    compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(frame, RECURRENT=False, PHASE=0, p_w_hh=None),
+                     F._num_warps(B))
     compile_for_sm90(K.bnlstm_infer_step_kernel, "fp32",
                      dict(FOLDED=True, HAS_BIAS=False, p_bias=None, PRECISION="tf32", **dict(infer_tiles, P=50)), 4)
+    # synchronized statistics: the forward reading the host's a_hh, the backward's three phases (no bias: phase
+    # 2 keeps sum dz in the bias columns all the same)
+    frame = dict(FRAME=True, HAS_BIAS=False, PRECISION="tf32", p_bias=None, **tiles)
+    compile_for_sm90(K.bnlstm_fwd_step_kernel, "fp32", dict(frame, SAVE=True, RECURRENT=False, P=100, p_w_hh=None),
+                     F._num_warps(B))
+    for phase in (1, 2, 3):
+        compile_for_sm90(K.bnlstm_bwd_step_kernel, "fp32", dict(frame, RECURRENT=True, PHASE=phase), F._num_warps(B))
     print("compiled")
 """)
 

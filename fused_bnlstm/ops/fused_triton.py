@@ -31,6 +31,12 @@ backward derivation in ``README.md`` beside this file):
   and m_t's gradient dr_t W_hr, which the kernel reads as its output gradient; dW_hr is one GEMM after the
   loop. Without a projection r is h itself and the kernels run as before.
 
+- Synchronized statistics (``LayerConfig.process_group``, frame-wise): the input branch's moments of every
+  step in one all-reduce before the loop; per step the host forms a_hh and all-reduces its sums, and the
+  forward kernel reads that a_hh and the group's moments (launched twice: c_t, then h_t after c_t's
+  all-reduce); backward, three launches per step (the kernel's ``PHASE``) around two all-reduces of the step's
+  sums. Never captured, never persistent; ``README.md`` beside this file has the details.
+
 - On CUDA the step loops are captured as CUDA graphs per workspace and replayed (``_Workspace``;
   ``FUSED_BNLSTM_TRITON_GRAPHS=0`` launches every step from Python instead); a projection's host steps are
   captured with the launches.
@@ -69,6 +75,7 @@ from fused_bnlstm.ops.common import (
     Population,
     finish_statistics,
     needs_reference_backward,
+    pad_steps,
     reference_backward,
 )
 from fused_bnlstm.ops.triton_common import (
@@ -128,6 +135,7 @@ class _Plan(NamedTuple):
     normalization: str | None
     precision: str | None  # tl.dot input_precision of the recurrent GEMMs
     population: Population | None  # as prepare_layer handed it, for ``reference_backward``
+    group: object | None = None  # synchronized statistics: the torch.distributed process group
 
 
 class _Operands(NamedTuple):
@@ -141,7 +149,7 @@ class _Operands(NamedTuple):
     steps: Tensor | None  # [T, 2] int32 rows running and batch statistics (1) or not (0) per step, frame only
     lengths: Tensor  # [B] int64 on the device
     weight_hr: Tensor | None  # [P, H] the projection, or None
-    running: Tensor | None  # [T, B, 1] bool, the rows running at each step (with a projection only)
+    running: Tensor | None  # [T, B, 1] bool, the rows running at each step (projection or synchronized only)
 
 
 class _Recurrence(NamedTuple):
@@ -291,7 +299,8 @@ _WORKSPACES = _WorkspacePool()
 def _workspace_for(*, x: Tensor, params: LayerParams, plan: _Plan, population: Tensor | None,
                    save: bool) -> _Workspace:
     """A pooled workspace where graphs are on, else a plain one; the key is everything a graph bakes in."""
-    if not _graphs_enabled(x.device):
+    if not _graphs_enabled(x.device) or plan.group is not None:
+        # (synchronized statistics: the loops call collectives between the launches, never captured)
         return _Workspace()
     projection = None if params.weight_hr is None else params.weight_hr.shape
     key = (x.device, x.shape[:2], params.weight_hh.shape, projection, x.dtype,
@@ -334,30 +343,108 @@ def _project(*, rec: _Recurrence, operands: _Operands, t: int) -> None:
     torch.where(operands.running[t], rec.out[t], rec.r[t % rows], out=rec.r[(t + 1) % rows])
 
 
+class _ForwardSync(NamedTuple):
+    """What a synchronized forward loop reads besides the ``_Operands``: the group's moments stand in as the
+    population (the kernels normalize with them as they would with population statistics)."""
+
+    population: Tensor  # [T, 18H] the call's population rows, the group's moments written over the batch steps'
+    steps: Tensor  # [T, 2] int32 the plan with every step's batch-statistics flag off
+    running: Tensor  # [T, B, 1] the rows running at each step (accumulation dtype, 1 or 0)
+    counts: Tensor  # [T, 1] the group's rows at each step (accumulation dtype, at least 1)
+    weight_hh_t: Tensor  # [P, 4H] W_hh^T in the accumulation dtype, for the host's a_hh
+
+
+def _group_moments(value: Tensor, running: Tensor, counts: Tensor, group) -> tuple[Tensor, Tensor]:
+    """The group's mean and biased variance [..., F] of ``value`` [..., B, F] (accumulation dtype) over the
+    rows where ``running`` [..., B, 1] is 1: this rank's (sum, sum of squares) [2, ..., F] in one all-reduce,
+    var = E[v^2] - mean^2 clamped at 0 (as the reference), ``counts`` [..., 1] the group's rows."""
+    kept = value * running
+    sums = torch.stack([kept.sum(-2), (kept * value).sum(-2)])
+    torch.distributed.all_reduce(sums, group=group)
+    mean = sums[0] / counts
+    return mean, (sums[1] / counts - mean * mean).clamp_min(0)
+
+
+def _put_moments(population: Tensor, offset: int, moments: tuple[Tensor, Tensor]) -> None:
+    """Write (mean, var) [..., F] into population rows [..., 18H] (layout in ``triton_kernels.py``) at the
+    quantity starting at column ``offset`` (ih 0, hh 4H, c 8H)."""
+    mean, var = moments
+    H = population.shape[-1] // 18
+    population[..., offset:offset + mean.shape[-1]] = mean
+    population[..., 9 * H + offset:9 * H + offset + var.shape[-1]] = var
+
+
+def _forward_sync(*, operands: _Operands, population: Tensor, plan: _Plan) -> _ForwardSync:
+    """Before a synchronized loop: the input branch's group moments of every step with batch statistics in
+    one all-reduce [2, T', 4H] (those steps are a prefix: rows only stop running)."""
+    T, B, G = operands.x_gates.shape
+    acc, device = acc_dtype(operands.x_gates.dtype), operands.x_gates.device
+    counts = host_to_device(torch.tensor(plan.counts, dtype=acc).clamp_min(1).unsqueeze(1), device)
+    steps = operands.steps.clone()
+    steps[:, 1] = 0
+    sync = _ForwardSync(population=population.clone(), steps=steps, running=operands.running.to(acc), counts=counts,
+                        weight_hh_t=operands.weight_hh.to(acc).t())
+    first = plan.batch_stats.index(False) if False in plan.batch_stats else T
+    if first > 0:
+        moments = _group_moments(operands.x_gates[:first].to(acc), sync.running[:first], counts[:first], plan.group)
+        _put_moments(sync.population[:first], 0, moments)
+    return sync
+
+
+def _synced_step(*, rec: _Recurrence, sync: _ForwardSync, plan: _Plan, t: int, launch: Callable[[int], None]):
+    """Step t of a synchronized loop: a_hh = r_{t-1} W_hh^T [B, 4H] on the host; with batch statistics its
+    group moments [2, 4H], a launch that gives c_t, c_t's group moments [2, H], and a second launch for h_t
+    (the first used the old c moments; the gates and c_t come out the same)."""
+    torch.matmul(rec.r[t].to(sync.weight_hh_t.dtype), sync.weight_hh_t, out=rec.a_hh[t])
+    if not plan.batch_stats[t]:
+        launch(t)
+        return
+    H = rec.c.shape[2]
+    _put_moments(sync.population[t], 4 * H, _group_moments(rec.a_hh[t], sync.running[t], sync.counts[t], plan.group))
+    launch(t)
+    _put_moments(sync.population[t], 8 * H, _group_moments(rec.c[t + 1], sync.running[t], sync.counts[t], plan.group))
+    launch(t)
+
+
 def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
                         population: Tensor | None, plan: _Plan, save: bool) -> _Recurrence:
-    """The recurrence, one launch per step; ``save`` keeps the state history and a_hh for backward."""
+    """The recurrence, one launch per step; ``save`` keeps the state history and a_hh for backward.
+
+    Frame-wise with a process group (``plan.group``) the loop is synchronized (``_forward_sync``,
+    ``_synced_step``): the state history and a_hh are kept whatever ``save`` says, and the kernels read the
+    host's a_hh and normalize with the group's moments."""
     T, B, G = operands.x_gates.shape
     H = G // 4
     acc, device = acc_dtype(operands.x_gates.dtype), operands.x_gates.device
+    sync = None
+    if plan.group is not None and operands.affine is not None:
+        sync = _forward_sync(operands=operands, population=population, plan=plan)
+        save = True
     rec = _state_buffers(workspace=workspace, operands=operands, h0=h0, c0=c0, rows=T + 1 if save else 2)
     a_hh = workspace.empty("a_hh", (T, B, G), acc, device) if save else None
     stats = workspace.empty("stats", (T, 18 * H), acc, device) if operands.affine is not None else None
+    rec = rec._replace(a_hh=a_hh, stats=stats)
     launch = _step_launch(B, H, plan)
     grid = (triton.cdiv(H, _BLOCK_H),)
 
+    def step(t):
+        kernels.bnlstm_fwd_step_kernel[grid](
+            p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh if sync is None else None, p_bias=operands.bias,
+            p_affine=operands.affine, p_pop=population if sync is None else sync.population,
+            p_steps=operands.steps if sync is None else sync.steps, p_lengths=operands.lengths, p_h=rec.h, p_r=rec.r,
+            p_c=rec.c, p_out=rec.m, p_a_hh=a_hh, p_stats=stats, t=t, P=rec.r.shape[2], **launch,
+        )
+
     def launches():
         for t in range(T):
-            kernels.bnlstm_fwd_step_kernel[grid](
-                p_x_gates=operands.x_gates, p_w_hh=operands.weight_hh, p_bias=operands.bias,
-                p_affine=operands.affine, p_pop=population, p_steps=operands.steps, p_lengths=operands.lengths,
-                p_h=rec.h, p_r=rec.r, p_c=rec.c, p_out=rec.m, p_a_hh=a_hh, p_stats=stats, t=t, P=rec.r.shape[2],
-                **launch,
-            )
+            if sync is None:
+                step(t)
+            else:
+                _synced_step(rec=rec, sync=sync, plan=plan, t=t, launch=step)
             _project(rec=rec, operands=operands, t=t)
 
     workspace.run("forward", launches)
-    return rec._replace(a_hh=a_hh, stats=stats)
+    return rec
 
 
 def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0: Tensor,
@@ -415,21 +502,37 @@ def _project_backward(*, operands: _Operands, t: int, da_hh: Tensor, dout: Tenso
     torch.matmul(dr[t], operands.weight_hr, out=dh[t])
 
 
+def _all_reduce_row(dparams: Tensor, t: int, columns: slice, group) -> None:
+    """The group's sums of step t's ``dparams`` row (this rank's) over ``columns``, into the scratch row T."""
+    sums = dparams[t, columns].clone()
+    torch.distributed.all_reduce(sums, group=group)
+    dparams[-1, columns] = sums
+
+
 def _recurrence_backward(*, workspace: _Workspace, operands: _Operands, saved: _Saved,
                          cotangents: tuple[Tensor, Tensor, Tensor], plan: _Plan) -> _Gradients:
     """Reverse-time launches over what ``_recurrence_forward`` saved (with a projection, each launch after
-    ``_project_backward``'s host steps)."""
+    ``_project_backward``'s host steps).
+
+    Synchronized (frame-wise with ``plan.group``), a step with batch statistics runs in three launches
+    (``bnlstm_bwd_step_kernel``'s ``PHASE``) around two all-reduces of this rank's sums from the step's
+    ``dparams`` row into a scratch row T: BN(c)'s (sum dy * xhat_c, sum dy) [2H], then the whole row [14H]
+    (the gates' sum dz * xhat_ih, sum dz * xhat_hh and sum dz, and BN(c)'s again)."""
     dout, dh_n, dc_n = cotangents
     T, B, G = operands.x_gates.shape
     H = G // 4
     dtype, device = operands.x_gates.dtype, operands.x_gates.device
     frame = operands.affine is not None
+    synced = frame and plan.group is not None
     # [2, B, H] the state gradients the launches update in place: a copy, never the incoming cotangents
     dstate = workspace.empty("dstate", (2, B, H), saved.c.dtype, device)
     dstate[1] = dc_n
     da = workspace.empty("da", (2 if frame else 1, T, B, G), dtype, device)
     has_sums = frame or operands.bias is not None
-    dparams = workspace.empty("dparams", (T, 14 * H), saved.c.dtype, device) if has_sums else None
+    dparams = workspace.empty("dparams", (T + synced, 14 * H), saved.c.dtype, device) if has_sums else None
+    if synced:
+        # (the scratch row: phase 1 reads it before anything is reduced into it, for nothing it keeps)
+        dparams[T] = 0
     dout = workspace.take("dout", dout.contiguous())
     # without a projection the kernel forms the h-state gradient itself (da_hh_{t+1} W_hh) and reads the
     # output's gradient; with one it reads m_t's whole gradient dh (its h-state gradient stays zero) and
@@ -445,19 +548,28 @@ def _recurrence_backward(*, workspace: _Workspace, operands: _Operands, saved: _
     launch = _step_launch(B, H, plan)
     grid = (triton.cdiv(H, _BLOCK_H),)
 
+    def step(t, phase):
+        kernels.bnlstm_bwd_step_kernel[grid](
+            p_x_gates=operands.x_gates, p_w_hh=weight_hh, p_bias=operands.bias, p_affine=operands.affine,
+            p_stats=saved.stats, p_steps=operands.steps, p_lengths=operands.lengths, p_c=saved.c, p_a_hh=saved.a_hh,
+            p_dout=dh, p_dstate=dstate, p_da=da, p_dparams=dparams, t=t, T=T, PHASE=phase, **launch,
+        )
+
     def launches():
         for t in range(T - 1, -1, -1):
             if dr is not None:
                 _project_backward(operands=operands, t=t, da_hh=da[0], dout=dout, dr=dr, dh=dh)
-            kernels.bnlstm_bwd_step_kernel[grid](
-                p_x_gates=operands.x_gates, p_w_hh=weight_hh, p_bias=operands.bias,
-                p_affine=operands.affine, p_stats=saved.stats, p_steps=operands.steps, p_lengths=operands.lengths,
-                p_c=saved.c, p_a_hh=saved.a_hh, p_dout=dh, p_dstate=dstate, p_da=da, p_dparams=dparams, t=t,
-                T=T, **launch,
-            )
+            if not (synced and plan.batch_stats[t]):
+                step(t, 0)
+                continue
+            step(t, 1)
+            _all_reduce_row(dparams, t, slice(8 * H, 10 * H), plan.group)
+            step(t, 2)
+            _all_reduce_row(dparams, t, slice(None), plan.group)
+            step(t, 3)
 
     workspace.run("backward", launches)
-    return _Gradients(da=da, dstate=dstate, dparams=dparams, dr=dr)
+    return _Gradients(da=da, dstate=dstate, dparams=None if dparams is None else dparams[:T], dr=dr)
 
 
 def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, plan: _Plan,
@@ -478,8 +590,9 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
     else:
         lengths = workspace.take_host("lengths", plan.lengths, device)
     running = None
-    if params.weight_hr is not None:
-        # [T, B, 1] the rows running at each step, which a projection's host steps select
+    if params.weight_hr is not None or plan.group is not None:
+        # [T, B, 1] the rows running at each step, which a projection's host steps select and a synchronized
+        # loop sums over
         step_index = torch.arange(T, device=device).unsqueeze(1)
         running = torch.lt(step_index, lengths, out=workspace.empty("running", (T, B), torch.bool, device))
         running = running.unsqueeze(2)
@@ -510,7 +623,9 @@ def _layer_forward(*, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, pl
         rec = _recurrence_forward(workspace=workspace, operands=operands, h0=h0, c0=c0,
                                   population=workspace.take("pop", population) if frame else None, plan=plan,
                                   save=save)
-    last = T if save else T % 2
+    # the state after the last step: row T of the history (kept when saving, and by a synchronized loop), or
+    # slot T % 2 of two
+    last = T if rec.r.shape[0] == T + 1 else T % 2
     h_n, c_n = rec.r[last].clone(), rec.c[last].to(x.dtype, copy=True)
     # a workspace that outlives this call hands out copies
     out = rec.out if workspace.key is None else rec.out.clone()
@@ -578,7 +693,8 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         if needs_reference_backward(dout, dh_n, dc_n):
             inputs = LayerInput(x=x, h0=h0, c0=c0, lengths=plan.lengths, counts=plan.counts,
                                 batch_stats=plan.batch_stats, population=plan.population)
-            config = LayerConfig(normalization=plan.normalization, eps=plan.eps, use_batch_stats=plan.use_batch_stats)
+            config = LayerConfig(normalization=plan.normalization, eps=plan.eps, use_batch_stats=plan.use_batch_stats,
+                                 process_group=plan.group)
             grads = reference_backward(inputs=inputs, params=LayerParams(*params), config=config,
                                        cotangents=(dout, dh_n, dc_n), needs_input_grad=ctx.needs_input_grad[2:])
         else:
@@ -588,16 +704,19 @@ class BNLSTMLayerFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def variant(B: int, H: int, dtype: torch.dtype, device: torch.device, projection: bool = False) -> str:
+def variant(B: int, H: int, dtype: torch.dtype, device: torch.device, projection: bool = False,
+            synchronized: bool = False) -> str:
     """Which kernels a call runs, ``"step"`` or ``"persistent"``: ``FUSED_BNLSTM_TRITON_VARIANT`` (``auto`` by
     default) names one, or ``auto`` takes ``persistent_triton.persistent_preferred`` on CUDA (a prediction
     from the sm90 compile report, ``README.md``) and the per-step launches elsewhere (the interpreter proves
     both; on the CPU it runs the per-step ones unless told otherwise). A call with a projection
-    (``projection``) runs the per-step launches whatever the setting: the persistent kernels have none."""
+    (``projection``) runs the per-step launches whatever the setting: the persistent kernels have none; so
+    does a synchronized call (``synchronized``: a process group's statistics), whose collectives go between
+    the per-step launches."""
     setting = os.environ.get(VARIANT_ENV, "auto").strip().lower() or "auto"
     if setting not in VARIANTS:
         raise ValueError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {setting!r}")
-    if projection:
+    if projection or synchronized:
         return "step"
     if setting != "auto":
         return setting
@@ -613,21 +732,30 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
     tested against): output [T, B, P], h_n [B, P], c_n [B, H] (P = proj_size with a projection, else H) and
     the ``BatchStatistics`` used.
     """
-    check_call("'triton'", inputs, params, config, projection=True)
+    check_call("'triton'", inputs, params, config, projection=True, synchronized=True)
     x = inputs.x
     device = x.device
     T, B, _ = x.shape
     # one compute dtype for every operand; casts and layout fixes happen below, differentiably, at the one
     # boundary into the kernels
     dtype = compute_dtype("'triton'", x)
-    if variant(B, inputs.c0.shape[1], dtype, device, projection=params.weight_hr is not None) == "persistent":
+    group = config.process_group
+    if variant(B, inputs.c0.shape[1], dtype, device, projection=params.weight_hr is not None,
+               synchronized=group is not None) == "persistent":
         return persistent_triton.bnlstm_layer_triton_persistent(inputs=inputs, params=params, config=config)
+    if group is not None:
+        # the group's steps (len(counts)): this rank's rows have finished on the ones past its own T
+        x, padded_population = pad_steps(x, inputs.population, len(inputs.counts))
+        lengths = inputs.lengths
+        if lengths is None and x.shape[0] > T:
+            lengths = torch.full((B,), T, dtype=torch.int64)
+        inputs = inputs._replace(x=x, lengths=lengths, population=padded_population)
 
     tensors = [None if v is None else v.to(dtype).contiguous() for v in (x, inputs.h0, inputs.c0, *params)]
     plan = _Plan(counts=inputs.counts, lengths=inputs.lengths, batch_stats=inputs.batch_stats,
                  use_batch_stats=bool(config.use_batch_stats), eps=float(config.eps),
                  normalization=config.normalization, precision=recurrent_precision(dtype, device),
-                 population=inputs.population)
+                 population=inputs.population, group=group)
     population = pack_population(inputs.population, config.normalization)
     needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
     max_rows = _MAX_ROWS.get(dtype, _MAX_ROWS_DEFAULT)
@@ -650,5 +778,7 @@ def bnlstm_layer_triton(*, inputs: LayerInput, params: LayerParams, config: Laye
                 workspace=workspace, save=False,
             )
             _WORKSPACES.release(workspace)
+    # (synchronized: this rank's steps of the group's, every one of which the backward reaches)
+    out = out[:T]
     stats = finish_statistics(inputs, config, moment_views(moments, config.normalization), x.dtype)
     return LayerOutput(output=out, h_n=h_n, c_n=c_n, stats=stats)

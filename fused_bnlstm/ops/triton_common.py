@@ -67,21 +67,28 @@ def available(device) -> tuple[bool, str]:
 
 
 def check_call(name: str, inputs: LayerInput, params: LayerParams, config: LayerConfig, *,
-               projection: bool = False) -> None:
+               projection: bool = False, synchronized: bool = False) -> None:
     """What a Triton backend (``name`` in the messages) refuses: a device it cannot run on, synchronized
-    statistics, a projection unless it runs one (``projection``: the per-step launches do, the persistent
-    kernels do not), an empty sequence or batch, lengths inside a caller's CUDA graph capture."""
+    statistics unless it runs them (``synchronized``: the per-step launches do, frame-wise and without
+    normalization, without a projection; the persistent kernels do not), a projection unless it runs one
+    (``projection``: the per-step launches do, the persistent kernels do not), an empty sequence, an empty
+    batch (except in a synchronized call, where a rank without rows still takes part in every collective),
+    lengths inside a caller's CUDA graph capture."""
     device = inputs.x.device
     ok, reason = available(device)
     if not ok:
         raise RuntimeError(f"the {name} BN-LSTM backend cannot run on {device.type} tensors: {reason}")
-    if config.process_group is not None:
+    group = config.process_group
+    if group is not None and not synchronized:
         raise NotImplementedError(f"the {name} backend has no synchronized statistics (process_group); use the "
                                   f"reference backend")
+    if group is not None and (config.normalization == "sequence" or params.weight_hr is not None):
+        raise NotImplementedError(f"the {name} backend synchronizes frame-wise statistics without a projection; "
+                                  f"the reference backend runs sequence-wise and projected ones")
     if params.weight_hr is not None and not projection:
         raise NotImplementedError(f"the {name} backend has no projection (proj_size); use the reference backend")
     T, B, _ = inputs.x.shape
-    if T == 0 or B == 0:
+    if T == 0 or (B == 0 and group is None):
         raise ValueError(f"the {name} backend needs T > 0 and B > 0, got T={T}, B={B}")
     if inputs.lengths is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"inside a CUDA graph capture the {name} backend takes full-length batches only "
@@ -234,14 +241,15 @@ def gradients_after_loop(*, da_hh: Tensor, da_ih: Tensor, dc0: Tensor, x: Tensor
     dx = torch.matmul(da_ih, params.weight_ih) if needs[0] else None
     # every row runs step 0 (lengths >= 1): the h state before it gets da_hh_0 W_hh
     dh0 = torch.matmul(da_hh[0], params.weight_hh) if needs[1] else None
-    # [4H, I] and [4H, P]: sums over all T*B frames of da^T x and da^T h_{t-1} (r_{t-1} with a projection)
-    dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), x.reshape(T * B, -1)) if needs[3] else None
-    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), h[:T].reshape(T * B, -1)) if needs[4] else None
+    # [4H, I] and [4H, P]: sums over all T*B frames of da^T x and da^T h_{t-1} (r_{t-1} with a projection); the
+    # widths spelled out, as a synchronized rank may have no rows (B = 0)
+    dW_ih = torch.matmul(da_ih.reshape(T * B, G).t(), x.reshape(T * B, x.shape[2])) if needs[3] else None
+    dW_hh = torch.matmul(da_hh.reshape(T * B, G).t(), h[:T].reshape(T * B, h.shape[2])) if needs[4] else None
     cast = [None if g is None or not need else g.to(x.dtype, copy=True)
             for g, need in zip((dh0, dc0, dbias, *affine), (needs[1], needs[2], *needs[5:]))]
     dW_hr = None
     if projection is not None and needs[10]:
         dr, m = projection
         # [P, H]: r_t = W_hr m_t on the rows running at t, the only rows where m is not zero
-        dW_hr = torch.matmul(dr.reshape(T * B, -1).t(), m.reshape(T * B, H))
+        dW_hr = torch.matmul(dr.reshape(T * B, dr.shape[2]).t(), m.reshape(T * B, H))
     return (dx, cast[0], cast[1], dW_ih, dW_hh, *cast[2:], dW_hr)

@@ -34,7 +34,8 @@ Buffers (C-contiguous; "state" buffers hold the state *after* each step, index 0
     dout      [T, B, H]   the gradient of each step's output h_t (with a projection: h_t's whole gradient,
                           through r_t = W_hr h_t, formed by the host between launches)
     da        [., T, B, 4H]  da_hh, then (frame) da_ih
-    dparams   [T, 14H]    per-step partial sums: d(affine) [10H] | dbias [4H], summed over T afterwards
+    dparams   [T, 14H]    per-step partial sums: d(affine) [10H] | dbias [4H], summed over T afterwards;
+                          synchronized [T + 1, 14H], row T the group's sums of the step being run
 """
 
 from __future__ import annotations
@@ -168,9 +169,25 @@ def _bn_backward(b_dxhat, b_xhat, b_rstd, m_run, n, use_batch):
     # [W] means over the running rows of dxhat and dxhat * xhat
     b_mean_d = tl.sum(b_dxhat, axis=0) / n_f
     b_mean_dx = tl.sum(b_dxhat * b_xhat, axis=0) / n_f
-    b_batch = b_rstd[None, :] * (b_dxhat - b_mean_d[None, :] - b_xhat * b_mean_dx[None, :])
+    return _bn_backward_given(b_dxhat, b_xhat, b_rstd, b_mean_d[None, :], b_mean_dx[None, :], m_run, use_batch)
+
+
+@triton.jit
+def _bn_backward_given(b_dxhat, b_xhat, b_rstd, b_mean_d, b_mean_dx, m_run, use_batch):
+    """``_bn_backward`` given the means [1, W] of dxhat and dxhat * xhat over the rows the moments came from."""
+    b_batch = b_rstd[None, :] * (b_dxhat - b_mean_d - b_xhat * b_mean_dx)
     b_pop = b_rstd[None, :] * b_dxhat
     return tl.where(m_run, tl.where(use_batch != 0, b_batch, b_pop), 0.0)
+
+
+@triton.jit
+def _bn_backward_synced(b_dv, b_gamma, b_xhat, b_rstd, p_sum_d, p_sum_dx, o_col, m_col, m_run, n, use_batch):
+    """``_bn_backward`` of d(xhat) = b_dv * gamma [BB, W] over the whole process group: ``p_sum_d`` /
+    ``p_sum_dx`` hold the group's sums of dv and dv * xhat [W] (gamma is per column, so it factors out)."""
+    n_f = tl.maximum(n, 1).to(b_dv.dtype)
+    b_mean_d = b_gamma * _load_vector(p_sum_d, o_col, m_col, b_dv.dtype) / n_f  # [1, W]
+    b_mean_dx = b_gamma * _load_vector(p_sum_dx, o_col, m_col, b_dv.dtype) / n_f
+    return _bn_backward_given(b_dv * b_gamma, b_xhat, b_rstd, b_mean_d, b_mean_dx, m_run, use_batch)
 
 
 @triton.jit
@@ -268,12 +285,29 @@ def backward_block(b_dh_state, b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_b, m
     the step's parameter-gradient sums over the rows: dgamma_ih, dgamma_hh, dbias [4*BH], dgamma_c,
     dbeta_c [BH] (zeros where the mode has no such parameter). Both backward kernels run a block through this.
     """
-    ACC = b_c.dtype
-    o_g, m_g, o_gate = gate_columns(i_h, H, BH)
     o_h, m_h = hidden_units(i_h, H, BH)
     m_s = m_b[:, None] & m_h[None, :]
-    b_dh = tl.load(p_dout + t * B * H + o_b[:, None] * H + o_h[None, :], mask=m_s, other=0.0).to(ACC)
-    b_dh = tl.where(m_run, b_dh_state + b_dh, 0.0)
+    b_dh = tl.load(p_dout + t * B * H + o_b[:, None] * H + o_h[None, :], mask=m_s, other=0.0).to(b_c.dtype)
+    return _backward_tile(tl.where(m_run, b_dh_state + b_dh, 0.0), b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_run,
+                          p_x_gates, p_bias, p_affine, p_stats, p_steps, p_a_hh, p_da, p_da, eps, B, H, FRAME, HAS_BIAS,
+                          0, BB, BH)
+
+
+@triton.jit
+def _backward_tile(b_dh, b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_run, p_x_gates, p_bias, p_affine, p_stats,
+                   p_steps, p_a_hh, p_sums, p_da, eps, B, H: tl.constexpr, FRAME: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """``backward_block`` given the step's whole h gradient b_dh [BB, BH] (zero on finished rows), in one of
+    the phases of a step whose batch norms sum over a process group (``PHASE``; 0: not synchronized).
+
+    Phase 1 only wants the BN(c) sums (the returned dgamma_c, dbeta_c: sum dy * xhat_c, sum dy), phase 2 the
+    gates' (dgamma_ih, dgamma_hh, dbias: sum dz * xhat_ih, sum dz * xhat_hh, sum dz) given the group's BN(c)
+    sums; neither stores da. Phase 3 finishes the step with the group's sums of both. ``p_sums`` [14H] holds
+    the group's sums in the ``dparams`` layout (phases 2 and 3 read it)."""
+    ACC = b_c.dtype
+    m_b = o_b < B
+    o_g, m_g, o_gate = gate_columns(i_h, H, BH)
+    o_h, m_h = hidden_units(i_h, H, BH)
 
     # recompute the step's [BB, 4*BH] gate tile from what forward saved
     o_tile = t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :]
@@ -306,7 +340,11 @@ def backward_block(b_dh_state, b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_b, m
     # [BB, BH] h = o * tanh(y): the gradient of y, then of the cell (zero on finished rows)
     b_dy = b_dh * b_o * (1.0 - b_tanh_y * b_tanh_y)
     if FRAME:
-        b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
+        if PHASE == 0:
+            b_dc_new = _bn_backward(b_dy * b_gamma_c, b_xhat_c, b_rstd_c, m_run, n, use_batch)
+        else:
+            b_dc_new = _bn_backward_synced(b_dy, b_gamma_c, b_xhat_c, b_rstd_c, p_sums + 9 * H, p_sums + 8 * H, o_h,
+                                           m_h, m_run, n, use_batch)
         b_sum_dy_c = tl.sum(b_dy * b_xhat_c, axis=0)
     else:
         b_dc_new = b_dy
@@ -319,16 +357,24 @@ def backward_block(b_dh_state, b_dc_state, b_c, b_c_prev, t, T, i_h, o_b, m_b, m
     if FRAME:
         b_sum_dz_ih = tl.sum(b_dz * b_xhat_ih, axis=0)
         b_sum_dz_hh = tl.sum(b_dz * b_xhat_hh, axis=0)
-        b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
-        b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
-        # da_ih sits T*B*4H (int64: it can pass 2^31) after da_hh
-        tl.store(p_da + T.to(tl.int64) * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
+        if PHASE == 0:
+            b_da_hh = _bn_backward(b_dz * b_gamma_hh, b_xhat_hh, b_rstd_hh, m_run, n, use_batch)
+            b_da_ih = _bn_backward(b_dz * b_gamma_ih, b_xhat_ih, b_rstd_ih, m_run, n, use_batch)
+        else:
+            b_da_hh = _bn_backward_synced(b_dz, b_gamma_hh, b_xhat_hh, b_rstd_hh, p_sums + 10 * H, p_sums + 4 * H,
+                                          o_g, m_g, m_run, n, use_batch)
+            b_da_ih = _bn_backward_synced(b_dz, b_gamma_ih, b_xhat_ih, b_rstd_ih, p_sums + 10 * H, p_sums, o_g, m_g,
+                                          m_run, n, use_batch)
+        if PHASE == 0 or PHASE == 3:
+            # da_ih sits T*B*4H (int64: it can pass 2^31) after da_hh
+            tl.store(p_da + T.to(tl.int64) * B * 4 * H + o_tile, b_da_ih.to(p_da.dtype.element_ty), mask=m_tile)
     else:
         b_sum_dz_ih = tl.zeros([4 * BH], dtype=ACC)
         b_sum_dz_hh = tl.zeros([4 * BH], dtype=ACC)
         b_da_hh = b_dz
     b_da_hh = b_da_hh.to(p_da.dtype.element_ty)
-    tl.store(p_da + o_tile, b_da_hh, mask=m_tile)
+    if PHASE == 0 or PHASE == 3:
+        tl.store(p_da + o_tile, b_da_hh, mask=m_tile)
     return (b_da_hh, tl.where(m_run, b_dc * b_f, b_dc_state), b_sum_dz_ih, b_sum_dz_hh, tl.sum(b_dz, axis=0),
             b_sum_dy_c, tl.sum(b_dy, axis=0))
 
@@ -357,19 +403,21 @@ def store_sums(p_dparams, i_h, b_dgamma_ih, b_dgamma_hh, b_dbias, b_dgamma_c, b_
         tl.store(p_dparams + 10 * H + o_g, b_dbias, mask=m_g)
 
 
-@triton.heuristics(FORWARD_FLAGS)
+@triton.heuristics({**FORWARD_FLAGS, **RECURRENT_FLAG})
 @triton.jit(do_not_specialize=["t", "B"])
 def bnlstm_fwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_pop, p_steps, p_lengths, p_h, p_r, p_c, p_out, p_a_hh, p_stats,
     t, eps, B, H: tl.constexpr, P: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, RECURRENT: tl.constexpr,
+    PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     """One time step t for column block i_h: W_hh r_{t-1} on its tile, then ``forward_block``.
 
     ``p_r`` [., B, P]: the recurrent state, ``p_h`` itself (P = H) or with a projection the projected one
     (laid out as ``p_h``). ``p_steps`` [T, 2] (int32, frame only): the rows running at each step, and whether
-    the step normalizes with their batch moments (1) or the population's (0).
+    the step normalizes with their batch moments (1) or the population's (0). Without ``p_w_hh``
+    (``RECURRENT`` off: synchronized statistics, where the host forms W_hh r_{t-1} to sum its moments over
+    the process group) the step's a_hh is read from ``p_a_hh`` instead of computed.
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
@@ -378,8 +426,13 @@ def bnlstm_fwd_step_kernel(
     o_h, m_h = hidden_units(i_h, H, BH)
     o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     o_prev = state_offset(t, B, H, SAVE)
-    b_a_hh = recurrent_dot(p_r + state_offset(t, B, P, SAVE), p_w_hh, o_b, m_b, o_g, m_g, P, 1, P, PRECISION, BB,
-                           4 * BH, p_c.dtype.element_ty, "")
+    if RECURRENT:
+        b_a_hh = recurrent_dot(p_r + state_offset(t, B, P, SAVE), p_w_hh, o_b, m_b, o_g, m_g, P, 1, P, PRECISION,
+                               BB, 4 * BH, p_c.dtype.element_ty, "")
+    else:
+        # [BB, 4*BH] of the host's a_hh [T, B, 4H]
+        b_a_hh = tl.load(p_a_hh + t * B * 4 * H + o_b[:, None] * 4 * H + o_g[None, :],
+                         mask=m_b[:, None] & m_g[None, :], other=0.0)
     b_h_prev, b_c_prev = load_states(p_h + o_prev, p_c + o_prev, o_s, m_s)
     b_h, b_c = forward_block(b_a_hh, b_h_prev, b_c_prev, t, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine, p_pop,
                              p_steps, p_out, p_a_hh, p_stats, eps, B, H, FRAME, True, HAS_BIAS, SAVE, BB, BH)
@@ -441,8 +494,8 @@ def bnlstm_infer_step_kernel(
 def bnlstm_bwd_step_kernel(
     p_x_gates, p_w_hh, p_bias, p_affine, p_stats, p_steps, p_lengths, p_c, p_a_hh, p_dout, p_dstate, p_da,
     p_dparams, t, T, eps, B, H: tl.constexpr,
-    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, RECURRENT: tl.constexpr, PRECISION: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr,
+    FRAME: tl.constexpr, HAS_BIAS: tl.constexpr, RECURRENT: tl.constexpr, PHASE: tl.constexpr,
+    PRECISION: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     """Step t in reverse for column block i_h: the h-state gradient, then ``backward_block``.
 
@@ -453,6 +506,12 @@ def bnlstm_bwd_step_kernel(
     r_t = W_hr h_t, whose width the recurrent GEMM runs on) and keeps the h-state gradient at zero. Parameter
     gradients go to the step's row of ``p_dparams``, each program writing its own columns: deterministic,
     no atomics.
+
+    Synchronized statistics run a step with batch statistics in three launches (``PHASE`` 1, 2, 3; 0 is one
+    launch, not synchronized), the host all-reducing this rank's sums between them: phase 1 stores the
+    h-state gradient (which phases 2 and 3 read instead of forming it again) and BN(c)'s sums, phase 2 the
+    gates' sums, both in the step's ``p_dparams`` row; phase 3 reads the group's sums from row T of
+    ``p_dparams`` [T + 1, 14H] and finishes the step. Parameter gradients stay this rank's own sums.
     """
     i_h = tl.program_id(0).to(tl.int64)
     t = t.to(tl.int64)
@@ -460,20 +519,30 @@ def bnlstm_bwd_step_kernel(
     o_h, m_h = hidden_units(i_h, H, BH)
     o_s, m_s = o_b[:, None] * H + o_h[None, :], m_b[:, None] & m_h[None, :]
     b_dh, b_dc = load_states(p_dstate, p_dstate + B * H, o_s, m_s)
-    if RECURRENT:
+    if RECURRENT and PHASE <= 1:
         if t + 1 < T:
             # [BB, BH] da_hh_{t+1} W_hh[:, block], over the 4H gate columns
             b_da_w = recurrent_dot(p_da + (t + 1) * B * 4 * H, p_w_hh, o_b, m_b, o_h, m_h, 4 * H, H, 1, PRECISION,
                                    BB, BH, b_dh.dtype, "")
             _, _, m_next = _running_rows(p_lengths, 0, B, t + 1, BB)
             b_dh = tl.where(m_next, b_da_w, b_dh)
-    _, b_dc, b_ih, b_hh, b_b, b_gc, b_bc = backward_block(
-        b_dh, b_dc, tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0),
-        tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0), t, T, i_h, o_b, m_b, m_run, p_x_gates, p_bias, p_affine,
-        p_stats, p_steps, p_a_hh, p_dout, p_da, eps, B, H, FRAME, HAS_BIAS, BB, BH)
-    store_states(p_dstate, p_dstate + B * H, o_s, m_s, b_dh, b_dc)
+    if PHASE == 1:
+        tl.store(p_dstate + o_s, b_dh, mask=m_s)
+    b_dout = tl.load(p_dout + t * B * H + o_s, mask=m_s, other=0.0).to(b_dh.dtype)
+    # the group's sums, which phases 2 and 3 read (p_dparams may be None where nothing is synchronized)
+    p_sums = p_da
+    if PHASE != 0:
+        p_sums = p_dparams + T * 14 * H
+    _, b_dc, b_ih, b_hh, b_b, b_gc, b_bc = _backward_tile(
+        tl.where(m_run, b_dh + b_dout, 0.0), b_dc, tl.load(p_c + (t + 1) * B * H + o_s, mask=m_s, other=0.0),
+        tl.load(p_c + t * B * H + o_s, mask=m_s, other=0.0), t, T, i_h, o_b, m_run, p_x_gates, p_bias, p_affine,
+        p_stats, p_steps, p_a_hh, p_sums, p_da, eps, B, H, FRAME, HAS_BIAS, PHASE, BB, BH)
+    if PHASE == 0 or PHASE == 3:
+        store_states(p_dstate, p_dstate + B * H, o_s, m_s, b_dh, b_dc)
     if FRAME or HAS_BIAS:
-        store_sums(p_dparams + t * 14 * H, i_h, b_ih, b_hh, b_b, b_gc, b_bc, False, H, FRAME, HAS_BIAS, BH)
+        # (synchronized, phase 2 keeps sum dz in the bias columns whether the layer has a bias or not)
+        store_sums(p_dparams + t * 14 * H, i_h, b_ih, b_hh, b_b, b_gc, b_bc, False, H, FRAME, HAS_BIAS or PHASE == 2,
+                   BH)
 
 
 @triton.jit
