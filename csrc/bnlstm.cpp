@@ -212,13 +212,10 @@ bool any_flag(const std::vector<uint8_t>& flags) {
     return false;
 }
 
-// Whether a call synchronizes its statistics over a process group: frame-wise with batch statistics on some step
-// (None takes no statistics: nothing to synchronize). The other cases run on the reference backend.
-bool check_synced(const Layer& l, const std::optional<c10::string_view>& group_name) {
-    if (!group_name.has_value()) return false;
-    TORCH_CHECK(!l.sequence() && !l.projected(), "fused_bnlstm (cpp): synchronized statistics run frame-wise "
-                "(or without normalization) and without a projection here; the reference backend runs the rest");
-    return l.frame() && any_flag(l.batch_stats);
+// Whether a call synchronizes its statistics over a process group: with batch statistics on some step (None
+// takes no statistics: nothing to synchronize).
+bool synced_call(const Layer& l, const std::optional<c10::string_view>& group_name) {
+    return group_name.has_value() && (l.frame() || l.sequence()) && any_flag(l.batch_stats);
 }
 
 // [T, B] bool: whether row b runs at step t (lengths[b] > t).
@@ -236,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     at::TensorList population, double eps, std::optional<c10::string_view> normalization, bool save,
     std::optional<c10::string_view> group_name) {
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
-    const bool synced = check_synced(l, group_name);
+    const bool synced = synced_call(l, group_name);
     begin_workspace_call();
     const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G;
     const at::ScalarType dtype = l.x.scalar_type();
@@ -281,12 +278,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     s.hs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
     s.cs = empty_workspace({save ? T + 1 : 2, B, H}, opts);
     s.cs.select(0, 0).copy_(c0);
-    ProjectedStates proj;
+    PlainLoop loop;  // what the plain loops run besides the kernels: a projection, synchronized statistics
+    loop.hs = s.hs;
+    loop.cs = s.cs;
     if (l.projected()) {
         s.hs.select(0, 0).zero_();
         s.rs = empty_workspace({save ? T + 1 : 2, B, l.P}, opts);
         s.rs.select(0, 0).copy_(h0);
-        proj = ProjectedStates{l.w_hr, s.hs, s.rs, empty_workspace({T, B, l.P}, opts)};
+        loop.w_hr = l.w_hr;
+        loop.rs = s.rs;
+        loop.output = empty_workspace({T, B, l.P}, opts);
     } else {
         s.hs.select(0, 0).copy_(h0);
     }
@@ -343,22 +344,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
         for (size_t k = 0; k < moments.size(); ++k) *fields[k] = moments[k].data_ptr();
     }
     p.output = output.data_ptr();
-    // Synchronized: the kernels normalize with moments over the group, as with a population's (SyncedStatistics).
-    const std::vector<uint8_t> no_batch_stats(synced ? T : 0, 0);
-    SyncedStatistics sync;
+    // Synchronized: the kernels normalize with moments over the group, as with a population's (PlainLoop).
+    const std::vector<uint8_t> no_batch_stats(synced ? l.batch_stats.size() : 0, 0);
     if (synced) {
-        sync = SyncedStatistics{std::string(*group_name), l.batch_stats.data(), running_rows(l), a_ih, s.hs, s.cs};
-        for (size_t k = 0; k < 6; ++k) sync.given[k] = pop[k].clone();
+        loop.group = std::string(*group_name);
+        loop.batch_stats = l.batch_stats.data();
+        loop.running = running_rows(l);
+        loop.a_ih = a_ih;
         p.batch_stats = no_batch_stats.data();
         const void** fields[] = {&p.pop_mean_ih, &p.pop_var_ih, &p.pop_mean_hh, &p.pop_var_hh, &p.pop_mean_c,
                                  &p.pop_var_c};
-        for (size_t k = 0; k < 6; ++k) *fields[k] = sync.given[k].data_ptr();
-        moments.assign(sync.given.begin(), sync.given.end());
+        for (size_t k = 0; k < n_population; ++k) {
+            loop.given[k] = pop[k].clone();
+            *fields[k] = loop.given[k].data_ptr();
+        }
+        moments.assign(loop.given.begin(), loop.given.begin() + n_population);
     }
-    if (synced && H > 0) {
-        forward_sync_cpu(p, a_hh, l.w_hh, sync);  // every rank, with rows or without
-    } else if (B > 0 && H > 0 && l.projected()) {
-        forward_projected_cpu(p, a_hh, l.w_hh, proj);
+    if (H > 0 && (synced || (B > 0 && l.projected()))) {
+        forward_plain_cpu(p, a_hh, l.w_hh, loop);  // synchronized: every rank, with rows or without
     } else if (B > 0 && H > 0) {
         forward_cpu(p, a_hh, s.hs, l.w_hh);
     }
@@ -369,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     at::Tensor h_n = (l.projected() ? s.rs : s.hs).select(0, last).clone();
     at::Tensor c_n = s.cs.select(0, last).clone();
     std::vector<at::Tensor> saved = save ? s.to_list(opts) : std::vector<at::Tensor>{};
-    return {l.projected() ? proj.output : output, h_n, c_n, moments, saved};
+    return {l.projected() ? loop.output : output, h_n, c_n, moments, saved};
 }
 
 // bnlstm_backward: see the schema in TORCH_LIBRARY below and fused_cpp.py.
@@ -379,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     const c10::List<bool>& batch_stats, at::TensorList saved_list, std::optional<c10::string_view> normalization,
     bool need_dx, std::optional<c10::string_view> group_name) {
     const Layer l = parse_layer(x_in, weights, lengths, counts, batch_stats, normalization);
-    const bool synced = check_synced(l, group_name);
+    const bool synced = synced_call(l, group_name);
     const Saved s = parse_saved(saved_list, l);
     begin_workspace_call();
     const int64_t T = l.T, B = l.B, I = l.I, H = l.H, G = l.G, P = l.P;
@@ -398,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     // dh and dc hold the gradient of the state after the current step (h_n, c_n first); backward writes them.
     at::Tensor dh = grad_h_n.has_value() ? expect(*grad_h_n, "grad_h_n", dtype, {B, P}).clone() : at::zeros({B, P}, opts);
     at::Tensor dc = grad_c_n.has_value() ? expect(*grad_c_n, "grad_c_n", dtype, {B, H}).clone() : at::zeros({B, H}, opts);
-    at::Tensor dh_prev = empty_workspace({B, H}, opts);
+    at::Tensor dh_prev = empty_workspace({B, P}, opts);
     at::Tensor da_hh = empty_workspace({T, B, G}, opts);
     at::Tensor da_ih = l.norm == Normalization::kNone ? da_hh : empty_workspace({T, B, G}, opts);
     const bool normalized = l.frame() || l.sequence();
@@ -419,12 +422,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     p.dgamma_hh = ptr_or_null(dgamma_hh);
     p.dgamma_c = ptr_or_null(dgamma_c);
     p.dbeta_c = ptr_or_null(dbeta_c);
-    ProjectedStates proj;
-    if (l.projected()) proj = ProjectedStates{l.w_hr, s.hs, s.rs, {}, grad_output, at::zeros({T, B, P}, opts)};
-    if (synced && H > 0) {
-        backward_sync_cpu(p, dh, dh_prev, da_hh, l.w_hh, std::string(*group_name));
-    } else if (B > 0 && H > 0 && l.projected()) {
-        backward_projected_cpu(p, dh, da_hh, l.w_hh, proj);
+    PlainLoop loop;
+    if (l.projected()) {
+        loop.w_hr = l.w_hr;
+        loop.grad_output = grad_output;
+        loop.dr_run = at::zeros({T, B, P}, opts);
+    }
+    if (synced) loop.group = std::string(*group_name);
+    if (H > 0 && (synced || (B > 0 && l.projected()))) {
+        backward_plain_cpu(p, dh, dh_prev, da_hh, l.w_hh, loop);  // synchronized: every rank, with rows or without
     } else if (B > 0 && H > 0) {
         backward_cpu(p, dh, dh_prev, da_hh, l.w_hh);
     } else {
@@ -454,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tens
     }
     if (l.projected()) {
         // dW_hr = sum over steps of dr_t^T m_t, on the running rows (dr_run is zero elsewhere)
-        grad_weights.push_back(gemm_tn(proj.dr_run.view({T * B, P}), s.hs.narrow(0, 1, T).view({T * B, H})));
+        grad_weights.push_back(gemm_tn(loop.dr_run.view({T * B, P}), s.hs.narrow(0, 1, T).view({T * B, H})));
     }
     at::Tensor grad_bias = has_bias ? dbias.to(dtype) : absent(opts);
     return {grad_x, dh, dc, grad_weights, grad_bias};

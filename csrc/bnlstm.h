@@ -141,13 +141,15 @@ struct BackwardParams : StepParamsBase {
     void* dgamma_c;
     void* dbeta_c;
 
-    // Synchronized statistics (frame-wise, a process group; bnlstm_cpu.cpp's synchronized loops): a step with
+    // Synchronized statistics (a process group; bnlstm_cpu.cpp's plain loops): a frame-wise step with
     // batch statistics runs in three calls, the driver summing the batch-norm sums over the group between
     // them. Phase 0 runs the whole step on this call's own sums. Phase 1 stops after BN(c)'s sums and writes
     // them to sync_sums_c ([2, H], acc_t: the sums of d y and d y * xhat_c over the running rows); phase 2
     // reads them back (summed over the group), runs BN(c) and the cell backward, and writes the gate batch
     // norms' sums to sync_sums_gates ([3, 4H]: d z, d z * xhat_ih, d z * xhat_hh); phase 3 reads those back
-    // and finishes d(W_ih x) and d(W_hh h). Parameter gradients are this rank's own sums (DDP reduces them).
+    // and finishes d(W_ih x) and d(W_hh h). Sequence-wise, sequence_backward's phase 1 writes its sums to
+    // sync_sums_gates ([2, 4H]: d z, d z * xhat_ih) and phase 3 reads them back. Parameter gradients are this
+    // rank's own sums (DDP reduces them).
     int sync_phase;
     void* sync_sums_c;
     void* sync_sums_gates;

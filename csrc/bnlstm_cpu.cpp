@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -326,67 +327,60 @@ void guarded_step(SplitGuard& guard, int64_t H, int64_t grain, const F& body) {
 
 void forward_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& hs, const at::Tensor& w_hh) {
     const int64_t B = p.B, H = p.H, G = 4 * H;
-    const int64_t grain = grain_size(B, H, p.I);
-    AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_cpu", [&] {
-        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
-        if (p.norm == Normalization::kSequence) {
-            for_blocks(G, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { kern.sequence_moments(p, c0, c1); });
-        }
-        if constexpr (std::is_same_v<scalar_t, float>) {
-            if (step_brgemm(B, H, p.I)) {
-                // W_hh^T [H, 4H] and W_ih^T [I, 4H] per chunk and gate: [H / kBlock][4][K][kBlock].
-                const at::Tensor w_pack = pack_transposed_chunks(w_hh.data_ptr<float>(), H, 4, H);
-                const at::Tensor wi_pack = p.input_per_step
-                    ? pack_transposed_chunks(static_cast<const float*>(p.w_ih), p.I, 4, H) : at::Tensor();
-                const float* w = w_pack.data_ptr<float>();
-                const float* wi = p.input_per_step ? wi_pack.data_ptr<float>() : nullptr;
-                float* a = a_hh.data_ptr<float>();
-                const int64_t I = p.I;
-                // Each task's columns of both branches as one contiguous block (StepRows): two threads
-                // writing interleaved 256-byte runs of a row fight over neighbouring lines.
-                p.a_hh_chunked = true;
-                p.a_ih_chunked = p.input_per_step && p.a_ih_step == 0;
-                const float* hs_data = hs.data_ptr<float>();  // [T + 1, B, H] or [2, B, H]
-                const float* c_data = static_cast<const float*>(p.cs);  // the same
-                const int64_t split_grain = step_grain(B, H, I);
-                SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, forward_split[p.save ? 1 : 0],
-                                 split_mode());
-                for (int64_t t = 0; t < p.T; ++t) {
-                    // (pointer arithmetic: a select() per step went through the dispatcher, 4 % of a
-                    // training step at T=64 B=32 H=128)
-                    const float* h = hs_data + (p.save ? t : (t & 1)) * B * H;
-                    const float* x = static_cast<const float*>(p.x) + t * B * I;
-                    float* a_ih = static_cast<float*>(p.a_ih) + t * p.a_ih_step;
-                    guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
-                        // This chunk's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0]
-                        // each, gate k at k * n of a [B][4][n] block (a_ih row-major where it is kept: at
-                        // k * H + j0 of its [B, 4H]).
-                        const int64_t n = j1 - j0;
-                        prefetch_rows(c_data + (p.save ? t : (t & 1)) * B * H + j0, B, H, n);
-                        float* ah = a + j0 * 4 * B;
-                        float* ai = p.a_ih_chunked ? a_ih + j0 * 4 * B : a_ih + j0;
-                        const int64_t ai_row = p.a_ih_chunked ? 4 * n : G, ai_gate = p.a_ih_chunked ? n : H;
-                        for (int64_t k = 0; k < 4; ++k) {
-                            brgemm_f32(B, n, H, H, n, 4 * n, false, h, w + j0 * 4 * H + k * H * n, ah + k * n);
-                            if (p.input_per_step) {
-                                brgemm_f32(B, n, I, I, n, ai_row, false, x, wi + j0 * 4 * I + k * I * n,
-                                           ai + k * ai_gate);
-                            }
-                        }
-                        kern.forward_step(p, t, j0, j1);
-                    });
+    if (a_hh.scalar_type() != at::kFloat || !step_brgemm(B, H, p.I)) {
+        PlainLoop loop;
+        loop.hs = hs;
+        forward_plain_cpu(p, a_hh, w_hh, loop);
+        return;
+    }
+    const StepKernelSet<float>& kern = kernels().of<float>();
+    if (p.norm == Normalization::kSequence) {
+        for_blocks(G, std::max<int64_t>(kBlock, grain_size(B, H, p.I)),
+                   [&](int64_t c0, int64_t c1) { kern.sequence_moments(p, c0, c1); });
+    }
+    // W_hh^T [H, 4H] and W_ih^T [I, 4H] per chunk and gate: [H / kBlock][4][K][kBlock].
+    const at::Tensor w_pack = pack_transposed_chunks(w_hh.data_ptr<float>(), H, 4, H);
+    const at::Tensor wi_pack = p.input_per_step
+        ? pack_transposed_chunks(static_cast<const float*>(p.w_ih), p.I, 4, H) : at::Tensor();
+    const float* w = w_pack.data_ptr<float>();
+    const float* wi = p.input_per_step ? wi_pack.data_ptr<float>() : nullptr;
+    float* a = a_hh.data_ptr<float>();
+    const int64_t I = p.I;
+    // Each task's columns of both branches as one contiguous block (StepRows): two threads
+    // writing interleaved 256-byte runs of a row fight over neighbouring lines.
+    p.a_hh_chunked = true;
+    p.a_ih_chunked = p.input_per_step && p.a_ih_step == 0;
+    const float* hs_data = hs.data_ptr<float>();  // [T + 1, B, H] or [2, B, H]
+    const float* c_data = static_cast<const float*>(p.cs);  // the same
+    const int64_t split_grain = step_grain(B, H, I);
+    SplitGuard guard(at::get_num_threads() > 1 && split_grain < H, forward_split[p.save ? 1 : 0],
+                     split_mode());
+    for (int64_t t = 0; t < p.T; ++t) {
+        // (pointer arithmetic: a select() per step went through the dispatcher, 4 % of a
+        // training step at T=64 B=32 H=128)
+        const float* h = hs_data + (p.save ? t : (t & 1)) * B * H;
+        const float* x = static_cast<const float*>(p.x) + t * B * I;
+        float* a_ih = static_cast<float*>(p.a_ih) + t * p.a_ih_step;
+        guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
+            // This chunk's columns of W_hh h_{t-1} (and of W_ih x_t), gate by gate: [B, j1 - j0]
+            // each, gate k at k * n of a [B][4][n] block (a_ih row-major where it is kept: at
+            // k * H + j0 of its [B, 4H]).
+            const int64_t n = j1 - j0;
+            prefetch_rows(c_data + (p.save ? t : (t & 1)) * B * H + j0, B, H, n);
+            float* ah = a + j0 * 4 * B;
+            float* ai = p.a_ih_chunked ? a_ih + j0 * 4 * B : a_ih + j0;
+            const int64_t ai_row = p.a_ih_chunked ? 4 * n : G, ai_gate = p.a_ih_chunked ? n : H;
+            for (int64_t k = 0; k < 4; ++k) {
+                brgemm_f32(B, n, H, H, n, 4 * n, false, h, w + j0 * 4 * H + k * H * n, ah + k * n);
+                if (p.input_per_step) {
+                    brgemm_f32(B, n, I, I, n, ai_row, false, x, wi + j0 * 4 * I + k * I * n,
+                               ai + k * ai_gate);
                 }
-                brgemm_release_f32();
-                return;
             }
-        }
-        const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
-        for (int64_t t = 0; t < p.T; ++t) {
-            at::mm_out(a_hh, hs.select(0, p.save ? t : (t & 1)), w_hh_t);
-            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
-        }
-    });
+            kern.forward_step(p, t, j0, j1);
+        });
+    }
+    brgemm_release_f32();
 }
 
 namespace {
@@ -436,86 +430,145 @@ void recurrent_grad_block(const BackwardParams& p, int64_t t, const float* da, c
 void backward_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
                   const at::Tensor& w_hh) {
     const int64_t B = p.B, H = p.H, G = 4 * H;
-    const int64_t grain = grain_size(B, H, p.I);
-    AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_cpu", [&] {
-        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
-        bool done = false;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-            if (step_brgemm(B, H, p.I)) {
-                // One parallel pass per step: each task first takes its columns of dh from the previous
-                // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
-                const int64_t split_grain = step_grain(B, H, p.I);
-                const SplitMode mode = split_mode();
-                const bool may_split = at::get_num_threads() > 1 && split_grain < H && mode != SplitMode::kNever;
-                // Where steps may split, the frame-wise step gradients go chunk-major, so that each task
-                // writes one block (row-major, two threads wrote interleaved 256-byte runs of every row, and
-                // a split step cost what a whole one did); the GEMMs over all steps then run per chunk.
-                // Measured at 2 threads (csrc/README.md): backward at H=128 5.1-6.3 -> 4.4-4.7 ms, at H=256
-                // even, at H=512 190-196 -> 207-222 ms (8 chunks' GEMMs 10 ms slower than one's), hence
-                // at most kGradientChunks chunks; and not while the cores are busy, when the steps run whole
-                // and the per-chunk GEMMs' extra element-wise passes wait for descheduled workers
-                // (forward+backward with a busy process 17-19 -> 21-25 ms).
-                constexpr int64_t kGradientChunks = 4;
-                p.da_chunked = may_split && (mode == SplitMode::kAlways || !cores_busy()) &&
-                               p.norm == Normalization::kFrame && H <= kGradientChunks * kBlock;
-                const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, p.da_chunked);
-                const float* w = w_pack.data_ptr<float>();
-                const float* da = da_hh.data_ptr<float>();
-                SplitGuard guard(may_split, backward_split, mode);
-                for (int64_t t = p.T - 1; t >= 0; --t) {
-                    const bool first = t == p.T - 1;
-                    // Without a GEMM to run (the last step), dh already holds dL/dh_n.
-                    at::Tensor& cur = first ? dh : dh_prev;
-                    at::Tensor& other = first ? dh_prev : dh;
-                    p.dh = cur.data_ptr();
-                    p.dh_prev = other.data_ptr();
-                    guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
-                        if (!first) {
-                            recurrent_grad_block(p, t + 1, da, w, other.data_ptr<float>(), cur.data_ptr<float>(),
-                                                 j0, j1);
-                        }
-                        kern.backward_step(p, t, j0, j1);
-                    });
-                    if (!first) std::swap(dh, dh_prev);
-                }
-                // dh0 from the first step's GEMM.
-                if (p.T > 0) {
-                    guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
-                        recurrent_grad_block(p, 0, da, w, dh.data_ptr<float>(), dh_prev.data_ptr<float>(), j0, j1);
-                    });
-                    std::swap(dh, dh_prev);
-                }
-                brgemm_release_f32();
-                done = true;
+    if (da_hh.scalar_type() != at::kFloat || !step_brgemm(B, H, p.I)) {
+        backward_plain_cpu(p, dh, dh_prev, da_hh, w_hh, PlainLoop{});
+        return;
+    }
+    const StepKernelSet<float>& kern = kernels().of<float>();
+    // One parallel pass per step: each task first takes its columns of dh from the previous
+    // (later) step's GEMM, then runs the step's pointwise backward on the same columns.
+    const int64_t split_grain = step_grain(B, H, p.I);
+    const SplitMode mode = split_mode();
+    const bool may_split = at::get_num_threads() > 1 && split_grain < H && mode != SplitMode::kNever;
+    // Where steps may split, the frame-wise step gradients go chunk-major, so that each task
+    // writes one block (row-major, two threads wrote interleaved 256-byte runs of every row, and
+    // a split step cost what a whole one did); the GEMMs over all steps then run per chunk.
+    // Measured at 2 threads (csrc/README.md): backward at H=128 5.1-6.3 -> 4.4-4.7 ms, at H=256
+    // even, at H=512 190-196 -> 207-222 ms (8 chunks' GEMMs 10 ms slower than one's), hence
+    // at most kGradientChunks chunks; and not while the cores are busy, when the steps run whole
+    // and the per-chunk GEMMs' extra element-wise passes wait for descheduled workers
+    // (forward+backward with a busy process 17-19 -> 21-25 ms).
+    constexpr int64_t kGradientChunks = 4;
+    p.da_chunked = may_split && (mode == SplitMode::kAlways || !cores_busy()) &&
+                   p.norm == Normalization::kFrame && H <= kGradientChunks * kBlock;
+    const at::Tensor w_pack = pack_column_chunks(w_hh.data_ptr<float>(), G, H, p.da_chunked);
+    const float* w = w_pack.data_ptr<float>();
+    const float* da = da_hh.data_ptr<float>();
+    SplitGuard guard(may_split, backward_split, mode);
+    for (int64_t t = p.T - 1; t >= 0; --t) {
+        const bool first = t == p.T - 1;
+        // Without a GEMM to run (the last step), dh already holds dL/dh_n.
+        at::Tensor& cur = first ? dh : dh_prev;
+        at::Tensor& other = first ? dh_prev : dh;
+        p.dh = cur.data_ptr();
+        p.dh_prev = other.data_ptr();
+        guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
+            if (!first) {
+                recurrent_grad_block(p, t + 1, da, w, other.data_ptr<float>(), cur.data_ptr<float>(),
+                                     j0, j1);
             }
-        }
-        if (!done) {
-            for (int64_t t = p.T - 1; t >= 0; --t) {
-                p.dh = dh.data_ptr();
-                p.dh_prev = dh_prev.data_ptr();
-                for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
-                // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
-                at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
-                pass_finished_rows(p, t, dh.data_ptr<scalar_t>(), dh_prev.data_ptr<scalar_t>(), 0, H);
-                std::swap(dh, dh_prev);
-            }
-        }
-        if (p.norm == Normalization::kSequence) {
-            for_blocks(G, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
-        }
-    });
+            kern.backward_step(p, t, j0, j1);
+        });
+        if (!first) std::swap(dh, dh_prev);
+    }
+    // dh0 from the first step's GEMM.
+    if (p.T > 0) {
+        guarded_step(guard, H, split_grain, [&](int64_t j0, int64_t j1) {
+            recurrent_grad_block(p, 0, da, w, dh.data_ptr<float>(), dh_prev.data_ptr<float>(), j0, j1);
+        });
+        std::swap(dh, dh_prev);
+    }
+    brgemm_release_f32();
+    if (p.norm == Normalization::kSequence) {
+        for_blocks(G, std::max<int64_t>(kBlock, grain_size(B, H, p.I)),
+                   [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
+    }
 }
 
-// --- The projection (proj_size, LSTMP) -------------------------------------------------------------------
+// --- The plain loops: at::mm per step ------------------------------------------------------------------------
 //
-// With a projection the step kernels' h is m_t = o * tanh(BN(c_t)) [B, H] (in hs), and the layer's state and
-// output is r_t = W_hr m_t [B, P] (in rs, r_0 = h0): each step's recurrent GEMM reads r_{t-1} (depth P), and
-// a second GEMM after the step's pass projects m_t. These loops are the plain ones (at::mm per step, the
-// pass split over chunks of hidden units), not the brgemm loops above, whose packing and splitting assume a
-// recurrent depth of H.
+// float64, CPUs (or torch builds) without brgemm, a projection and synchronized statistics run these (PlainLoop
+// in bnlstm_cpu.h): per step one at::mm for the recurrent branch, then the step pass over chunks of hidden units.
+// The brgemm loops above pack W_hh for a recurrent depth of H and compute the input branch inside the pass; a
+// projection's depth is P, and synchronized statistics need the step's sums before the pass.
+//
+// A projection: the recurrent GEMM reads r_{t-1} (depth P), and a GEMM after the pass projects m_t. Backward, the
+// gradient of r_t on the running rows (dr_run[t], the output's gradient folded in) gives the kernel's dh,
+// dm_t = dr_run[t] W_hr, and dW_hr is one GEMM over all steps afterwards (bnlstm.cpp).
+//
+// Synchronized statistics: every batch norm of a step with batch statistics normalizes over the running rows of
+// every rank of the group, through torch's functional all-reduce, one collective at each reduction point.
+// Forward, the input branch's sums of every step (or, sequence-wise, of every frame) in one collective before
+// the loop; frame-wise per step those of W_hh h_{t-1}, then those of c_t. The kernels normalize with the summed
+// moments as they would with a population's (ForwardParams' pop_* point at PlainLoop::given), and a step with
+// batch statistics runs its pass twice: once for c_t, whose sums BN(c) needs, then again with them for h_t (the
+// gates and c_t come out the same; the pass is cheap beside a collective). Backward, frame-wise per step in
+// reverse: BN(c)'s sums [2, H], then the gates' [3, 4H] (the kernel's phases, BackwardParams::sync_phase);
+// sequence-wise the gates' [2, 4H] once after the loop.
 
 namespace {
+
+// Sums `sums` over the process group named `group`, in place. Every rank makes the same calls in the same order.
+void group_sum_(at::Tensor& sums, const std::string& group) {
+    static const c10::OperatorHandle all_reduce =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
+    static const auto wait = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("_c10d_functional::wait_tensor", "")
+                                 .typed<at::Tensor(const at::Tensor&)>();
+    std::vector<c10::IValue> stack{sums, std::string("sum"), group};
+    all_reduce.callBoxed(&stack);
+    sums.copy_(wait.call(stack[0].toTensor()));
+}
+
+// The moments over the group of the running rows, into PlainLoop::given: each call sums this rank's (sum, sum
+// of squares) over the group and keeps the mean and biased variance (E[v^2] - E[v]^2, clamped at 0, as the
+// reference's synchronized path).
+class GroupMoments {
+  public:
+    GroupMoments(const ForwardParams& p, const PlainLoop& loop) : loop_(loop) {
+        const auto options = loop.given[0].options();
+        mask_ = loop.running.to(options.dtype()).unsqueeze(-1);  // [T, B, 1]
+        counts_ = at::tensor(std::vector<int64_t>(p.counts, p.counts + p.T)).to(options.dtype()).unsqueeze(-1);
+    }
+
+    // values [B, F] at step t: rows t of given[k] (mean) and given[k + 1] (variance)
+    void step(int k, int64_t t, const at::Tensor& values) const {
+        keep(k, t, sums(values, mask_[t]), counts_[t]);
+    }
+
+    // values [T, B, F] of every step: their rows of given[k], given[k + 1] where the step takes batch statistics
+    void every_step(int k, const at::Tensor& values) const {
+        at::Tensor summed = sums(values, mask_);  // [2, T, F]
+        for (int64_t t = 0; t < values.size(0); ++t) {
+            if (loop_.batch_stats[t]) keep(k, t, summed.select(1, t), counts_[t]);
+        }
+    }
+
+    // values [T, B, F] over every running frame (sequence-wise): row 0 of given[k], given[k + 1]
+    void every_frame(int k, const at::Tensor& values) const {
+        const int64_t frames = values.size(0) * values.size(1);
+        keep(k, 0, sums(values.reshape({frames, -1}), mask_.reshape({frames, 1})), counts_.sum());
+    }
+
+  private:
+    // this rank's (sum, sum of squares) over the rows where mask [..., B, 1] is 1, summed over the group
+    at::Tensor sums(const at::Tensor& values, const at::Tensor& mask) const {
+        const at::Tensor kept = values.to(mask.scalar_type()) * mask;
+        at::Tensor summed = at::stack({kept.sum(-2), (kept * kept).sum(-2)});
+        group_sum_(summed, loop_.group);
+        return summed;
+    }
+
+    void keep(int k, int64_t t, const at::Tensor& summed, const at::Tensor& count) const {
+        const at::Tensor n = count.clamp_min(1);
+        const at::Tensor mean = summed[0] / n;
+        loop_.given[k].select(0, t).copy_(mean);
+        loop_.given[k + 1].select(0, t).copy_((summed[1] / n - mean * mean).clamp_min(0));
+    }
+
+    const PlainLoop& loop_;
+    at::Tensor mask_, counts_;
+};
 
 // After step t's projection r_next = W_hr m_t over every row: finished rows keep r_prev and output zeros,
 // running rows output r_next. r_prev, r_next, out: [B, P].
@@ -547,184 +600,121 @@ void running_state_grad(const RowMask& running, int64_t t, int64_t B, int64_t P,
     }
 }
 
+// Rows already finished at step t carry their state's gradient through the step: out += in on those rows.
+// in, out: [B, width].
+template <typename scalar_t>
+void carry_finished_grad(const RowMask& running, int64_t t, int64_t B, int64_t width, const scalar_t* in,
+                         scalar_t* out) {
+    if (running.lengths == nullptr) return;
+    for (int64_t b = 0; b < B; ++b) {
+        if (running(b, t)) continue;
+        for (int64_t k = 0; k < width; ++k) out[b * width + k] += in[b * width + k];
+    }
+}
+
 }  // namespace
 
-void forward_projected_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const ProjectedStates& proj) {
-    const int64_t B = p.B, H = p.H, P = proj.w_hr.size(0);
+void forward_plain_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const PlainLoop& loop) {
+    const int64_t B = p.B, H = p.H;
     const int64_t grain = grain_size(B, H, p.I);
-    const at::Tensor w_hh_t = w_hh.t();        // [P, 4H]
-    const at::Tensor w_hr_t = proj.w_hr.t();   // [H, P]
-    AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_projected_cpu", [&] {
+    const at::Tensor w_hh_t = w_hh.t();                                           // [P, 4H]
+    const at::Tensor w_hr_t = loop.projected() ? loop.w_hr.t() : at::Tensor();  // [H, P]
+    const at::Tensor& states = loop.projected() ? loop.rs : loop.hs;             // what the recurrent GEMM reads
+    std::optional<GroupMoments> group;
+    if (loop.synced()) {
+        group.emplace(p, loop);
+        if (p.norm == Normalization::kSequence) group->every_frame(0, loop.a_ih);
+        if (p.norm == Normalization::kFrame) group->every_step(0, loop.a_ih);
+    }
+    const bool frame_synced = loop.synced() && p.norm == Normalization::kFrame;
+    AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_plain_cpu", [&] {
         const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
         if (p.norm == Normalization::kSequence) {
             for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
                        [&](int64_t c0, int64_t c1) { kern.sequence_moments(p, c0, c1); });
         }
-        for (int64_t t = 0; t < p.T; ++t) {
-            const int64_t prev = p.save ? t : (t & 1), next = p.save ? t + 1 : ((t + 1) & 1);
-            at::mm_out(a_hh, proj.rs.select(0, prev), w_hh_t);
-            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
-            at::Tensor r_next = proj.rs.select(0, next);
-            at::mm_out(r_next, proj.hs.select(0, next), w_hr_t);
-            finish_projected_step(p.running, t, B, P, proj.rs.select(0, prev).data_ptr<scalar_t>(),
-                                  r_next.data_ptr<scalar_t>(), proj.output.select(0, t).data_ptr<scalar_t>());
-        }
-    });
-}
-
-void backward_projected_cpu(BackwardParams& p, at::Tensor& dr, const at::Tensor& da_hh, const at::Tensor& w_hh,
-                            const ProjectedStates& proj) {
-    const int64_t B = p.B, H = p.H, P = proj.w_hr.size(0);
-    const int64_t grain = grain_size(B, H, p.I);
-    // dm: the step kernel's dh (the gradient of m_t); scratch: its dh_prev, free between its passes
-    at::Tensor dm = empty_workspace({B, H}, da_hh.options());
-    at::Tensor scratch = empty_workspace({B, H}, da_hh.options());
-    at::Tensor dr_prev = empty_workspace({B, P}, da_hh.options());
-    p.dh = dm.data_ptr();
-    p.dh_prev = scratch.data_ptr();
-    AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_projected_cpu", [&] {
-        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
-        for (int64_t t = p.T - 1; t >= 0; --t) {
-            // dr_run[t], the gradient of r_t on the running rows, is kept: dW_hr is one GEMM over all steps
-            at::Tensor dr_run = proj.dr_run.select(0, t);
-            const scalar_t* gout = proj.grad_output.defined() ? proj.grad_output.select(0, t).data_ptr<scalar_t>()
-                                                             : nullptr;
-            running_state_grad(p.running, t, B, P, dr.data_ptr<scalar_t>(), gout, dr_run.data_ptr<scalar_t>());
-            at::mm_out(dm, dr_run, proj.w_hr);  // [B, H]
-            for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
-            // dr_{t-1} = d(W_hh r_{t-1}) W_hh; finished rows (da_hh zero there) pass dr through.
-            at::mm_out(dr_prev, da_hh.select(0, t), w_hh);
-            const scalar_t* dr_in = dr.data_ptr<scalar_t>();
-            scalar_t* dr_out = dr_prev.data_ptr<scalar_t>();
-            for (int64_t b = 0; b < B; ++b) {
-                if (p.running(b, t)) continue;
-                for (int64_t k = 0; k < P; ++k) dr_out[b * P + k] += dr_in[b * P + k];
-            }
-            std::swap(dr, dr_prev);
-        }
-        if (p.norm == Normalization::kSequence) {
-            for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
-                       [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
-        }
-    });
-}
-
-// --- Synchronized statistics (a process group, frame-wise) ---------------------------------------------------
-//
-// Every batch norm of a step with batch statistics normalizes over the running rows of every rank of the group:
-// the sums behind its moments (forward) and behind its backward (the kernels' phases, BackwardParams) are summed
-// over the group with torch's functional all-reduce, one collective at each reduction point. Forward: the input
-// branch's sums of every step in one collective before the loop; per step those of W_hh h_{t-1}, then those of
-// c_t. The step kernel normalizes with the summed moments as it would with a population's (ForwardParams' pop_*
-// point at them), and runs twice on such a step: once for c_t, whose sums BN(c) needs, then again with them
-// for h_t (the gates and c_t come out the same; the pass is cheap beside a collective). Backward, per step in
-// reverse: BN(c)'s sums [2, H], then the gates' [3, 4H]. These loops are the plain ones (at::mm per step).
-
-namespace {
-
-// Sums `sums` over the process group named `group`, in place. Every rank makes the same calls in the same order.
-void group_sum_(at::Tensor& sums, const std::string& group) {
-    static const c10::OperatorHandle all_reduce =
-        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
-    static const auto wait = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("_c10d_functional::wait_tensor", "")
-                                 .typed<at::Tensor(const at::Tensor&)>();
-    std::vector<c10::IValue> stack{sums, std::string("sum"), group};
-    all_reduce.callBoxed(&stack);
-    sums.copy_(wait.call(stack[0].toTensor()));
-}
-
-// Mean and biased variance over the group from summed (sum, sum of squares) [2, ..., F] and counts [..., 1].
-std::pair<at::Tensor, at::Tensor> moments_of(const at::Tensor& sums, const at::Tensor& counts) {
-    const at::Tensor mean = sums[0] / counts;
-    return {mean, (sums[1] / counts - mean * mean).clamp_min(0)};
-}
-
-// This rank's (sum, sum of squares) over the rows where mask [..., B, 1] is 1 of value [..., B, F]: [2, ..., F].
-at::Tensor masked_sums(const at::Tensor& value, const at::Tensor& mask) {
-    const at::Tensor kept = value * mask;
-    return at::stack({kept.sum(-2), (kept * value).sum(-2)});
-}
-
-}  // namespace
-
-void forward_sync_cpu(ForwardParams& p, at::Tensor& a_hh, const at::Tensor& w_hh, const SyncedStatistics& sync) {
-    const int64_t B = p.B, H = p.H;
-    const int64_t grain = grain_size(B, H, p.I);
-    const at::Tensor w_hh_t = w_hh.t();  // [H, 4H]
-    const auto acc = a_hh.options().dtype(sync.given[0].scalar_type());
-    // [T, B, 1]: the rows running at each step; [T, 1]: the group's counts (at least 1: steps without batch
-    // statistics take none of these moments)
-    const at::Tensor mask = sync.running.to(a_hh.scalar_type()).unsqueeze(-1);
-    const at::Tensor counts = at::tensor(std::vector<int64_t>(p.counts, p.counts + p.T)).clamp_min(1).to(acc)
-                                  .unsqueeze(-1);
-    const auto keep = [&](int k, int64_t t, const std::pair<at::Tensor, at::Tensor>& m) {
-        sync.given[k].select(0, t).copy_(m.first);
-        sync.given[k + 1].select(0, t).copy_(m.second);
-    };
-    {
-        at::Tensor sums = masked_sums(sync.a_ih, mask).to(acc);  // [2, T, 4H]
-        group_sum_(sums, sync.group);
-        const auto m = moments_of(sums, counts);
-        for (int64_t t = 0; t < p.T; ++t) {
-            if (sync.batch_stats[t]) keep(0, t, {m.first[t], m.second[t]});
-        }
-    }
-    AT_DISPATCH_FLOATING_TYPES(a_hh.scalar_type(), "bnlstm_forward_sync_cpu", [&] {
-        const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
         const auto step_pass = [&](int64_t t) {
             for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.forward_step(p, t, j0, j1); });
         };
         for (int64_t t = 0; t < p.T; ++t) {
             const int64_t prev = p.save ? t : (t & 1), next = p.save ? t + 1 : ((t + 1) & 1);
-            at::mm_out(a_hh, sync.hs.select(0, prev), w_hh_t);
-            if (!sync.batch_stats[t]) {
-                step_pass(t);
-                continue;
+            at::mm_out(a_hh, states.select(0, prev), w_hh_t);
+            if (frame_synced && loop.batch_stats[t]) {
+                group->step(2, t, a_hh);
+                step_pass(t);  // c_t (h_t with stale cell moments, written again below)
+                group->step(4, t, loop.cs.select(0, next));
             }
-            at::Tensor sums_hh = masked_sums(a_hh, mask[t]).to(acc);  // [2, 4H]
-            group_sum_(sums_hh, sync.group);
-            keep(2, t, moments_of(sums_hh, counts[t]));
-            step_pass(t);  // c_t (h_t with the cell moments of before)
-            at::Tensor sums_c = masked_sums(sync.cs.select(0, next), mask[t]).to(acc);  // [2, H]
-            group_sum_(sums_c, sync.group);
-            keep(4, t, moments_of(sums_c, counts[t]));
             step_pass(t);
+            if (loop.projected()) {
+                at::Tensor r_next = loop.rs.select(0, next);
+                at::mm_out(r_next, loop.hs.select(0, next), w_hr_t);
+                finish_projected_step(p.running, t, B, w_hr_t.size(1), loop.rs.select(0, prev).data_ptr<scalar_t>(),
+                                      r_next.data_ptr<scalar_t>(), loop.output.select(0, t).data_ptr<scalar_t>());
+            }
         }
     });
 }
 
-void backward_sync_cpu(BackwardParams& p, at::Tensor& dh, at::Tensor& dh_prev, const at::Tensor& da_hh,
-                       const at::Tensor& w_hh, const std::string& group) {
-    const int64_t H = p.H;
-    const int64_t grain = grain_size(p.B, H, p.I);
-    const auto acc = da_hh.options().dtype(at::toOpMathType(da_hh.scalar_type()));
-    at::Tensor sums_c = at::empty({2, H}, acc);
-    at::Tensor sums_gates = at::empty({3, 4 * H}, acc);
-    p.sync_sums_c = sums_c.data_ptr();
-    p.sync_sums_gates = sums_gates.data_ptr();
-    AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_sync_cpu", [&] {
+void backward_plain_cpu(BackwardParams& p, at::Tensor& dstate, at::Tensor& dstate_prev, const at::Tensor& da_hh,
+                        const at::Tensor& w_hh, const PlainLoop& loop) {
+    const int64_t B = p.B, H = p.H, S = dstate.size(1);
+    const int64_t grain = grain_size(B, H, p.I);
+    const auto options = da_hh.options();
+    // With a projection the kernel's dh (the gradient of m_t) and its scratch are buffers of their own; else it
+    // reads dstate and uses dstate_prev as scratch until the step's GEMM fills it.
+    at::Tensor dm = loop.projected() ? empty_workspace({B, H}, options) : at::Tensor();
+    const at::Tensor scratch = loop.projected() ? empty_workspace({B, H}, options) : at::Tensor();
+    // Synchronized: the batch norms' sums between the kernel's phases (BackwardParams::sync_phase)
+    const bool frame = p.norm == Normalization::kFrame;
+    const auto acc = options.dtype(at::toOpMathType(da_hh.scalar_type()));
+    at::Tensor sums_c = loop.synced() && frame ? at::empty({2, H}, acc) : at::Tensor();
+    at::Tensor sums_gates = loop.synced() ? at::empty({frame ? 3 : 2, 4 * H}, acc) : at::Tensor();
+    p.sync_sums_c = sums_c.defined() ? sums_c.data_ptr() : nullptr;
+    p.sync_sums_gates = sums_gates.defined() ? sums_gates.data_ptr() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(da_hh.scalar_type(), "bnlstm_backward_plain_cpu", [&] {
         const StepKernelSet<scalar_t>& kern = kernels().of<scalar_t>();
         const auto step_pass = [&](int64_t t, int phase) {
             p.sync_phase = phase;
             for_chunks(H, grain, [&](int64_t j0, int64_t j1) { kern.backward_step(p, t, j0, j1); });
         };
         for (int64_t t = p.T - 1; t >= 0; --t) {
-            p.dh = dh.data_ptr();
-            p.dh_prev = dh_prev.data_ptr();
-            if (p.batch_stats[t]) {
+            if (loop.projected()) {
+                // dr_run[t] is kept: dW_hr is one GEMM over all steps
+                at::Tensor dr_run = loop.dr_run.select(0, t);
+                const scalar_t* gout = loop.grad_output.defined()
+                    ? loop.grad_output.select(0, t).data_ptr<scalar_t>() : nullptr;
+                running_state_grad(p.running, t, B, S, dstate.data_ptr<scalar_t>(), gout, dr_run.data_ptr<scalar_t>());
+                at::mm_out(dm, dr_run, loop.w_hr);  // [B, H]
+            }
+            p.dh = loop.projected() ? dm.data_ptr() : dstate.data_ptr();
+            p.dh_prev = loop.projected() ? scratch.data_ptr() : dstate_prev.data_ptr();
+            if (loop.synced() && frame && p.batch_stats[t]) {
                 step_pass(t, 1);
-                group_sum_(sums_c, group);
+                group_sum_(sums_c, loop.group);
                 step_pass(t, 2);
-                group_sum_(sums_gates, group);
+                group_sum_(sums_gates, loop.group);
                 step_pass(t, 3);
             } else {
                 step_pass(t, 0);
             }
-            // dh_{t-1} = d(W_hh h_{t-1}) W_hh; rows already finished pass their gradient through.
-            at::mm_out(dh_prev, da_hh.select(0, t), w_hh);
-            pass_finished_rows(p, t, dh.data_ptr<scalar_t>(), dh_prev.data_ptr<scalar_t>(), 0, H);
-            std::swap(dh, dh_prev);
+            // the gradient of the state before the step: d(W_hh state) W_hh, plus the finished rows' own
+            at::mm_out(dstate_prev, da_hh.select(0, t), w_hh);
+            carry_finished_grad(p.running, t, B, S, dstate.data_ptr<scalar_t>(), dstate_prev.data_ptr<scalar_t>());
+            std::swap(dstate, dstate_prev);
+        }
+        if (p.norm == Normalization::kSequence) {
+            const auto sequence_pass = [&](int phase) {
+                p.sync_phase = phase;
+                for_blocks(4 * H, std::max<int64_t>(kBlock, grain),
+                           [&](int64_t c0, int64_t c1) { kern.sequence_backward(p, c0, c1); });
+            };
+            if (loop.synced() && p.batch_stats[0]) {
+                sequence_pass(1);
+                group_sum_(sums_gates, loop.group);
+                sequence_pass(3);
+            } else {
+                sequence_pass(0);
+            }
         }
         p.sync_phase = 0;
     });

@@ -21,9 +21,11 @@ from fused_bnlstm.distributed import global_sum
 from fused_bnlstm.ops import (BACKENDS, NORMALIZATIONS, LayerConfig, LayerParams, Population, bnlstm_layer,
                               resolve_backend)
 
-# The normalizations each fused backend synchronizes over a process group itself (without a projection); the
-# reference runs the other synchronized calls.
-_SYNCHRONIZED = {"cpp": ("frame", None), "triton": ("frame", None)}
+# The normalizations each fused backend synchronizes over a process group itself, and the backends that do so
+# with a projection too; the reference runs the other synchronized calls (normalization=None takes no
+# statistics: sync mode passes no group).
+_SYNCHRONIZED = {"cpp": ("frame", "sequence"), "triton": ("frame",)}
+_SYNCHRONIZED_WITH_PROJECTION = ("cpp",)
 # statistics slots per layer-direction unless max_length says otherwise (see _PopulationStatsMixin)
 DEFAULT_MAX_LENGTH = 256
 
@@ -575,7 +577,8 @@ class BNLSTM(_PopulationStatsMixin, nn.Module):
         if backend == "reference":
             return backend
         if group is not None:
-            synchronized = self.normalization in _SYNCHRONIZED[backend] and self.proj_size == 0
+            synchronized = self.normalization in _SYNCHRONIZED[backend] and (
+                self.proj_size == 0 or backend in _SYNCHRONIZED_WITH_PROJECTION)
             return backend if synchronized else "reference"
         return backend if B > 0 else "reference"
 

@@ -34,7 +34,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_bnlstm import BNLSTM, convert_sync_bnlstm, update_population_statistics
-from fused_bnlstm.modules import _SYNCHRONIZED
 from fused_bnlstm.ops import backend_available
 
 pytestmark = [
@@ -51,10 +50,14 @@ I, H = 3, 5
 TOLERANCE = dict(rtol=1e-8, atol=1e-10)  # float64 everywhere
 # triton: on CPU tensors under its interpreter, whose TRITON_INTERPRET=1 (conftest) the spawned ranks inherit
 DDP_BACKENDS = [b for b in ("reference", "cpp", "triton") if backend_available(b, torch.device("cpu"))[0]]
+# What each fused backend synchronizes in its own loops (the normalizations, and whether with a projection); the
+# module runs the other synchronized calls on the reference.
+FUSED_SYNC = {"cpp": (("frame", "sequence"), True), "triton": (("frame",), False)}
 # The interpreter takes seconds a case: Triton runs these sync cases (different T with and without lengths,
 # one-row tails, one row a rank, two layers both ways, ranks without rows, DDP) and no DDP-without-sync check.
 TRITON_CASES = ("frame-T5-T7", "frame-plain-T4-T6", "frame-2layers-bidirectional", "frame-empty-rank",
-                "frame-one-row-each", "frame-T6-T3-empty", "ddp-sync")
+                "frame-one-row-each", "frame-T6-T3-empty", "ddp-sync",
+                "plain-T3-T5", "plain-projection-T4-T5")
 
 
 # ---- running ranks -----------------------------------------------------------------------------------------
@@ -152,15 +155,16 @@ def _batch(spec: dict, T: int, B: int, lengths=None) -> dict:
     kw = spec["kwargs"]
     D = 2 if kw.get("bidirectional") else 1
     L = kw.get("num_layers", 1)
+    P = kw.get("proj_size", 0) or H  # the state's (and output's) width
     valid = torch.arange(T).unsqueeze(1) < (torch.tensor(lengths) if lengths is not None else T)  # [T, B]
     mask = valid.unsqueeze(2).double()
     return {
         "x": torch.randn(T, B, I, dtype=torch.float64) * mask,
         "lengths": lengths,
-        "h0": torch.randn(L * D, B, H, dtype=torch.float64) * 0.5,
+        "h0": torch.randn(L * D, B, P, dtype=torch.float64) * 0.5,
         "c0": torch.randn(L * D, B, H, dtype=torch.float64) * 0.5,
-        "cotangents": {"output": torch.randn(T, B, D * H, dtype=torch.float64) * mask,
-                       "h_n": torch.randn(L * D, B, H, dtype=torch.float64),
+        "cotangents": {"output": torch.randn(T, B, D * P, dtype=torch.float64) * mask,
+                       "h_n": torch.randn(L * D, B, P, dtype=torch.float64),
                        "c_n": torch.randn(L * D, B, H, dtype=torch.float64)},
     }
 
@@ -307,6 +311,13 @@ SYNC_CASES_2 = {
     "frame-empty-rank": (dict(max_length=8), [(5, 3, [5, 4, 1]), (2, 0, None)]),
     # one row per rank: a batch of two for the group, not BatchNorm's error
     "frame-one-row-each": (dict(max_length=8), [(4, 1, None), (3, 1, None)]),
+    # no statistics: nothing to reduce, each rank runs the group's steps all the same
+    "plain-T3-T5": (dict(normalization=None), [(3, 2, [3, 1]), (5, 2, None)]),
+    # a projection (proj_size): the recurrence and the output on the projected state
+    "frame-projection-bidirectional-T5-T3": (dict(max_length=8, proj_size=2, bidirectional=True),
+                                             [(5, 2, [5, 2]), (3, 3, None)]),
+    "sequence-projection-T4-T5": (dict(normalization="sequence", proj_size=3), [(4, 2, [4, 3]), (5, 2, None)]),
+    "plain-projection-T4-T5": (dict(normalization=None, proj_size=2), [(4, 2, [4, 3]), (5, 2, None)]),
 }
 SYNC_CASES_3 = {
     "frame-T6-T3-empty": (dict(max_length=8), [(6, 2, [6, 2]), (3, 2, None), (2, 0, None)]),
@@ -399,24 +410,22 @@ def test_sync_mode_without_process_group_is_local():
         torch.testing.assert_close(result["grads"][name], value, **TOLERANCE)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton") if b in DDP_BACKENDS])
-def test_fused_backends_synchronize_frame_wise(backend):
-    """The module routes frame-wise sync calls to the fused backends themselves (and would plain ones)."""
-    assert "frame" in _SYNCHRONIZED[backend] and None in _SYNCHRONIZED[backend]
-
-
 @pytest.mark.parametrize("backend", DDP_BACKENDS)
 def test_sync_matches_concatenated_batch(world, backend):
     """Sync mode on N ranks == one process on the concatenated rows (every case of this world size). A fused
-    backend synchronizes the normalizations the module routes to it (``_SYNCHRONIZED``: frame-wise on cpp and
-    triton) in its own loops; the others run on the reference."""
+    backend synchronizes what FUSED_SYNC says in its own loops; the module runs the rest on the reference."""
     world_size, results, inputs = world
     for name, (spec, batches) in inputs["cases"].items():
         if f"sync/{name}/{backend}" not in results[0]:
             continue
         single = _single(spec, batches)
         ranks = [r[f"sync/{name}/{backend}"] for r in results]
-        synchronized = spec["kwargs"].get("normalization", "frame") in _SYNCHRONIZED.get(backend, ())
+        normalizations, with_projection = FUSED_SYNC.get(backend, ((), False))
+        kwargs = spec["kwargs"]
+        normalization = kwargs.get("normalization", "frame")
+        # (without normalization there is nothing to synchronize: the module passes no group)
+        synchronized = normalization is None or normalization in normalizations and (
+            not kwargs.get("proj_size") or with_projection)
         expected = backend if synchronized else "reference"
         assert all(set(r["ran"]) == {expected} for r in ranks), (name, [r["ran"] for r in ranks])
         try:

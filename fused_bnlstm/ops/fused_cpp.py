@@ -338,9 +338,6 @@ def bnlstm_layer_cpp(*, inputs: LayerInput, params: LayerParams, config: LayerCo
         raise RuntimeError(f"BNLSTM backend 'cpp' cannot run: {reason}")
     if not inputs.x.is_floating_point():
         raise TypeError(f"BNLSTM backend 'cpp' expects floating-point input, got {inputs.x.dtype}")
-    if config.process_group is not None and (config.normalization == "sequence" or params.weight_hr is not None):
-        raise NotImplementedError("BNLSTM backend 'cpp' synchronizes frame-wise statistics without a projection; "
-                                  "the reference backend runs sequence-wise and projected ones")
     if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
            for t in (inputs.x, inputs.h0, inputs.c0, *params)):
         # inside a torch.func transform (vmap, grad, jacrev, ...): compiled kernels cannot read its tensors,
