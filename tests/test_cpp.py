@@ -83,8 +83,13 @@ def test_bnlstm_layer_cpp_without_bias_matches_reference(T, B, I, H, lengths, no
 def test_bnlstm_layer_cpp_inference_path_matches_reference(T, B, I, H, lengths, normalization, use_batch_stats,
                                                            dtype):
     # Nothing requires grad: the extension keeps only two states instead of the [T, ...] histories.
+    _compare_without_grad(T, B, I, H, lengths, normalization, use_batch_stats, dtype)
+
+
+def _compare_without_grad(T, B, I, H, lengths, normalization, use_batch_stats, dtype, proj=0):
+    """A call where nothing requires grad (no histories kept) held to the reference: outputs and statistics."""
     pop = population(T, H, normalization, dtype)
-    inputs = {k: (v.detach() if v is not None else None) for k, v in op_inputs(T, B, I, H, lengths, dtype).items()}
+    inputs = {k: v.detach() for k, v in op_inputs(T, B, I, H, lengths, dtype, proj=proj).items() if v is not None}
     kwargs = dict(lengths=lengths, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
     ref = call_layer(inputs, **kwargs, backend="reference")
     with torch.no_grad():
@@ -190,17 +195,7 @@ def test_bnlstm_layer_cpp_with_projection_matches_reference(T, B, I, H, P, lengt
 @pytest.mark.parametrize("normalization, use_batch_stats", MODES)
 def test_bnlstm_layer_cpp_with_projection_inference_path_matches_reference(normalization, use_batch_stats):
     # Nothing requires grad: two states of each kind (m, r, c) used in turn instead of the histories.
-    T, B, I, H, P, lengths = 5, 3, 2, 8, 3, [5, 2, 4]
-    pop = population(T, H, normalization, torch.float64)
-    inputs = {k: (v.detach() if v is not None else None)
-              for k, v in op_inputs(T, B, I, H, lengths, torch.float64, proj=P).items()}
-    kwargs = dict(lengths=lengths, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
-    ref = call_layer(inputs, **kwargs, backend="reference")
-    with torch.no_grad():
-        cpp = call_layer(inputs, **kwargs, backend="cpp")
-    for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
-        assert_close_by_name(got, want, name, **TOLERANCES[torch.float64])
-    assert_same_statistics(ref[3], cpp[3], **TOLERANCES[torch.float64])
+    _compare_without_grad(5, 3, 2, 8, [5, 2, 4], normalization, use_batch_stats, torch.float64, proj=3)
 
 
 @pytest.mark.parametrize("normalization, lengths", [
@@ -315,18 +310,8 @@ def test_bnlstm_layer_cpp_split_steps_match_reference(normalization, lengths, H)
 def test_bnlstm_layer_cpp_split_steps_inference_matches_reference(normalization, use_batch_stats):
     # Split steps with nothing saved: the input branch runs inside each step's pass even at I > 16, and
     # without batch statistics each row runs from the gates to h on the stack (csrc/bnlstm.cpp, the kernels).
-    T, B, I, H, lengths = 5, 64, 50, 200, [5] * 40 + [3] * 24
     with _split_steps():
-        pop = population(T, H, normalization, torch.float32)
-        inputs = {k: (v.detach() if v is not None else None)
-                  for k, v in op_inputs(T, B, I, H, lengths, torch.float32).items()}
-        kwargs = dict(lengths=lengths, population=pop, use_batch_stats=use_batch_stats, normalization=normalization)
-        ref = call_layer(inputs, **kwargs, backend="reference")
-        with torch.no_grad():
-            cpp = call_layer(inputs, **kwargs, backend="cpp")
-    for name, want, got in zip(("output", "h_n", "c_n"), ref[:3], cpp[:3]):
-        assert_close_by_name(got, want, name, **TOLERANCES[torch.float32])
-    assert_same_statistics(ref[3], cpp[3], **TOLERANCES[torch.float32])
+        _compare_without_grad(5, 64, 50, 200, [5] * 40 + [3] * 24, normalization, use_batch_stats, torch.float32)
 
 
 def _brgemm_built():

@@ -299,19 +299,22 @@ class _NoHostReads:
 
 
 @requires_interpreter
-@pytest.mark.parametrize("normalization, use_batch_stats, lengths", [
-    pytest.param("frame", True, [4, 1, 3], id="frame-train-varlen"),
-    pytest.param("frame", False, None, id="frame-eval"),
-    pytest.param("sequence", True, [4, 2, 3], id="sequence-train-varlen"),
-    pytest.param(None, True, [4, 2, 3], id="plain-varlen"),
+@pytest.mark.parametrize("normalization, use_batch_stats, lengths, proj", [
+    pytest.param("frame", True, [4, 1, 3], 0, id="frame-train-varlen"),
+    pytest.param("frame", False, None, 0, id="frame-eval"),
+    pytest.param("sequence", True, [4, 2, 3], 0, id="sequence-train-varlen"),
+    pytest.param(None, True, [4, 2, 3], 0, id="plain-varlen"),
+    # a projection's host steps between the launches read nothing back either
+    pytest.param("frame", True, [4, 1, 3], 3, id="frame-train-varlen-projection"),
+    pytest.param("frame", False, [4, 1, 3], 3, id="frame-eval-varlen-projection"),
 ])
-def test_bnlstm_layer_triton_never_reads_tensors_to_host(monkeypatch, normalization, use_batch_stats, lengths):
+def test_bnlstm_layer_triton_never_reads_tensors_to_host(monkeypatch, normalization, use_batch_stats, lengths, proj):
     from fused_bnlstm.ops import LayerConfig, LayerParams
     from fused_bnlstm.ops.common import prepare_layer
     from fused_bnlstm.ops.fused_triton import bnlstm_layer_triton
 
     T, B, I, H = 4, 3, 2, 8
-    tensors = op_inputs(T, B, I, H, lengths, torch.float32)
+    tensors = op_inputs(T, B, I, H, lengths, torch.float32, proj=proj)
     params = LayerParams(**{n: tensors[n] for n in LayerParams._fields if n in tensors})
     config = LayerConfig(normalization=normalization, use_batch_stats=use_batch_stats)
     # prepare_layer reads the CPU lengths once, by contract; the backend then reads nothing back
@@ -321,7 +324,7 @@ def test_bnlstm_layer_triton_never_reads_tensors_to_host(monkeypatch, normalizat
     guard = _NoHostReads(monkeypatch)
     guard.active = True
     out, h_n, c_n, _ = bnlstm_layer_triton(inputs=inputs, params=params, config=config)
-    torch.autograd.grad([out, h_n, c_n], [tensors["x"], tensors["weight_hh"]],
+    torch.autograd.grad([out, h_n, c_n], [tensors["x"], tensors["weight_hr" if proj else "weight_hh"]],
                         [torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n)])
     with torch.no_grad():
         bnlstm_layer_triton(inputs=inputs, params=params, config=config)
@@ -512,28 +515,6 @@ def test_bnlstm_layer_triton_projection_graph_replay_matches_reference(fake_grap
     # the host steps between a projection's launches replay with them: they must read the workspace's buffers
     compare_repeated_calls("frame", True, ([4, 1, 3], None, [4, 4, 2], [2, 4, 4]), proj=3)
     assert len(fake_graphs) == 3
-
-
-@requires_interpreter
-def test_bnlstm_layer_triton_projection_never_reads_tensors_to_host(monkeypatch):
-    from fused_bnlstm.ops import LayerConfig, LayerParams
-    from fused_bnlstm.ops.common import prepare_layer
-    from fused_bnlstm.ops.fused_triton import bnlstm_layer_triton
-
-    T, B, I, H, P, lengths = 3, 3, 2, 8, 3, [3, 1, 2]
-    tensors = op_inputs(T, B, I, H, lengths, torch.float32, proj=P)
-    params = LayerParams(**{n: tensors[n] for n in LayerParams._fields})
-    config = LayerConfig()
-    inputs = prepare_layer(tensors["x"], tensors["h0"], tensors["c0"], params, config, torch.tensor(lengths),
-                           population(T, H, "frame", torch.float32))
-    guard = _NoHostReads(monkeypatch)
-    guard.active = True
-    out, h_n, c_n, _ = bnlstm_layer_triton(inputs=inputs, params=params, config=config)
-    torch.autograd.grad([out, h_n, c_n], [tensors["x"], tensors["weight_hr"]],
-                        [torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n)])
-    with torch.no_grad():
-        bnlstm_layer_triton(inputs=inputs, params=params, config=config._replace(use_batch_stats=False))
-    guard.active = False
 
 
 def _step(x, hx=None, time_offset=0):
