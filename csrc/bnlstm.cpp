@@ -312,9 +312,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
     }
     // Batch statistics (acc_t): frame [T, 4H] x 4, [T, H] x 2 where some step uses them; sequence [1, 4H] x 2.
     std::vector<at::Tensor> moments;
-    if (l.frame() && any_flag(l.batch_stats)) {
+    // (synchronized, the moments are the group's: PlainLoop::given below)
+    if (!synced && l.frame() && any_flag(l.batch_stats)) {
         for (const int64_t width : {G, G, G, G, H, H}) moments.push_back(empty_workspace({T, width}, acc_opts));
-    } else if (l.sequence() && l.batch_stats[0]) {
+    } else if (!synced && l.sequence() && l.batch_stats[0]) {
         for (int k = 0; k < 2; ++k) moments.push_back(empty_workspace({1, G}, acc_opts));
     }
     // The kernels' h output: the layer's output, or with a projection the m_t they write and nobody reads.

@@ -78,6 +78,7 @@ from fused_bnlstm.ops.common import (
     pad_steps,
     reference_backward,
 )
+from fused_bnlstm.ops.naive import masked_moments
 from fused_bnlstm.ops.triton_common import (
     PRECISION_ENV,
     PRECISIONS,
@@ -333,7 +334,7 @@ def _state_buffers(*, workspace: _Workspace, operands: _Operands, h0: Tensor, c0
 
 
 def _project(*, rec: _Recurrence, operands: _Operands, t: int) -> None:
-    """With a projection, after step t's launch: the output row out[t] = W_hr m_t [B, P] (zero on finished
+    """After step t's launch of a projected layer: the output row out[t] = W_hr m_t [B, P] (zero on finished
     rows, as m_t is) and r_t = out[t] on the rows running at t, finished rows keeping r_{t-1}."""
     if operands.weight_hr is None:
         return
@@ -349,20 +350,9 @@ class _ForwardSync(NamedTuple):
 
     population: Tensor  # [T, 18H] the call's population rows, the group's moments written over the batch steps'
     steps: Tensor  # [T, 2] int32 the plan with every step's batch-statistics flag off
-    running: Tensor  # [T, B, 1] the rows running at each step (accumulation dtype, 1 or 0)
+    running: Tensor  # [T, B] bool, the rows running at each step
     counts: Tensor  # [T, 1] the group's rows at each step (accumulation dtype, at least 1)
     weight_hh_t: Tensor  # [P, 4H] W_hh^T in the accumulation dtype, for the host's a_hh
-
-
-def _group_moments(value: Tensor, running: Tensor, counts: Tensor, group) -> tuple[Tensor, Tensor]:
-    """The group's mean and biased variance [..., F] of ``value`` [..., B, F] (accumulation dtype) over the
-    rows where ``running`` [..., B, 1] is 1: this rank's (sum, sum of squares) [2, ..., F] in one all-reduce,
-    var = E[v^2] - mean^2 clamped at 0 (as the reference), ``counts`` [..., 1] the group's rows."""
-    kept = value * running
-    sums = torch.stack([kept.sum(-2), (kept * value).sum(-2)])
-    torch.distributed.all_reduce(sums, group=group)
-    mean = sums[0] / counts
-    return mean, (sums[1] / counts - mean * mean).clamp_min(0)
 
 
 def _put_moments(population: Tensor, offset: int, moments: tuple[Tensor, Tensor]) -> None:
@@ -382,11 +372,11 @@ def _forward_sync(*, operands: _Operands, population: Tensor, plan: _Plan) -> _F
     counts = host_to_device(torch.tensor(plan.counts, dtype=acc).clamp_min(1).unsqueeze(1), device)
     steps = operands.steps.clone()
     steps[:, 1] = 0
-    sync = _ForwardSync(population=population.clone(), steps=steps, running=operands.running.to(acc), counts=counts,
+    sync = _ForwardSync(population=population.clone(), steps=steps, running=operands.running[..., 0], counts=counts,
                         weight_hh_t=operands.weight_hh.to(acc).t())
     first = plan.batch_stats.index(False) if False in plan.batch_stats else T
     if first > 0:
-        moments = _group_moments(operands.x_gates[:first].to(acc), sync.running[:first], counts[:first], plan.group)
+        moments = masked_moments(operands.x_gates[:first], sync.running[:first], counts[:first], plan.group)
         _put_moments(sync.population[:first], 0, moments)
     return sync
 
@@ -400,9 +390,9 @@ def _synced_step(*, rec: _Recurrence, sync: _ForwardSync, plan: _Plan, t: int, l
         launch(t)
         return
     H = rec.c.shape[2]
-    _put_moments(sync.population[t], 4 * H, _group_moments(rec.a_hh[t], sync.running[t], sync.counts[t], plan.group))
+    _put_moments(sync.population[t], 4 * H, masked_moments(rec.a_hh[t], sync.running[t], sync.counts[t], plan.group))
     launch(t)
-    _put_moments(sync.population[t], 8 * H, _group_moments(rec.c[t + 1], sync.running[t], sync.counts[t], plan.group))
+    _put_moments(sync.population[t], 8 * H, masked_moments(rec.c[t + 1], sync.running[t], sync.counts[t], plan.group))
     launch(t)
 
 
@@ -441,7 +431,8 @@ def _recurrence_forward(*, workspace: _Workspace, operands: _Operands, h0: Tenso
                 step(t)
             else:
                 _synced_step(rec=rec, sync=sync, plan=plan, t=t, launch=step)
-            _project(rec=rec, operands=operands, t=t)
+            if operands.weight_hr is not None:
+                _project(rec=rec, operands=operands, t=t)
 
     workspace.run("forward", launches)
     return rec
@@ -464,7 +455,8 @@ def _recurrence_infer(*, workspace: _Workspace, operands: _Operands, h0: Tensor,
                 p_lengths=operands.lengths, p_h=rec.h, p_r=rec.r, p_c=rec.c, p_out=rec.m, t=t, B=B, H=H,
                 P=rec.r.shape[2], PRECISION=plan.precision, BB=_INFER_ROWS, BH=_BLOCK_H, num_warps=4,
             )
-            _project(rec=rec, operands=operands, t=t)
+            if operands.weight_hr is not None:
+                _project(rec=rec, operands=operands, t=t)
 
     workspace.run("forward", launches)
     return rec

@@ -39,10 +39,10 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_moments(value: Tensor, mask: Tensor, count, group=None) -> tuple[Tensor, Tensor]:
+def masked_moments(value: Tensor, mask: Tensor, count, group=None) -> tuple[Tensor, Tensor]:
     """Mean and biased variance (statistics dtype) over the rows of ``value`` [..., B, F] where ``mask``
     [..., B] is set; ``count`` (an int, or a tensor [..., 1]) is the number of such rows, over the whole
-    ``group`` when one is given (synchronized statistics)."""
+    ``group`` when one is given (synchronized statistics; the Triton backend's host sums take this too)."""
     value = value.to(_stats_dtype(value.dtype))
     weight = mask.to(value.dtype).unsqueeze(-1)  # [..., B, 1]
     if group is None:
@@ -92,7 +92,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
     if config.normalization == "sequence":
         # BN-e*: one normalization of W_ih x over every valid (t, b) frame; W_hh h and c stay raw.
         if inputs.batch_stats[0]:
-            mean_ih, var_ih = _masked_moments(a_ih.reshape(-1, G), running.reshape(-1), sum(inputs.counts), group)
+            mean_ih, var_ih = masked_moments(a_ih.reshape(-1, G), running.reshape(-1), sum(inputs.counts), group)
         else:
             mean_ih, var_ih = pop.mean_ih[0], pop.var_ih[0]
         moments = [mean_ih[None], var_ih[None]]
@@ -100,7 +100,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
     elif config.normalization == "frame" and group is not None and any(inputs.batch_stats):
         # sync mode: the input branch's moments of every step in one collective before the recurrence
         counts = torch.tensor(inputs.counts, device=x.device).clamp(min=1).unsqueeze(1)  # [T, 1]
-        synced_ih = _masked_moments(a_ih, running, counts, group)  # mean, var [T, 4H]
+        synced_ih = masked_moments(a_ih, running, counts, group)  # mean, var [T, 4H]
 
     for t in range(steps_run):
         active = running[t]  # [B]
@@ -108,10 +108,10 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         if config.normalization == "frame":
             if inputs.batch_stats[t]:
                 if group is None:
-                    mean_ih, var_ih = _masked_moments(a_ih_steps[t], active, inputs.counts[t])
+                    mean_ih, var_ih = masked_moments(a_ih_steps[t], active, inputs.counts[t])
                 else:
                     mean_ih, var_ih = synced_ih[0][t], synced_ih[1][t]
-                mean_hh, var_hh = _masked_moments(a_hh, active, inputs.counts[t], group)
+                mean_hh, var_hh = masked_moments(a_hh, active, inputs.counts[t], group)
             else:
                 # Fewer than two running rows has no batch variance: use the slot's population statistics.
                 mean_ih, var_ih = pop.mean_ih[t], pop.var_ih[t]
@@ -130,7 +130,7 @@ def bnlstm_layer_naive(*, inputs: LayerInput, params: LayerParams, config: Layer
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         if config.normalization == "frame":
             if inputs.batch_stats[t]:
-                mean_c, var_c = _masked_moments(c_new, active, inputs.counts[t], group)
+                mean_c, var_c = masked_moments(c_new, active, inputs.counts[t], group)
             else:
                 mean_c, var_c = pop.mean_c[t], pop.var_c[t]
             moments.append((mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c))
